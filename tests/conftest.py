@@ -1,0 +1,32 @@
+"""Shared test settings: tolerances, determinism, and the ``slow`` marker."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+# Tolerances shared by the numerical tests (float64 unless stated).
+RTOL_EXACT = 1e-10  # products checked against dense matrices
+RTOL_SOLVE = 1e-8  # Exact / CG solves against a dense float64 solve
+RTOL_F32 = 1e-6  # float32 paths that must agree with each other
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--runslow", action="store_true", help="also run tests marked slow")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if config.getoption("--runslow") or os.environ.get("RUN_SLOW") == "1":
+        return
+    skip_slow = pytest.mark.skip(reason="slow experiment test: use --runslow or RUN_SLOW=1")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip_slow)
+
+
+@pytest.fixture(autouse=True)
+def _deterministic_torch() -> None:
+    torch.manual_seed(0)
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
