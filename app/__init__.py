@@ -1,0 +1,1 @@
+"""The HTTP side of influence-service: FastAPI app, CLI and typed client."""

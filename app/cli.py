@@ -1,0 +1,252 @@
+"""``influence-service``: run the API and workers, or query a running service.
+
+- ``serve [--host --port --workers N --data-dir --demo/--no-demo]``: the API. Without
+  ``REDIS_URL`` it starts an embedded Redis (append-only file under the data directory),
+  one local worker, and registers the built-in demo (digits MLP + digits train/test) for
+  the default tenant. Without API keys it binds to loopback only.
+- ``worker [--device cuda]``: one worker joining the queue at ``REDIS_URL``.
+- ``query`` / ``rank``: submit an influence query and print rankings, with a progress bar.
+
+Settings come from the environment (``REDIS_URL``, ``INFLUENCE_*``; see worker.settings).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, NoReturn
+
+from tqdm import tqdm
+
+from app.client import InfluenceClient
+from app.schemas import JobView, Ranking
+from worker.settings import Settings
+
+__all__ = ["bootstrap_demo", "main"]
+
+DEMO_MODEL_NAME = "demo-digits-mlp"
+DEMO_TRAIN_NAME = "digits-train"
+DEMO_TEST_NAME = "digits-test"
+
+
+def _fail(message: str) -> NoReturn:
+    """Exit with status 1 and the message on stderr."""
+    raise SystemExit(f"influence-service: error: {message}")
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def bootstrap_demo(settings: Settings) -> dict[str, str]:
+    """Register the demo checkpoint and the digits splits for the default tenant
+    (idempotent: records are keyed by content id, and the demo is trained only once)."""
+    import models
+    from worker.main import connect
+    from worker.store import ArtifactStore, Registry
+
+    checkpoint, _, _ = models.demo_checkpoint(settings.data_dir / "demo")
+    registry = Registry(connect(settings), settings, ArtifactStore.for_settings(settings))
+    tenant = settings.default_tenant
+    model = registry.put_model(tenant, None, checkpoint.read_bytes(), DEMO_MODEL_NAME)
+    train = registry.put_builtin_dataset(tenant, "digits", "train")
+    test = registry.put_builtin_dataset(tenant, "digits", "test")
+    return {"model": model["id"], "train": train["id"], "test": test["id"]}
+
+
+def _start_workers(count: int, settings: Settings) -> list[subprocess.Popen[bytes]]:
+    """``count`` worker processes sharing this process's settings (environment)."""
+    env = {
+        **os.environ,
+        "REDIS_URL": str(settings.redis_url),
+        "INFLUENCE_DATA_DIR": str(settings.data_dir),
+        "INFLUENCE_KEY_PREFIX": settings.key_prefix,
+    }
+    command = [sys.executable, "-m", "worker", "--device", settings.device]
+    return [subprocess.Popen(command, env=env) for _ in range(count)]
+
+
+def _stop_workers(processes: list[subprocess.Popen[bytes]]) -> None:
+    for process in processes:
+        process.send_signal(signal.SIGTERM)  # finish the current job, then exit
+    for process in processes:
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def serve(args: argparse.Namespace) -> None:
+    import uvicorn
+
+    from app.embedded import EmbeddedRedis
+    from app.main import create_app
+
+    overrides: dict[str, Any] = {"data_dir": args.data_dir} if args.data_dir else {}
+    settings = Settings(**overrides)
+    if not settings.api_keys and not _is_loopback(args.host):
+        _fail(
+            f"refusing to bind to {args.host}: no API keys are configured, so anyone who can "
+            "reach the port could use the service. Set INFLUENCE_API_KEYS='key:tenant,...' "
+            "or bind to 127.0.0.1."
+        )
+    embedded = None
+    if not settings.redis_url:
+        embedded = EmbeddedRedis(settings.data_dir / "redis")
+        settings = settings.model_copy(update={"redis_url": embedded.start()})
+        print(f"embedded Redis at {embedded.url} (append-only, {embedded.directory})")
+    workers = args.workers if args.workers is not None else (1 if embedded else 0)
+    demo = args.demo if args.demo is not None else embedded is not None
+    processes: list[subprocess.Popen[bytes]] = []
+    try:
+        if demo:
+            ids = bootstrap_demo(settings)
+            print(f"demo for tenant {settings.default_tenant!r}: {ids}")
+        processes = _start_workers(workers, settings)
+        uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="warning")
+    finally:
+        _stop_workers(processes)
+        if embedded is not None:
+            embedded.stop()
+
+
+def worker(args: argparse.Namespace) -> None:
+    from worker.__main__ import main as worker_main
+
+    worker_main(["--device", args.device] if args.device else [])
+
+
+def _client(args: argparse.Namespace) -> InfluenceClient:
+    return InfluenceClient(args.url, api_key=args.api_key)
+
+
+def _by_name(records: list[Any], name: str, what: str) -> str:
+    for record in records:
+        if record.name == name:
+            return record.id
+    _fail(f"no {what} given and no {what} named {name!r} on the server (--{what} ID)")
+
+
+def _print_ranking(ranking: Ranking) -> None:
+    print(f"test point {ranking.test}: top {ranking.direction} of {ranking.total} training points")
+    print(f"{'rank':>5} {'index':>7} {'target':>8} {'score':>14}")
+    for rank, item in enumerate(ranking.items, start=ranking.offset + 1):
+        print(f"{rank:>5} {item.index:>7} {item.target!s:>8} {item.score:>14.6e}")
+
+
+def _follow(client: InfluenceClient, job: str) -> JobView:
+    with tqdm(total=1.0, unit="job", bar_format="{l_bar}{bar}| {desc}") as bar:
+
+        def update(view: JobView) -> None:
+            bar.update(view.progress - bar.n)
+            bar.set_description_str(f"{view.status} {view.phase}")
+
+        return client.wait(job, progress=update)
+
+
+def query(args: argparse.Namespace) -> None:
+    with _client(args) as client:
+        model = args.model or _by_name(client.models(), DEMO_MODEL_NAME, "model")
+        datasets = client.datasets() if not (args.train and args.test) else []
+        train = args.train or _by_name(datasets, DEMO_TRAIN_NAME, "train")
+        test = args.test or _by_name(datasets, DEMO_TEST_NAME, "test")
+        request = {
+            "model": model,
+            "train": train,
+            "loss": args.loss,
+            "test": {"dataset": test, "indices": args.indices},
+            "damping": args.damping,
+            "solver": {"name": args.solver},
+        }
+        answer = client.influence(request)
+        if isinstance(answer, JobView):
+            print(f"job {answer.id} (from the cache)")
+            view = answer
+        else:
+            print(f"job {answer.job} queued")
+            view = _follow(client, answer.job)
+        if view.status != "succeeded":
+            _fail(f"job {view.id} {view.status}: {view.error}")
+        print(view.meaning)
+        for row in range(len(args.indices)):
+            _print_ranking(
+                client.ranking(view.id, test=row, direction=args.direction, limit=args.limit)
+            )
+
+
+def rank(args: argparse.Namespace) -> None:
+    with _client(args) as client:
+        view = client.job(args.job)
+        if view.status not in ("succeeded", "failed", "canceled"):
+            view = _follow(client, args.job)
+        ranking = client.ranking(
+            args.job, test=args.test, direction=args.direction, limit=args.limit, offset=args.offset
+        )
+        print(ranking.meaning)
+        _print_ranking(ranking)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="influence-service", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("serve", help="run the API (and, by default, the embedded Redis + a worker)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument(
+        "--workers", type=int, help="local worker processes (default: 1 with the embedded Redis)"
+    )
+    p.add_argument("--data-dir", type=Path, help="artifacts and embedded Redis data")
+    p.add_argument(
+        "--demo",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="register the digits demo (default: on with the embedded Redis)",
+    )
+    p.set_defaults(run=serve)
+
+    p = sub.add_parser("worker", help="run one worker on the queue at REDIS_URL")
+    p.add_argument("--device", help="torch device: cpu, cuda, cuda:1 (default: INFLUENCE_DEVICE)")
+    p.set_defaults(run=worker)
+
+    for name, run, help_text in (
+        ("query", query, "ask which training points helped/harmed test points"),
+        ("rank", rank, "print the ranking of a finished influence job"),
+    ):
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("--url", default=os.environ.get("INFLUENCE_URL", "http://127.0.0.1:8000"))
+        p.add_argument("--api-key", default=os.environ.get("INFLUENCE_API_KEY"))
+        p.add_argument("--direction", choices=["helpful", "harmful"], default="helpful")
+        p.add_argument("--limit", type=int, default=10)
+        p.set_defaults(run=run)
+    query_parser = sub.choices["query"]
+    query_parser.add_argument("--model", help=f"model id (default: the {DEMO_MODEL_NAME!r} demo)")
+    query_parser.add_argument("--train", help="training dataset id (default: the demo's)")
+    query_parser.add_argument("--test", help="dataset holding the test points (default: demo's)")
+    query_parser.add_argument("--indices", type=int, nargs="+", default=[0], help="test rows")
+    query_parser.add_argument(
+        "--loss", default="cross_entropy", choices=["cross_entropy", "mse", "bce"]
+    )
+    query_parser.add_argument("--damping", type=float, default=1e-3)
+    query_parser.add_argument("--solver", default="cg", choices=["cg", "exact", "lissa"])
+    rank_parser = sub.choices["rank"]
+    rank_parser.add_argument("job", help="influence job id")
+    rank_parser.add_argument("--test", type=int, default=0, help="test row of the job")
+    rank_parser.add_argument("--offset", type=int, default=0)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = _parser().parse_args(argv)
+    args.run(args)

@@ -1,0 +1,246 @@
+"""A typed, synchronous Python client for every endpoint of the HTTP API (httpx).
+
+>>> client = InfluenceClient("http://127.0.0.1:8000", api_key=None)
+>>> job = client.influence({"model": m, "train": t, "test": {"dataset": d, "indices": [0]}})
+>>> client.wait(job.job).status
+'succeeded'
+>>> client.ranking(job.job, direction="harmful", limit=5).items
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, Literal
+
+import httpx
+import safetensors.torch
+from pydantic import BaseModel
+from torch import Tensor
+
+from app.schemas import (
+    DatasetItem,
+    DatasetRecord,
+    JobAccepted,
+    JobList,
+    JobView,
+    ModelRecord,
+    Ranking,
+)
+
+__all__ = ["ApiError", "InfluenceClient"]
+
+TERMINAL = frozenset({"succeeded", "failed", "canceled"})
+
+
+class ApiError(RuntimeError):
+    """A non-2xx answer: ``status`` and the server's ``detail``."""
+
+    def __init__(self, status: int, detail: Any) -> None:
+        super().__init__(f"HTTP {status}: {detail}")
+        self.status = status
+        self.detail = detail
+
+
+def _body(data: BaseModel | dict[str, Any] | None) -> dict[str, Any] | None:
+    if isinstance(data, BaseModel):
+        return data.model_dump(mode="json", exclude_none=True)
+    return data
+
+
+def _bytes(source: bytes | str | os.PathLike) -> bytes:
+    return source if isinstance(source, bytes) else Path(source).read_bytes()
+
+
+class InfluenceClient:
+    """One method per endpoint; errors raise :class:`ApiError`."""
+
+    def __init__(
+        self,
+        base_url: str = "http://127.0.0.1:8000",
+        *,
+        api_key: str | None = None,
+        timeout: float = 60.0,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.http = httpx.Client(
+            base_url=base_url, headers=headers, timeout=timeout, transport=transport
+        )
+
+    def close(self) -> None:
+        self.http.close()
+
+    def __enter__(self) -> InfluenceClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        response = self.http.request(method, path, **kwargs)
+        if response.is_error:
+            try:
+                detail = response.json().get("detail", response.text)
+            except ValueError:
+                detail = response.text
+            raise ApiError(response.status_code, detail)
+        return response
+
+    # -- operations --------------------------------------------------------------------
+
+    def health(self) -> dict[str, Any]:
+        return self._request("GET", "/healthz").json()
+
+    def metrics(self) -> str:
+        return self._request("GET", "/metrics").text
+
+    # -- models ------------------------------------------------------------------------
+
+    def upload_model(
+        self,
+        weights: bytes | str | os.PathLike,
+        config: dict[str, Any] | None = None,
+        *,
+        name: str | None = None,
+    ) -> ModelRecord:
+        """Upload a safetensors checkpoint (config separately, or embedded in the file)."""
+        data = {
+            k: v for k, v in {"config": config and json.dumps(config), "name": name}.items() if v
+        }
+        files = {"weights": ("checkpoint.safetensors", _bytes(weights))}
+        return ModelRecord.model_validate(
+            self._request("POST", "/models", data=data, files=files).json()
+        )
+
+    def models(self) -> list[ModelRecord]:
+        return [ModelRecord.model_validate(m) for m in self._request("GET", "/models").json()]
+
+    def model(self, model_id: str) -> ModelRecord:
+        return ModelRecord.model_validate(self._request("GET", f"/models/{model_id}").json())
+
+    def delete_model(self, model_id: str) -> None:
+        self._request("DELETE", f"/models/{model_id}")
+
+    # -- datasets ----------------------------------------------------------------------
+
+    def upload_dataset(
+        self, data: bytes | str | os.PathLike, *, name: str | None = None
+    ) -> DatasetRecord:
+        """Upload a safetensors dataset (tensors ``inputs`` and ``targets``)."""
+        files = {"file": ("dataset.safetensors", _bytes(data))}
+        form = {"name": name} if name else None
+        return DatasetRecord.model_validate(
+            self._request("POST", "/datasets", data=form, files=files).json()
+        )
+
+    def builtin_dataset(
+        self, name: Literal["breast_cancer", "digits", "diabetes"], split: str = "train"
+    ) -> DatasetRecord:
+        body = {"builtin": name, "split": split}
+        return DatasetRecord.model_validate(self._request("POST", "/datasets", json=body).json())
+
+    def datasets(self) -> list[DatasetRecord]:
+        return [DatasetRecord.model_validate(d) for d in self._request("GET", "/datasets").json()]
+
+    def dataset(self, dataset_id: str) -> DatasetRecord:
+        return DatasetRecord.model_validate(self._request("GET", f"/datasets/{dataset_id}").json())
+
+    def delete_dataset(self, dataset_id: str) -> None:
+        self._request("DELETE", f"/datasets/{dataset_id}")
+
+    def dataset_item(self, dataset_id: str, index: int) -> DatasetItem:
+        path = f"/datasets/{dataset_id}/items/{index}"
+        return DatasetItem.model_validate(self._request("GET", path).json())
+
+    def thumbnail(self, dataset_id: str, index: int) -> bytes:
+        """PNG bytes of an image dataset's row."""
+        return self._request("GET", f"/datasets/{dataset_id}/items/{index}.png").content
+
+    # -- influence ---------------------------------------------------------------------
+
+    def _submit(self, path: str, request: BaseModel | dict[str, Any]) -> JobAccepted | JobView:
+        response = self._request("POST", path, json=_body(request))
+        if response.status_code == 200:
+            return JobView.model_validate(response.json())
+        return JobAccepted.model_validate(response.json())
+
+    def influence(self, request: BaseModel | dict[str, Any]) -> JobAccepted | JobView:
+        """``POST /influence`` (an ``app.schemas.InfluenceRequest`` or its dict): a queued
+        job, or the finished job (``cached=True``) when the same query was answered before."""
+        return self._submit("/influence", request)
+
+    def self_influence(self, request: BaseModel | dict[str, Any]) -> JobAccepted | JobView:
+        return self._submit("/self-influence", request)
+
+    def verify(
+        self, job: str, *, top: int = 10, method: str = "pbrf", test: int | None = None
+    ) -> JobAccepted:
+        body = {"top": top, "method": method, "test": test}
+        response = self._request("POST", f"/influence/{job}/verify", json=body)
+        return JobAccepted.model_validate(response.json())
+
+    def decomposition(self, request: BaseModel | dict[str, Any]) -> JobAccepted:
+        response = self._request("POST", "/decompositions", json=_body(request))
+        return JobAccepted.model_validate(response.json())
+
+    def ranking(
+        self,
+        job: str,
+        *,
+        test: int = 0,
+        direction: Literal["helpful", "harmful"] = "helpful",
+        limit: int = 10,
+        offset: int = 0,
+    ) -> Ranking:
+        params = {"test": test, "direction": direction, "limit": limit, "offset": offset}
+        response = self._request("GET", f"/influence/{job}/ranking", params=params)
+        return Ranking.model_validate(response.json())
+
+    def scores(self, job: str) -> Tensor:
+        """The score matrix [k, N] (self-influence: [N])."""
+        data = self._request("GET", f"/influence/{job}/scores").content
+        return safetensors.torch.load(data)["scores"]
+
+    # -- jobs --------------------------------------------------------------------------
+
+    def job(self, job_id: str) -> JobView:
+        return JobView.model_validate(self._request("GET", f"/jobs/{job_id}").json())
+
+    def jobs(self, *, status: str | None = None, limit: int = 50, offset: int = 0) -> JobList:
+        params: dict[str, Any] = {"limit": limit, "offset": offset}
+        if status is not None:
+            params["status"] = status
+        return JobList.model_validate(self._request("GET", "/jobs", params=params).json())
+
+    def cancel(self, job_id: str) -> JobView:
+        return JobView.model_validate(self._request("DELETE", f"/jobs/{job_id}").json())
+
+    def events(self, job_id: str, *, timeout: float | None = None) -> Iterator[JobView]:
+        """The job's state after each progress event (SSE), ending with the finished job."""
+        with self.http.stream(
+            "GET", f"/jobs/{job_id}/events", timeout=httpx.Timeout(timeout, connect=10.0)
+        ) as response:
+            if response.is_error:
+                response.read()
+                raise ApiError(response.status_code, response.text)
+            for line in response.iter_lines():
+                if line.startswith("data: "):
+                    yield JobView.model_validate_json(line.removeprefix("data: "))
+
+    def wait(
+        self,
+        job_id: str,
+        *,
+        timeout: float | None = None,
+        progress: Callable[[JobView], None] | None = None,
+    ) -> JobView:
+        """Follow the job's events until it is finished; returns the final state."""
+        for view in self.events(job_id, timeout=timeout):
+            if progress is not None:
+                progress(view)
+            if view.status in TERMINAL:
+                return view
+        return self.job(job_id)

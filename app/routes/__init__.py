@@ -1,0 +1,1 @@
+"""HTTP routes, one module per resource; each validates, delegates to worker/, returns."""

@@ -1,0 +1,243 @@
+"""Influence queries: ``POST /influence`` (cached or queued), rankings, score matrices,
+verification, self-influence and decomposition jobs.
+
+Every score is ``(1/N) ∇L_testᵀ (G + λI)⁻¹ ∇L_i`` (Eqn 20/50): the predicted change of the
+test loss when training point i is removed — positive helpful, negative harmful; the
+``meaning`` field of each response says so.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Annotated, Any, Literal
+
+import torch
+from fastapi import APIRouter, HTTPException, Path, Query, Response
+from fastapi.responses import JSONResponse
+
+from app.deps import Caller, Svc
+from app.routes.jobs import job_view, owned_job
+from app.schemas import (
+    SCORE_MEANING,
+    DatasetTest,
+    DecompositionRequest,
+    InfluenceRequest,
+    InlineTest,
+    Item,
+    JobAccepted,
+    JobView,
+    Ranking,
+    SelfInfluenceRequest,
+    VerifyRequest,
+    target_value,
+)
+from worker.cache import result_key
+from worker.contract import JobKind, JobStatus, TestSpec
+from worker.queue import JobRecord
+
+router = APIRouter(tags=["influence"])
+
+_QUEUED_OR_CACHED: dict[int | str, dict[str, Any]] = {
+    202: {"model": JobAccepted, "description": "queued as a new job"},
+    200: {"model": JobView, "description": "answered from the result cache (no new job)"},
+}
+
+
+def _unprocessable(loc: list[str | int], msg: str) -> HTTPException:
+    """A 422 shaped like FastAPI's own validation errors."""
+    return HTTPException(422, [{"loc": ["body", *loc], "msg": msg, "type": "value_error"}])
+
+
+def _dataset_record(services: Svc, tenant: str, dataset_id: str) -> dict[str, Any]:
+    record = services.registry.get_dataset(tenant, dataset_id)
+    if record is None:
+        raise HTTPException(404, f"dataset {dataset_id} not found")
+    return record
+
+
+def _check_engine_inputs(services: Svc, tenant: str, model: str, train: str) -> dict[str, Any]:
+    """404 unless the caller owns the model and the training set; returns the latter."""
+    if services.registry.get_model(tenant, model) is None:
+        raise HTTPException(404, f"model {model} not found")
+    return _dataset_record(services, tenant, train)
+
+
+def _inline_test(services: Svc, train_record: dict[str, Any], test: InlineTest) -> TestSpec:
+    """Store inline test points as a tensor artifact shaped and typed like the training set."""
+    train = services.dataset(train_record)
+    shape = list(train.inputs.shape[1:])
+    width = math.prod(shape)
+    for row, values in enumerate(test.inputs):
+        if len(values) != width:
+            raise _unprocessable(
+                ["test", "inputs", row],
+                f"has {len(values)} values; the training inputs have {width} (shape {shape})",
+            )
+    targets = torch.tensor(test.targets, dtype=torch.float64)
+    if not train.targets.is_floating_point():
+        classes = train.metadata.get("num_classes")
+        bad = (targets != targets.round()) | (targets < 0)
+        if classes is not None:
+            bad |= targets >= classes
+        if bool(bad.any()):
+            row = int(bad.nonzero()[0, 0])
+            raise _unprocessable(
+                ["test", "targets", row], f"must be a class index in [0, {classes or '∞'})"
+            )
+    inputs = torch.tensor(test.inputs, dtype=train.inputs.dtype).reshape(-1, *shape)
+    targets = targets.to(train.targets.dtype).reshape(-1, *train.targets.shape[1:])
+    return TestSpec(artifact=services.store.put_tensors({"inputs": inputs, "targets": targets}))
+
+
+def _dataset_test(services: Svc, tenant: str, test: DatasetTest) -> TestSpec:
+    size = _dataset_record(services, tenant, test.dataset)["size"]
+    bad = [i for i in test.indices if i >= size]
+    if bad:
+        raise _unprocessable(
+            ["test", "indices"], f"{bad[:5]} out of range for dataset {test.dataset} of size {size}"
+        )
+    return TestSpec(dataset=test.dataset, indices=test.indices)
+
+
+def _cached_or_submit(
+    services: Svc, tenant: str, kind: JobKind, payload: dict[str, Any]
+) -> JSONResponse:
+    """200 with the tenant's finished job for the same query, else 202 with a new job."""
+    key = result_key(kind, payload)
+    cached = services.queue.cached_job(tenant, key)
+    if cached is not None:
+        return JSONResponse(job_view(cached, cached=True).model_dump(mode="json"), 200)
+    job = services.queue.submit(kind, payload, tenant=tenant, cache_key=key)
+    return JSONResponse(JobAccepted(job=job, status=JobStatus.QUEUED).model_dump(), 202)
+
+
+@router.post("/influence", status_code=202, responses=_QUEUED_OR_CACHED)
+def post_influence(services: Svc, caller: Caller, request: InfluenceRequest) -> JSONResponse:
+    """Scores of every training point for each test point (one job for all of them)."""
+    train = _check_engine_inputs(services, caller.tenant, request.model, request.train)
+    if isinstance(request.test, InlineTest):
+        test = _inline_test(services, train, request.test)
+    else:
+        test = _dataset_test(services, caller.tenant, request.test)
+    payload = request.model_dump(mode="json", exclude={"test"})
+    payload["test"] = test.model_dump(mode="json", exclude_none=True)
+    return _cached_or_submit(services, caller.tenant, JobKind.INFLUENCE, payload)
+
+
+@router.post("/self-influence", status_code=202, responses=_QUEUED_OR_CACHED)
+def post_self_influence(
+    services: Svc, caller: Caller, request: SelfInfluenceRequest
+) -> JSONResponse:
+    """``(1/N) ∇L_iᵀ (G+λI)⁻¹ ∇L_i`` for every training point: large values flag unusual or
+    mislabelled points (appendix D.3). Rank with ``GET /influence/{job}/ranking``."""
+    _check_engine_inputs(services, caller.tenant, request.model, request.train)
+    payload = request.model_dump(mode="json")
+    return _cached_or_submit(services, caller.tenant, JobKind.SELF_INFLUENCE, payload)
+
+
+def _scored_job(services: Svc, tenant: str, job_id: str) -> JobRecord:
+    record = owned_job(services, tenant, job_id)
+    if record.kind not in (JobKind.INFLUENCE, JobKind.SELF_INFLUENCE):
+        raise HTTPException(404, f"job {job_id} is a {record.kind.value} job, not an influence job")
+    if record.status != JobStatus.SUCCEEDED:
+        raise HTTPException(
+            409,
+            f"job {job_id} is {record.status.value} (progress {record.progress:.2f}); "
+            "scores exist once it has succeeded",
+        )
+    return record
+
+
+JobId = Annotated[str, Path(description="id of an influence or self-influence job")]
+
+
+@router.get("/influence/{job_id}/ranking", response_model=Ranking)
+def ranking(
+    services: Svc,
+    caller: Caller,
+    job_id: JobId,
+    test: Annotated[int, Query(ge=0, lt=1024, description="row of the query's test points")] = 0,
+    direction: Literal["helpful", "harmful"] = "helpful",
+    limit: Annotated[int, Query(ge=1, le=1000)] = 10,
+    offset: Annotated[int, Query(ge=0, le=10**9)] = 0,
+) -> Ranking:
+    """Training points ordered by score: ``helpful`` = largest first (removing them would
+    raise the test loss most), ``harmful`` = most negative first. Read from the stored
+    score matrix; no worker is involved."""
+    record = _scored_job(services, caller.tenant, job_id)
+    result = record.result or {}
+    num_test = result.get("num_test", 1)
+    if test >= num_test:
+        raise HTTPException(
+            422,
+            [
+                {
+                    "loc": ["query", "test"],
+                    "msg": f"the job has {num_test} test point(s)",
+                    "type": "value_error",
+                }
+            ],
+        )
+    values, order = services.ranked(result["scores"], test, direction == "helpful")
+    page_values = values[offset : offset + limit].tolist()
+    page_index = order[offset : offset + limit].tolist()
+    train_record = services.registry.get_dataset(caller.tenant, record.payload["train"])
+    targets = services.dataset(train_record).targets if train_record is not None else None
+    items = [
+        Item(index=i, score=s, target=target_value(targets[i]) if targets is not None else None)
+        for i, s in zip(page_index, page_values, strict=True)
+    ]
+    return Ranking(
+        job=job_id,
+        test=test,
+        direction=direction,
+        items=items,
+        total=len(order),
+        offset=offset,
+        report=record.report,
+        meaning=result.get("meaning", SCORE_MEANING),
+    )
+
+
+@router.get(
+    "/influence/{job_id}/scores",
+    response_class=Response,
+    responses={200: {"content": {"application/octet-stream": {}}}},
+)
+def scores(services: Svc, caller: Caller, job_id: JobId) -> Response:
+    """The full score matrix as safetensors: tensor ``scores`` of shape [k, N] (self-
+    influence: [N])."""
+    record = _scored_job(services, caller.tenant, job_id)
+    data = services.store.get_bytes((record.result or {})["scores"])
+    disposition = f'attachment; filename="{job_id}-scores.safetensors"'
+    return Response(
+        data, media_type="application/octet-stream", headers={"Content-Disposition": disposition}
+    )
+
+
+@router.post("/influence/{job_id}/verify", status_code=202, response_model=JobAccepted)
+def verify(
+    services: Svc, caller: Caller, job_id: JobId, request: VerifyRequest | None = None
+) -> JobAccepted:
+    """Ground truth for one query: for its top-k helpful and harmful training points, solve
+    the PBRF (or warm-start retraining) and compare predicted with actual test-loss change."""
+    record = _scored_job(services, caller.tenant, job_id)
+    if record.kind != JobKind.INFLUENCE:
+        raise HTTPException(404, f"job {job_id} is not an influence job")
+    request = request or VerifyRequest()
+    payload = request.payload(job_id).model_dump(mode="json")
+    job = services.queue.submit(JobKind.VERIFY, payload, tenant=caller.tenant)
+    return JobAccepted(job=job, status=JobStatus.QUEUED)
+
+
+@router.post("/decompositions", status_code=202, response_model=JobAccepted)
+def decompositions(services: Svc, caller: Caller, request: DecompositionRequest) -> JobAccepted:
+    """The paper's decomposition of influence error into its five gaps (Table 5) and the
+    test-loss correlations, on a stored checkpoint and its training set (no cold start)."""
+    _check_engine_inputs(services, caller.tenant, request.model, request.train)
+    payload = request.model_dump(mode="json", exclude={"test"})
+    if request.test is not None:
+        test = _dataset_test(services, caller.tenant, request.test)
+        payload["test"] = test.model_dump(mode="json", exclude_none=True)
+    job = services.queue.submit(JobKind.DECOMPOSITION, payload, tenant=caller.tenant)
+    return JobAccepted(job=job, status=JobStatus.QUEUED)

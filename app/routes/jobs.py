@@ -1,0 +1,112 @@
+"""``/jobs``: status, listing, cancellation and a Server-Sent-Events progress stream."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Annotated
+
+from fastapi import APIRouter, Header, HTTPException, Query
+from fastapi.responses import StreamingResponse
+
+from app.deps import Caller, EventsCaller, Svc
+from app.schemas import JobList, JobView
+from worker.contract import JobKind, JobStatus
+from worker.queue import JobRecord
+
+router = APIRouter(prefix="/jobs", tags=["jobs"])
+
+KEEP_ALIVE_MS = 15_000
+"""An SSE comment is sent after this long without events, so proxies keep the stream."""
+
+
+def job_view(record: JobRecord, *, cached: bool = False) -> JobView:
+    """The public view of a job; influence jobs link to their ranking and score matrix."""
+    view = record.to_dict()
+    del view["parent"]
+    if record.kind in (JobKind.INFLUENCE, JobKind.SELF_INFLUENCE):
+        view["links"] = {
+            "ranking": f"/influence/{record.id}/ranking",
+            "scores": f"/influence/{record.id}/scores",
+        }
+    return JobView(**view, cached=cached)
+
+
+def owned_job(services: Svc, tenant: str, job_id: str) -> JobRecord:
+    """The caller's job, or 404 (another tenant's job is indistinguishable from none)."""
+    record = services.queue.get(job_id, tenant)
+    if record is None or record.kind == JobKind.SCORE_SHARD:
+        raise HTTPException(404, f"job {job_id} not found")
+    return record
+
+
+@router.get("", response_model=JobList)
+def list_jobs(
+    services: Svc,
+    caller: Caller,
+    status: JobStatus | None = None,
+    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+    offset: Annotated[int, Query(ge=0, le=10**6)] = 0,
+) -> JobList:
+    """The caller's jobs, newest first."""
+    records = services.queue.list(caller.tenant, status=status, limit=limit, offset=offset)
+    return JobList(items=[job_view(r) for r in records])
+
+
+@router.get("/{job_id}", response_model=JobView)
+def get_job(services: Svc, caller: Caller, job_id: str) -> JobView:
+    return job_view(owned_job(services, caller.tenant, job_id))
+
+
+@router.delete("/{job_id}", response_model=JobView)
+def cancel_job(services: Svc, caller: Caller, job_id: str) -> JobView:
+    """Cancel: a queued job at once, a running one when its worker next reports progress
+    (watch ``status``). Finished jobs are left as they are."""
+    owned_job(services, caller.tenant, job_id)
+    record = services.queue.cancel(job_id, caller.tenant)
+    if record is None:  # deleted between the two reads
+        raise HTTPException(404, f"job {job_id} not found")
+    return job_view(record)
+
+
+def _frame(event: str, event_id: str, view: JobView) -> str:
+    return f"id: {event_id}\nevent: {event}\ndata: {view.model_dump_json()}\n\n"
+
+
+@router.get(
+    "/{job_id}/events",
+    response_class=StreamingResponse,
+    responses={200: {"content": {"text/event-stream": {}}}},
+)
+def job_events(
+    services: Svc,
+    caller: EventsCaller,
+    job_id: str,
+    last_event_id: Annotated[str | None, Header(pattern=r"^\d+-\d+$")] = None,
+) -> StreamingResponse:
+    """Server-Sent Events: ``event: progress`` frames whose ``data`` is the job as
+    ``GET /jobs/{id}`` shows it, then one ``event: done`` frame when it is finished.
+    Resumes after ``Last-Event-ID``; a ``: keep-alive`` comment every 15 s."""
+    owned_job(services, caller.tenant, job_id)
+    keys = services.queue.keys
+
+    async def frames() -> AsyncIterator[str]:
+        after = last_event_id or "0-0"
+        while True:
+            reply = await services.aredis.xread(
+                {keys.events(job_id): after}, count=100, block=KEEP_ALIVE_MS
+            )
+            if not reply:
+                yield ": keep-alive\n\n"
+                continue
+            after = reply[0][1][-1][0]
+            fields = await services.aredis.hgetall(keys.job(job_id))
+            if not fields:  # expired (result_ttl_seconds) while we watched
+                return
+            record = JobRecord.from_hash(job_id, fields)
+            done = record.status.terminal
+            yield _frame("done" if done else "progress", after, job_view(record))
+            if done:
+                return
+
+    headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    return StreamingResponse(frames(), media_type="text/event-stream", headers=headers)

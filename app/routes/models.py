@@ -1,0 +1,74 @@
+"""``/models``: upload (validated before anything is stored), list, get, delete."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any
+
+from fastapi import APIRouter, File, Form, HTTPException, Response, UploadFile
+
+import models
+from app.deps import Caller, Svc
+from app.schemas import ModelRecord
+
+router = APIRouter(prefix="/models", tags=["models"])
+
+
+def _public(record: dict[str, Any]) -> ModelRecord:
+    return ModelRecord.model_validate({k: v for k, v in record.items() if k != "artifact"})
+
+
+def _parse_config(text: str | None) -> dict[str, Any] | None:
+    if text is None or not text.strip():
+        return None
+    try:
+        config = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise HTTPException(400, f"config: not valid JSON ({exc.msg} at char {exc.pos})") from None
+    if not isinstance(config, dict):
+        raise HTTPException(400, "config: must be a JSON object")
+    return config
+
+
+@router.post("", status_code=201, response_model=ModelRecord)
+def upload_model(
+    services: Svc,
+    caller: Caller,
+    weights: Annotated[UploadFile, File(description="safetensors checkpoint")],
+    config: Annotated[
+        str | None,
+        Form(
+            description='JSON config, e.g. {"architecture": "mlp", ...}; optional when the '
+            "file embeds it"
+        ),
+    ] = None,
+    name: Annotated[str | None, Form(max_length=100, description="label for listings")] = None,
+) -> ModelRecord:
+    """Register a checkpoint. It is validated (structure, keys, shapes, dtypes, finite
+    values) before a byte is stored; it is stored under its content id."""
+    data = weights.file.read()
+    try:
+        record = services.registry.put_model(caller.tenant, _parse_config(config), data, name)
+    except (models.CheckpointError, models.ConfigError) as exc:
+        raise HTTPException(400, f"invalid checkpoint: {exc}") from None
+    return _public(record)
+
+
+@router.get("", response_model=list[ModelRecord])
+def list_models(services: Svc, caller: Caller) -> list[ModelRecord]:
+    return [_public(r) for r in services.registry.list_models(caller.tenant)]
+
+
+@router.get("/{model_id}", response_model=ModelRecord)
+def get_model(services: Svc, caller: Caller, model_id: str) -> ModelRecord:
+    record = services.registry.get_model(caller.tenant, model_id)
+    if record is None:
+        raise HTTPException(404, f"model {model_id} not found")
+    return _public(record)
+
+
+@router.delete("/{model_id}", status_code=204)
+def delete_model(services: Svc, caller: Caller, model_id: str) -> Response:
+    if not services.registry.delete_model(caller.tenant, model_id):
+        raise HTTPException(404, f"model {model_id} not found")
+    return Response(status_code=204)

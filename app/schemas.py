@@ -1,0 +1,237 @@
+"""Request and response bodies of the HTTP API (pydantic lives here, at the edge).
+
+Request models extend the queue contract's payload schemas (``worker.contract``) with
+the bounds a public endpoint needs: every number has a range, so a bad value is a 422
+that names the field instead of a job that fails later. The score convention travels
+in every influence response as ``meaning``.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from torch import Tensor
+
+import models
+from worker.contract import (
+    SCORE_MEANING,
+    DecompositionPayload,
+    InfluencePayload,
+    SelfInfluencePayload,
+    SolverSpec,
+    VerifyPayload,
+)
+
+__all__ = [
+    "MAX_LISSA_WORK",
+    "MAX_TEST_POINTS",
+    "SCORE_MEANING",
+    "BuiltinDatasetRequest",
+    "DatasetRecord",
+    "DatasetTest",
+    "DecompositionRequest",
+    "InfluenceRequest",
+    "InlineTest",
+    "Item",
+    "JobAccepted",
+    "JobList",
+    "JobView",
+    "ModelRecord",
+    "Ranking",
+    "SelfInfluenceRequest",
+    "SolverRequest",
+    "VerifyRequest",
+]
+
+MAX_TEST_POINTS = 256
+"""Most test points one influence request may carry (one job for all of them)."""
+MAX_LISSA_WORK = 1_000_000
+"""Bound on LiSSA depth × repeats (each step is one minibatch curvature product)."""
+
+Finite = Annotated[float, Field(allow_inf_nan=False)]
+Damping = Annotated[
+    float, Field(gt=0, le=1e6, description="λ of the damped curvature G + λI (must be > 0)")
+]
+
+
+class SolverRequest(SolverSpec):
+    """The solver settings of ``worker.contract.SolverSpec``, with LiSSA's total work bounded."""
+
+    @model_validator(mode="after")
+    def _bounded_lissa(self) -> SolverRequest:
+        if self.name == "lissa" and self.depth * self.repeats > MAX_LISSA_WORK:
+            raise ValueError(
+                f"solver.depth × solver.repeats = {self.depth * self.repeats} exceeds "
+                f"{MAX_LISSA_WORK}"
+            )
+        return self
+
+
+class InlineTest(BaseModel):
+    """Test points sent in the request: one row per point, flattened in C order."""
+
+    model_config = ConfigDict(extra="forbid")
+    __test__ = False  # not a pytest class
+
+    inputs: list[list[Finite]] = Field(min_length=1, max_length=MAX_TEST_POINTS)
+    targets: list[Finite] = Field(
+        min_length=1,
+        max_length=MAX_TEST_POINTS,
+        description="class index (classification) or value (single-output regression)",
+    )
+
+    @model_validator(mode="after")
+    def _same_length(self) -> InlineTest:
+        if len(self.inputs) != len(self.targets):
+            raise ValueError(
+                f"test.inputs has {len(self.inputs)} rows but test.targets has {len(self.targets)}"
+            )
+        return self
+
+
+class DatasetTest(BaseModel):
+    """Test points taken from a stored dataset by row index."""
+
+    model_config = ConfigDict(extra="forbid")
+    __test__ = False
+
+    dataset: str = Field(pattern=r"^[0-9a-f]{8,64}$", description="dataset id")
+    indices: list[Annotated[int, Field(ge=0, le=10**9)]] = Field(
+        min_length=1, max_length=MAX_TEST_POINTS
+    )
+
+
+class InfluenceRequest(InfluencePayload):
+    """``POST /influence``: scores of every training point for each test point."""
+
+    test: InlineTest | DatasetTest
+    damping: Damping = 1e-3
+    weight_decay: float = Field(0.0, ge=0, le=1e3, description="wd of the training cost")
+    solver: SolverRequest = SolverRequest()
+
+
+class SelfInfluenceRequest(SelfInfluencePayload):
+    """``POST /self-influence``: ``(1/N) ∇L_iᵀ (G+λI)⁻¹ ∇L_i`` for every training point."""
+
+    damping: Damping = 1e-3
+    weight_decay: float = Field(0.0, ge=0, le=1e3, description="wd of the training cost")
+    solver: SolverRequest = SolverRequest()
+
+
+class VerifyRequest(BaseModel):
+    """``POST /influence/{job}/verify``: the query job comes from the path."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    top: int = Field(10, ge=1, le=50, description="top-k helpful and top-k harmful points")
+    method: Literal["pbrf", "warm", "linearized"] = "pbrf"
+    test: int | None = Field(None, ge=0, lt=MAX_TEST_POINTS, description="test row; None: all")
+
+    def payload(self, job: str) -> VerifyPayload:
+        return VerifyPayload(job=job, **self.model_dump())
+
+
+class DecompositionRequest(DecompositionPayload):
+    """``POST /decompositions``: the paper's gap decomposition on a stored checkpoint."""
+
+    test: DatasetTest | None = None  # type: ignore[assignment]
+
+
+class BuiltinDatasetRequest(BaseModel):
+    """``POST /datasets`` as JSON: one of the built-in scikit-learn datasets."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    builtin: Literal["breast_cancer", "digits", "diabetes"]
+    split: Literal["train", "test"] = "train"
+
+
+class ModelRecord(BaseModel):
+    id: str
+    architecture: str
+    parameters: int
+    name: str | None = None
+    config: dict[str, Any] = Field(default_factory=dict)
+
+
+class DatasetRecord(BaseModel):
+    id: str
+    size: int
+    name: str | None = None
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+
+Target = int | float | list[float]
+
+
+def target_value(target: Tensor) -> Target:
+    """A dataset target as JSON: class index, scalar value, or a vector."""
+    if target.dim() == 0 or target.numel() == 1:
+        value = target.reshape(()).item()
+        return int(value) if not target.is_floating_point() else float(value)
+    return [float(v) for v in target.reshape(-1).tolist()]
+
+
+class DatasetItem(BaseModel):
+    index: int
+    target: Target
+    label: str | None = Field(None, description="class name (classification with class_names)")
+
+    @classmethod
+    def of(cls, dataset: models.Dataset, index: int) -> DatasetItem:
+        target = target_value(dataset.targets[index])
+        names = dataset.metadata.get("class_names")
+        label = names[target] if isinstance(target, int) and names and target < len(names) else None
+        return cls(index=index, target=target, label=label)
+
+
+class JobAccepted(BaseModel):
+    job: str
+    status: str
+    meaning: str = SCORE_MEANING
+
+
+class JobView(BaseModel):
+    """A job as ``GET /jobs/{id}`` shows it; ``result`` is null until it succeeded."""
+
+    id: str
+    kind: str
+    status: Literal["queued", "running", "succeeded", "failed", "canceled"]
+    progress: float = Field(description="0–1, never decreases")
+    phase: str
+    attempts: int
+    max_attempts: int
+    error: str | None = None
+    created: float
+    started: float | None = None
+    finished: float | None = None
+    payload: dict[str, Any]
+    result: dict[str, Any] | None = None
+    report: dict[str, Any] | None = Field(None, description="solver report")
+    cached: bool = Field(False, description="answered from the result cache (no new job)")
+    links: dict[str, str] = Field(
+        default_factory=dict, description="ranking and scores URLs (influence jobs)"
+    )
+    meaning: str = SCORE_MEANING
+
+
+class JobList(BaseModel):
+    items: list[JobView]
+
+
+class Item(BaseModel):
+    index: int = Field(description="row of the training set")
+    score: float
+    target: Target | None = Field(None, description="training target (null if deleted)")
+
+
+class Ranking(BaseModel):
+    job: str
+    test: int
+    direction: Literal["helpful", "harmful"]
+    items: list[Item]
+    total: int
+    offset: int
+    report: dict[str, Any] | None = None
+    meaning: str = SCORE_MEANING

@@ -1,0 +1,192 @@
+// The dashboard's only way to the server: JSON calls, job streams and authorised images.
+// Every request is an ordinary public API call; the API key (if the server wants one)
+// lives in sessionStorage and goes in the Authorization header.
+
+const KEY_STORAGE = "influence-service.api-key";
+export const TERMINAL = new Set(["succeeded", "failed", "canceled"]);
+
+let askForKey = async () => false;
+
+/** Install the function that prompts for a key after a 401; it resolves true when one was set. */
+export function onUnauthorized(prompt) {
+  askForKey = prompt;
+}
+
+export function apiKey() {
+  return sessionStorage.getItem(KEY_STORAGE) || "";
+}
+
+export function setApiKey(key) {
+  if (key) sessionStorage.setItem(KEY_STORAGE, key);
+  else sessionStorage.removeItem(KEY_STORAGE);
+  imageCache.clear();
+}
+
+export class ApiError extends Error {
+  constructor(status, message) {
+    super(message);
+    this.name = "ApiError";
+    this.status = status;
+  }
+}
+
+function fieldName(loc) {
+  return (loc || []).filter((part) => part !== "body" && part !== "query").join(".");
+}
+
+/** Turn an error body (FastAPI's {"detail": ...} or anything else) into one readable line. */
+export function describeError(status, body) {
+  const detail = body && typeof body === "object" ? body.detail ?? body.error ?? body.message : body;
+  if (Array.isArray(detail)) {
+    return detail
+      .map((item) => {
+        const field = fieldName(item.loc);
+        return field ? `${field}: ${item.msg}` : item.msg || JSON.stringify(item);
+      })
+      .join("; ");
+  }
+  if (typeof detail === "string" && detail.trim()) return detail;
+  if (detail && typeof detail === "object") return JSON.stringify(detail);
+  return `the server answered ${status}`;
+}
+
+function headers(extra = {}) {
+  const all = { Accept: "application/json", ...extra };
+  const key = apiKey();
+  if (key) all.Authorization = `Bearer ${key}`;
+  return all;
+}
+
+async function send(path, init) {
+  let response = await fetch(path, { ...init, headers: headers(init.headers) });
+  if (response.status === 401 && (await askForKey())) {
+    response = await fetch(path, { ...init, headers: headers(init.headers) });
+  }
+  if (!response.ok) {
+    const text = await response.text();
+    let body = text;
+    try {
+      body = JSON.parse(text);
+    } catch {
+      // not JSON: keep the text
+    }
+    const retry = response.headers.get("Retry-After");
+    const suffix = response.status === 429 && retry ? ` (retry after ${retry} s)` : "";
+    throw new ApiError(response.status, describeError(response.status, body) + suffix);
+  }
+  return response;
+}
+
+/** Call the API and return its JSON (null for an empty answer). `json` or `form` is the body. */
+export async function api(path, { method = "GET", json, form, signal } = {}) {
+  const init = { method, signal, headers: {} };
+  if (json !== undefined) {
+    init.body = JSON.stringify(json);
+    init.headers["Content-Type"] = "application/json";
+  } else if (form !== undefined) {
+    init.body = form;
+  }
+  const response = await send(path, init);
+  const text = await response.text();
+  return text ? JSON.parse(text) : null;
+}
+
+/** Fetch a binary resource (with the key) and return it as a Blob. */
+export async function apiBlob(path, { signal } = {}) {
+  const response = await send(path, { method: "GET", signal, headers: { Accept: "*/*" } });
+  return response.blob();
+}
+
+/** Lists may come bare or wrapped ({"items": [...]}); always give an array. */
+export function items(answer) {
+  if (Array.isArray(answer)) return answer;
+  if (answer && typeof answer === "object") {
+    for (const name of ["items", "models", "datasets", "jobs", "results"]) {
+      if (Array.isArray(answer[name])) return answer[name];
+    }
+  }
+  return [];
+}
+
+/** The id of a job from a POST answer or a job record. */
+export function jobId(answer) {
+  return answer?.job ?? answer?.id ?? answer?.job_id ?? null;
+}
+
+const imageCache = new Map();
+
+/** An object URL for an image the API serves (fetched with the key, cached per page). */
+export function imageUrl(path) {
+  if (!imageCache.has(path)) {
+    imageCache.set(
+      path,
+      apiBlob(path).then((blob) => URL.createObjectURL(blob)),
+    );
+  }
+  return imageCache.get(path);
+}
+
+function parseEvents(buffer, onEvent) {
+  const blocks = buffer.split(/\r?\n\r?\n/);
+  const rest = blocks.pop();
+  for (const block of blocks) {
+    const data = block
+      .split(/\r?\n/)
+      .filter((line) => line.startsWith("data:"))
+      .map((line) => line.slice(5).trimStart())
+      .join("\n");
+    if (!data) continue;
+    try {
+      onEvent(JSON.parse(data));
+    } catch {
+      // a non-JSON keep-alive or comment
+    }
+  }
+  return rest;
+}
+
+async function streamJob(id, onUpdate, signal) {
+  const response = await send(`/jobs/${encodeURIComponent(id)}/events`, {
+    method: "GET",
+    signal,
+    headers: { Accept: "text/event-stream" },
+  });
+  const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
+  let buffer = "";
+  let last = null;
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) break;
+    buffer = parseEvents(buffer + value, (event) => {
+      last = { ...last, ...event };
+      onUpdate(last);
+    });
+    if (last && TERMINAL.has(last.status)) {
+      await reader.cancel();
+      break;
+    }
+  }
+}
+
+const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
+
+/**
+ * Follow a job until it ends: progress from its Server-Sent Events stream (read with fetch so
+ * the API key can travel in a header), then the final record from GET /jobs/{id}. If the
+ * stream is unavailable the job is polled instead. Resolves with the final job record.
+ */
+export async function followJob(id, onUpdate, { signal } = {}) {
+  try {
+    await streamJob(id, onUpdate, signal);
+  } catch (error) {
+    if (signal?.aborted || (error instanceof ApiError && error.status !== 404 && error.status < 500)) {
+      throw error;
+    }
+  }
+  for (;;) {
+    const job = await api(`/jobs/${encodeURIComponent(id)}`, { signal });
+    onUpdate(job);
+    if (TERMINAL.has(job.status)) return job;
+    await sleep(700);
+  }
+}

@@ -1,0 +1,163 @@
+// Inline-SVG charts drawn by hand: bars (Figure 4 style), scatter with the y = x line
+// (Tables 6–8 style) and lines (Figure 6 style). Each chart is an <svg role="img"> with a
+// title and a description, so screen readers get the numbers too.
+
+import { fmt } from "./ui.js";
+
+const NS = "http://www.w3.org/2000/svg";
+const WIDTH = 440;
+const HEIGHT = 280;
+const PAD = { left: 64, right: 16, top: 28, bottom: 52 };
+export const PALETTE = ["#1f5fa8", "#b0451c", "#23734a", "#6d3fa0", "#8a6d00", "#444444"];
+
+function svg(tag, attrs = {}, ...children) {
+  const node = document.createElementNS(NS, tag);
+  for (const [name, value] of Object.entries(attrs)) node.setAttribute(name, String(value));
+  for (const child of children) node.append(child instanceof Node ? child : String(child));
+  return node;
+}
+
+function frame(title, description) {
+  const root = svg("svg", {
+    viewBox: `0 0 ${WIDTH} ${HEIGHT}`,
+    role: "img",
+    class: "chart",
+    "aria-label": title,
+  });
+  root.append(svg("title", {}, title), svg("desc", {}, description));
+  root.append(svg("text", { x: WIDTH / 2, y: 16, class: "chart-title", "text-anchor": "middle" }, title));
+  return root;
+}
+
+function niceTicks(lo, hi, count = 5) {
+  if (!(hi > lo)) return [lo];
+  const step = 10 ** Math.floor(Math.log10((hi - lo) / count));
+  const multiple = [1, 2, 5, 10].find((m) => (hi - lo) / (m * step) <= count) ?? 10;
+  const size = multiple * step;
+  const ticks = [];
+  for (let t = Math.ceil(lo / size) * size; t <= hi + size * 1e-9; t += size) ticks.push(t);
+  return ticks;
+}
+
+function scale(lo, hi, from, to) {
+  const span = hi - lo || 1;
+  return (value) => from + ((value - lo) / span) * (to - from);
+}
+
+function axes(root, x, y, xTicks, yTicks, xLabel, yLabel, tickText = fmt) {
+  const bottom = HEIGHT - PAD.bottom;
+  root.append(
+    svg("line", { x1: PAD.left, x2: WIDTH - PAD.right, y1: bottom, y2: bottom, class: "axis" }),
+    svg("line", { x1: PAD.left, x2: PAD.left, y1: PAD.top, y2: bottom, class: "axis" }),
+  );
+  for (const t of yTicks) {
+    root.append(
+      svg("line", { x1: PAD.left, x2: WIDTH - PAD.right, y1: y(t), y2: y(t), class: "gridline" }),
+      svg("text", { x: PAD.left - 6, y: y(t) + 4, "text-anchor": "end", class: "tick" }, tickText(t)),
+    );
+  }
+  for (const t of xTicks ?? []) {
+    root.append(svg("text", { x: x(t), y: bottom + 16, "text-anchor": "middle", class: "tick" }, fmt(t, 3)));
+  }
+  root.append(
+    svg("text", { x: (PAD.left + WIDTH - PAD.right) / 2, y: HEIGHT - 8, "text-anchor": "middle", class: "axis-label" }, xLabel),
+    svg(
+      "text",
+      { x: 14, y: (PAD.top + bottom) / 2, "text-anchor": "middle", class: "axis-label", transform: `rotate(-90 14 ${(PAD.top + bottom) / 2})` },
+      yLabel,
+    ),
+  );
+}
+
+/**
+ * Bars with optional ± error whiskers on a log axis (the gaps span decades, as in the
+ * paper's Figure 4). bars: [{label, value, error}].
+ */
+export function barChart({ title, bars, yLabel }) {
+  const positive = bars.filter((b) => Number(b.value) > 0);
+  const description = bars.map((b) => `${b.label}: ${fmt(b.value)}${b.error ? ` ± ${fmt(b.error)}` : ""}`).join("; ");
+  const root = frame(title, description);
+  if (!positive.length) return root;
+  const tops = positive.map((b) => Number(b.value) + Number(b.error || 0));
+  const lows = positive.map((b) => Math.max(Number(b.value) - Number(b.error || 0), Number(b.value) / 10));
+  const lo = Math.floor(Math.log10(Math.min(...lows)));
+  const hi = Math.ceil(Math.log10(Math.max(...tops)));
+  const top = hi > lo ? hi : lo + 1;
+  const y = scale(lo, top, HEIGHT - PAD.bottom, PAD.top);
+  const yTicks = [];
+  for (let e = lo; e <= top; e += 1) yTicks.push(e);
+  const slot = (WIDTH - PAD.left - PAD.right) / bars.length;
+  axes(root, null, y, null, yTicks, "", yLabel, (e) => `1e${e}`);
+  bars.forEach((bar, i) => {
+    const cx = PAD.left + slot * (i + 0.5);
+    const value = Number(bar.value);
+    root.append(svg("text", { x: cx, y: HEIGHT - PAD.bottom + 16, "text-anchor": "middle", class: "tick" }, bar.label));
+    if (!(value > 0)) return;
+    const yv = y(Math.log10(value));
+    root.append(
+      svg(
+        "rect",
+        { x: cx - slot * 0.3, y: yv, width: slot * 0.6, height: HEIGHT - PAD.bottom - yv, fill: PALETTE[i % PALETTE.length], class: "bar" },
+        svg("title", {}, `${bar.label}: ${fmt(value)}`),
+      ),
+    );
+    const error = Number(bar.error || 0);
+    if (error > 0) {
+      const y1 = y(Math.log10(Math.max(value - error, 10 ** lo)));
+      const y2 = y(Math.log10(value + error));
+      root.append(svg("line", { x1: cx, x2: cx, y1, y2, class: "whisker" }));
+    }
+  });
+  return root;
+}
+
+/**
+ * Points {x, y, label} with the y = x line; the title carries Pearson/Spearman when given.
+ */
+export function scatterChart({ title, points, xLabel, yLabel }) {
+  const description = `${points.length} points. ${title}`;
+  const root = frame(title, description);
+  const values = points.flatMap((p) => [Number(p.x), Number(p.y)]).filter(Number.isFinite);
+  if (!values.length) return root;
+  let lo = Math.min(...values);
+  let hi = Math.max(...values);
+  const margin = (hi - lo) * 0.05 || Math.abs(hi) * 0.1 || 1;
+  lo -= margin;
+  hi += margin;
+  const x = scale(lo, hi, PAD.left, WIDTH - PAD.right);
+  const y = scale(lo, hi, HEIGHT - PAD.bottom, PAD.top);
+  const ticks = niceTicks(lo, hi, 4);
+  axes(root, x, y, ticks, ticks, xLabel, yLabel);
+  root.append(svg("line", { x1: x(lo), y1: y(lo), x2: x(hi), y2: y(hi), class: "diagonal" }));
+  for (const p of points) {
+    root.append(
+      svg(
+        "circle",
+        { cx: x(Number(p.x)), cy: y(Number(p.y)), r: 4, class: "dot", fill: p.color ?? PALETTE[0] },
+        svg("title", {}, `${p.label ?? ""} predicted ${fmt(p.x)}, actual ${fmt(p.y)}`),
+      ),
+    );
+  }
+  return root;
+}
+
+/** Lines series [{name, points: [{x, y}]}] on [0, 1] × [0, 1] axes, with a legend. */
+export function lineChart({ title, series, xLabel, yLabel }) {
+  const description = series.map((s) => `${s.name}: ${s.points.length} points`).join("; ");
+  const root = frame(title, description);
+  const x = scale(0, 1, PAD.left, WIDTH - PAD.right);
+  const y = scale(0, 1, HEIGHT - PAD.bottom, PAD.top);
+  const ticks = [0, 0.25, 0.5, 0.75, 1];
+  axes(root, x, y, ticks, ticks, xLabel, yLabel);
+  series.forEach((s, i) => {
+    const color = PALETTE[i % PALETTE.length];
+    const path = s.points.map((p, j) => `${j ? "L" : "M"}${x(Number(p.x)).toFixed(1)},${y(Number(p.y)).toFixed(1)}`).join(" ");
+    root.append(svg("path", { d: path, class: s.dashed ? "line dashed" : "line", stroke: color }));
+    const ly = PAD.top + 6 + i * 16;
+    root.append(
+      svg("line", { x1: PAD.left + 12, x2: PAD.left + 32, y1: ly, y2: ly, stroke: color, class: s.dashed ? "line dashed" : "line" }),
+      svg("text", { x: PAD.left + 38, y: ly + 4, class: "legend" }, s.name),
+    );
+  });
+  return root;
+}

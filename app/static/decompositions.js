@@ -1,0 +1,215 @@
+// Decompositions: POST /decompositions (the paper's five-gap decomposition on a stored
+// checkpoint), then the gap table, a Figure 4 style bar chart, Tables 6–8 style scatter
+// plots of influence-predicted against actual test-loss change, and the Figure 6 mislabel
+// curve. Finished runs are listed from GET /jobs and open at #decompositions/<job>.
+
+import { TERMINAL, api, items } from "./api.js";
+import { barChart, lineChart, PALETTE, scatterChart } from "./charts.js";
+import {
+  catalogueOptions,
+  compact,
+  errorText,
+  fillSelect,
+  fmt,
+  guarded,
+  h,
+  numberField,
+  runJob,
+  shortId,
+  showMessage,
+} from "./ui.js";
+
+// [key in the result, name in the table, name under a bar]
+const GAPS = [
+  ["warm_start", "warm-start", "warm-start"],
+  ["proximity", "proximity", "proximity"],
+  ["non_convergence", "non-convergence", "non-conv."],
+  ["linearization", "linearization", "lineariz."],
+  ["solver", "solver", "solver"],
+];
+
+let section;
+let form;
+
+function requestBody() {
+  const f = form.elements;
+  const test = f.test_dataset.value;
+  return compact({
+    model: f.model.value,
+    train: f.train.value,
+    test: test ? { dataset: test, indices: [...Array(numberField(form, "num_test") ?? 0).keys()] } : undefined,
+    damping: numberField(form, "damping"),
+    recipe: compact({
+      optimizer: f.optimizer.value,
+      lr: numberField(form, "lr"),
+      epochs: numberField(form, "epochs"),
+      batch_size: numberField(form, "batch_size"),
+      weight_decay: numberField(form, "weight_decay"),
+      seed: numberField(form, "seed"),
+    }),
+    arguments: compact({ num_points: numberField(form, "num_points"), seed: numberField(form, "seed") }),
+  });
+}
+
+/** Rows {label, short, mean, std, rms} of the gaps the run measured, in the paper's order. */
+function gapRows(result) {
+  const summary = result.summary ?? {};
+  return GAPS.filter(([key]) => summary[key]).map(([key, label, short]) => ({
+    label,
+    short,
+    mean: summary[key].mean,
+    std: summary[key].std,
+    rms: summary[key].rms_mean,
+  }));
+}
+
+function gapTable(rows) {
+  return h(
+    "table",
+    { class: "gaps" },
+    h("caption", {}, "Gaps between consecutive response functions: L2 distance of the network outputs on the training set"),
+    h(
+      "thead",
+      {},
+      h("tr", {}, ["gap", "mean", "± std", "per-example RMS"].map((name) => h("th", { scope: "col" }, name))),
+    ),
+    h(
+      "tbody",
+      {},
+      rows.map((r) =>
+        h(
+          "tr",
+          {},
+          h("th", { scope: "row" }, r.label),
+          h("td", { class: "num" }, fmt(r.mean)),
+          h("td", { class: "num" }, fmt(r.std)),
+          h("td", { class: "num" }, fmt(r.rms)),
+        ),
+      ),
+    ),
+  );
+}
+
+/** Tables 6–8: influence-predicted vs actual test-loss change, one scatter per method. */
+function correlationCharts(correlation) {
+  const predicted = (correlation.predicted ?? []).flat();
+  return Object.entries(correlation.actual ?? {}).map(([method, matrix], i) => {
+    const actual = matrix.flat();
+    const stats = correlation.statistics?.[method] ?? {};
+    return scatterChart({
+      title: `${method}: Pearson ${fmt(stats.pearson, 3)} · Spearman ${fmt(stats.spearman, 3)}`,
+      points: predicted.map((x, j) => ({ x, y: actual[j], color: PALETTE[i % PALETTE.length] })),
+      xLabel: "influence-predicted Δ test loss",
+      yLabel: `actual Δ (${method})`,
+    });
+  });
+}
+
+/** Figure 6: fraction of corrupted labels found against the fraction of data inspected. */
+function mislabelChart(mislabel) {
+  const { inspected = [], ...curves } = mislabel.curves ?? {};
+  return lineChart({
+    title: "Mislabelled examples found (Figure 6 style)",
+    series: Object.entries(curves).map(([name, ys]) => ({
+      name,
+      points: inspected.map((x, i) => ({ x, y: ys[i] })),
+      dashed: name === "random",
+    })),
+    xLabel: "fraction of training data inspected",
+    yLabel: "fraction of mislabels found",
+  });
+}
+
+function renderResult(box, id, result) {
+  const rows = gapRows(result);
+  const charts = [
+    barChart({
+      title: "Gaps (Figure 4 style, log scale)",
+      bars: rows.map((r) => ({ label: r.short, value: r.mean, error: r.std })),
+      yLabel: "L2 output distance",
+    }),
+    ...(result.correlation ? correlationCharts(result.correlation) : []),
+    result.mislabel ? mislabelChart(result.mislabel) : null,
+  ].filter(Boolean);
+  const removed = result.removed?.length;
+  box.replaceChildren(
+    h(
+      "section",
+      { class: "card decomposition", "aria-label": `Decomposition ${shortId(id)}` },
+      h("h3", {}, `Decomposition ${shortId(id)}`),
+      h("p", { class: "muted" }, `${removed ?? "?"} removed sets · N = ${result.num_train ?? "?"}`),
+      gapTable(rows),
+      h("div", { class: "charts" }, charts.map((chart) => h("div", { class: "chart-box" }, chart))),
+    ),
+  );
+}
+
+async function openResult(id) {
+  const box = section.querySelector("#decomp-result");
+  await guarded(form.querySelector(".form-message"), null, async () => {
+    const job = await api(`/jobs/${encodeURIComponent(id)}`);
+    if (job.status !== "succeeded" || !job.result) {
+      throw new Error(`decomposition ${shortId(id)} is ${job.status}${job.error ? `: ${job.error}` : ""}`);
+    }
+    renderResult(box, id, job.result);
+    box.scrollIntoView({ block: "start" });
+  });
+}
+
+async function listRuns() {
+  const list = section.querySelector("#decomp-list");
+  try {
+    const jobs = items(await api("/jobs")).filter((job) => String(job.kind).startsWith("decomp"));
+    if (!jobs.length) {
+      list.replaceChildren();
+      return;
+    }
+    list.replaceChildren(
+      h("h3", {}, "Runs"),
+      h(
+        "ul",
+        { class: "runs" },
+        jobs.map((job) =>
+          h(
+            "li",
+            {},
+            job.status === "succeeded"
+              ? h("a", { href: `#decompositions/${encodeURIComponent(job.id)}` }, `Open ${shortId(job.id)}`)
+              : h("span", { class: "mono" }, shortId(job.id)),
+            ` · ${job.status}${TERMINAL.has(job.status) ? "" : ` ${Math.round(100 * (job.progress ?? 0))}%`}`,
+          ),
+        ),
+      ),
+    );
+  } catch (error) {
+    list.replaceChildren(h("p", { class: "message error" }, errorText(error)));
+  }
+}
+
+async function submit(event) {
+  event.preventDefault();
+  const message = form.querySelector(".form-message");
+  await guarded(message, form.querySelector("button[type=submit]"), async () => {
+    const progressBox = section.querySelector("#decomp-progress");
+    const { id } = await runJob("/decompositions", requestBody(), progressBox, "Decomposition job progress");
+    showMessage(message, `Decomposition ${shortId(id)} finished.`, "ok");
+    await listRuns();
+    location.hash = `#decompositions/${encodeURIComponent(id)}`;
+  });
+}
+
+export const decompositionsView = {
+  init(root) {
+    section = root;
+    form = root.querySelector("#decomp-form");
+    form.addEventListener("submit", submit);
+  },
+  async show(jobId) {
+    const options = await catalogueOptions();
+    fillSelect(form.elements.model, options.models);
+    fillSelect(form.elements.train, options.datasets, options.train);
+    fillSelect(form.elements.test_dataset, [{ value: "", label: "none" }, ...options.datasets], options.test);
+    await listRuns();
+    if (jobId) await openResult(jobId);
+  },
+};

@@ -1,0 +1,362 @@
+"""Benchmark on the reference problems of ``shared/BENCHMARKS.md`` (not run in CI).
+
+    .venv/bin/python -m bench.scoring [--problems A B] [--no-peers] [--threads 2]
+
+Prints three Markdown tables and writes them, with every figure, to
+``bench/results/scoring-<UTC time>.json``:
+
+(a) scoring cost: time to score every training point against one s_test, divided by one
+    plain (no-grad) forward pass over the same points in the same batches, for the JVP and
+    the per-example-gradient paths; peak extra memory (RSS, measured in a fresh process)
+    at N = 1,437 and at a synthetic N = 20,000 (model B's architecture);
+(b) s_test for 10 queries: time, iterations and relative residual of each solver;
+(c) all methods and the peers side by side: time for 10 queries × all training points
+    (after the model is loaded) and Pearson against the reference scores (A: dense
+    float64 GNH solve; B: PCG on the GNH in float64 to a relative residual of 1e-10).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import resource
+import subprocess
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from bench import peers, reference
+from influence import CG, Exact, InfluenceEngine, LiSSA, SolverError
+from influence.kfac import KFAC
+
+RESULTS = Path(__file__).parent / "results"
+LARGE_N = 20_000
+SCORING_REPEATS = 3
+REFERENCE_TOL = 1e-10
+# Tolerances of the float32 solves, chosen for Pearson ≥ 0.9999 (A) / ≥ 0.99 (B).
+CG_TOL = {"A": 1e-5, "B": 1e-3}
+PCG_TOL = {"A": 1e-5, "B": 1e-2}
+# Peer runs on B that BENCHMARKS.md measured above ~2 minutes are not rerun here.
+PEERS_SKIPPED_ON_B = {
+    "captum Naive": "dense Hessian of 301k parameters (363 GB)",
+    "pyDVL Direct": "dense Hessian of 301k parameters (363 GB)",
+    "pyDVL CG": "129 s in BENCHMARKS.md, Pearson 0.145 (indefinite, only a warning)",
+    "pyDVL LiSSA": "293 s in BENCHMARKS.md, Pearson 0.853",
+}
+
+
+def _best_of(fn: Callable[[], Any], repeats: int) -> float:
+    best = math.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def _pearson(a: Tensor, b: Tensor) -> float:
+    a, b = a.reshape(-1).double(), b.reshape(-1).double()
+    a, b = a - a.mean(), b - b.mean()
+    return float((a @ b) / (a.norm() * b.norm()))
+
+
+def _synthetic_train(n: int) -> tuple[Tensor, Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    return torch.rand(n, 64, generator=generator), torch.randint(0, 10, (n,), generator=generator)
+
+
+# ------------------------------------------------------------------ (a) scoring cost
+
+
+def scoring_cost(problem: reference.ReferenceProblem, n: int) -> dict[str, Any]:
+    """Scoring time ÷ forward time for one s_test at training-set size n."""
+    train = problem.train if n == len(problem.train[0]) else _synthetic_train(n)
+    engine = InfluenceEngine(problem.model, train=train)
+    direction = engine.gradients(*problem.queries)[:1]
+    batch = engine.operator.batch_size
+
+    def forward() -> None:
+        with torch.no_grad():
+            for lo in range(0, n, batch):
+                engine.model(train[0][lo : lo + batch])
+
+    row: dict[str, Any] = {"N": n, "forward_s": _best_of(forward, SCORING_REPEATS)}
+    for path in ("jvp", "grad"):
+        repeats = SCORING_REPEATS if path == "jvp" else 1
+        seconds = _best_of(lambda p=path: engine.scores_from_s_test(direction, method=p), repeats)
+        row[f"{path}_s"] = seconds
+        row[f"{path}_ratio"] = seconds / row["forward_s"]
+        row[f"{path}_peak_mb"] = _memory_in_subprocess(problem.name, n, path)
+    return row
+
+
+def _memory_in_subprocess(name: str, n: int, path: str) -> float:
+    """Peak RSS growth while scoring, measured in a fresh interpreter."""
+    out = subprocess.run(
+        [sys.executable, "-m", "bench.scoring", "--memory-probe", name, str(n), path],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=Path(__file__).parent.parent,
+    )
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def _memory_probe(name: str, n: int, path: str) -> None:
+    problem = reference.load(name)
+    train = problem.train if n == len(problem.train[0]) else _synthetic_train(n)
+    engine = InfluenceEngine(problem.model, train=train)
+    direction = engine.gradients(*problem.queries)[:1]
+    engine.scores_from_s_test(direction[:, :], 0, min(n, 8), method=path)  # warm-up
+    with open("/proc/self/status") as status:
+        rss_kb = next(int(line.split()[1]) for line in status if line.startswith("VmRSS"))
+    engine.scores_from_s_test(direction, method=path)
+    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(max(0, peak_kb - rss_kb) / 1024)
+
+
+# ------------------------------------------------------------- (b, c) solvers, peers
+
+
+def _run_ours(
+    problem: reference.ReferenceProblem,
+    solver_for: Callable[[InfluenceEngine], Any],
+    *,
+    dtype: torch.dtype = torch.float32,
+    hessian: str = "gnh",
+) -> dict[str, Any]:
+    """s_test + scoring of every training point; time includes any preconditioner fit."""
+    start = time.perf_counter()
+    engine = InfluenceEngine(
+        problem.model, train=problem.train, hessian=hessian, damping=reference.DAMPING, dtype=dtype
+    )
+    solver = solver_for(engine)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        s_test, report = engine.s_test(problem.queries, solver)
+    scores = engine.scores_from_s_test(s_test)
+    total = time.perf_counter() - start
+    return {"scores": scores, "seconds": total, "report": report.to_dict()}
+
+
+def _kfac_cg(tol: float, max_iter: int = 500) -> Callable[[InfluenceEngine], CG]:
+    def make(engine: InfluenceEngine) -> CG:
+        return CG(tol=tol, max_iter=max_iter, preconditioner=KFAC.from_operator(engine.operator))
+
+    return make
+
+
+def _our_methods(name: str) -> dict[str, tuple[str, Callable[[InfluenceEngine], Any]]]:
+    methods = {
+        f"CG (tol {CG_TOL[name]:g})": ("GNH", lambda _e: CG(tol=CG_TOL[name], max_iter=2000)),
+        f"PCG K-FAC (tol {PCG_TOL[name]:g})": ("GNH", _kfac_cg(PCG_TOL[name])),
+        "LiSSA (auto scale)": ("GNH", lambda _e: LiSSA()),
+    }
+    if name == "A":
+        methods["Exact (float32)"] = ("GNH", lambda _e: Exact())
+    return methods
+
+
+def _reference(problem: reference.ReferenceProblem) -> dict[str, Any]:
+    if problem.name == "A":
+        label, solver_for = "Exact (dense float64 Cholesky)", lambda _e: Exact()
+    else:
+        label, solver_for = f"PCG K-FAC float64 (tol {REFERENCE_TOL:g})", _kfac_cg(REFERENCE_TOL)
+    result = _run_ours(problem, solver_for, dtype=torch.float64)
+    result["label"] = label
+    return result
+
+
+def _full_hessian_check(problem: reference.ReferenceProblem) -> dict[str, Any]:
+    """The damped full Hessian through CG and LiSSA: indefiniteness must be reported."""
+    rows = {}
+    for label, solver_for in (
+        ("CG, full Hessian", lambda _e: CG(tol=1e-6, max_iter=300)),
+        ("LiSSA (auto), full Hessian", lambda _e: LiSSA()),
+    ):
+        start = time.perf_counter()
+        try:
+            result = _run_ours(problem, solver_for, hessian="full")
+            rows[label] = {"outcome": "answered", **result}
+        except SolverError as error:
+            rows[label] = {
+                "outcome": type(error).__name__,
+                "message": str(error),
+                "seconds": time.perf_counter() - start,
+            }
+    return rows
+
+
+def solver_table(
+    problem: reference.ReferenceProblem, run_peers: bool
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    ref = _reference(problem)
+    rows = [
+        {"method": f"ours: {ref['label']}", "curvature": "GNH", "seconds": ref["seconds"],
+         "pearson": 1.0, "report": ref["report"]}
+    ]  # fmt: skip
+    for label, (curvature, solver_for) in _our_methods(problem.name).items():
+        result = _run_ours(problem, solver_for)
+        rows.append(
+            {"method": f"ours: {label}", "curvature": curvature, "seconds": result["seconds"],
+             "pearson": _pearson(result["scores"], ref["scores"]), "report": result["report"]}
+        )  # fmt: skip
+        print(f"  {problem.name} {rows[-1]['method']}: {rows[-1]['seconds']:.2f} s", flush=True)
+    if problem.name == "B":
+        for label, outcome in _full_hessian_check(problem).items():
+            row = {"method": f"ours: {label}", "curvature": "full Hessian",
+                   "seconds": outcome["seconds"], "outcome": outcome["outcome"]}  # fmt: skip
+            if "scores" in outcome:
+                row["pearson"] = _pearson(outcome["scores"], ref["scores"])
+                row["report"] = outcome["report"]
+            else:
+                row["message"] = outcome["message"]
+            rows.append(row)
+    for peer in peers.PEERS if run_peers else []:
+        row: dict[str, Any] = {"method": peer.name, "curvature": peer.curvature}
+        if problem.name == "B" and peer.name in PEERS_SKIPPED_ON_B:
+            row["skipped"] = PEERS_SKIPPED_ON_B[peer.name]
+        elif not peer.available():
+            row["skipped"] = f"{peer.package} not installed (bench/requirements-peers.txt)"
+        else:
+            try:
+                scores, seconds = peers.run_peer(
+                    peer, problem.model, problem.train, problem.queries, reference.DAMPING
+                )
+                row.update(seconds=seconds, pearson=_pearson(scores, ref["scores"]))
+            except Exception as error:  # a peer's failure is a result, not a crash
+                row["skipped"] = f"failed: {type(error).__name__}: {str(error)[:200]}"
+        print(f"  {problem.name} {peer.name}: {row.get('seconds', row.get('skipped'))}", flush=True)
+        rows.append(row)
+    return ref, rows
+
+
+# --------------------------------------------------------------------------- output
+
+
+def _fmt_seconds(row: dict[str, Any] | None) -> str:
+    if row is None:
+        return "–"
+    if "skipped" in row:
+        return "skipped"
+    return f"{row['seconds']:.2f} s"
+
+
+def _fmt_pearson(row: dict[str, Any] | None) -> str:
+    if row is None or "skipped" in row:
+        return "–"
+    if "pearson" not in row:
+        return f"raised {row['outcome']}"
+    return f"{row['pearson']:.5f}"
+
+
+def markdown(results: dict[str, Any]) -> str:
+    lines = [
+        "(a) Scoring every training point against one s_test (model B's architecture)",
+        "",
+        "| N | forward | JVP | JVP ÷ forward | JVP peak MB | per-example grads | grads ÷ forward "
+        "| grads peak MB |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in results["scoring"]:
+        lines.append(
+            f"| {r['N']:,} | {r['forward_s'] * 1e3:.1f} ms | {r['jvp_s'] * 1e3:.1f} ms "
+            f"| {r['jvp_ratio']:.2f} | {r['jvp_peak_mb']:.0f} | {r['grad_s']:.2f} s "
+            f"| {r['grad_ratio']:.0f} | {r['grad_peak_mb']:.0f} |"
+        )
+    lines += [
+        "",
+        "(b) s_test for 10 queries",
+        "",
+        "| problem | method | s_test time | iterations | relative residual | converged |",
+        "|---|---|---:|---:|---:|---|",
+    ]
+    for name, rows in results["methods"].items():
+        for r in rows:
+            if "report" in r:
+                rep = r["report"]
+                lines.append(
+                    f"| {name} | {r['method']} | {rep['seconds']:.2f} s | {rep['iterations']} "
+                    f"| {rep['relative_residual']:.2e} | {rep['converged']} |"
+                )
+    lines += [
+        "",
+        "(c) 10 queries × all 1,437 training points; Pearson vs the reference scores",
+        "",
+        "| method | curvature | time A | Pearson A | time B | Pearson B |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    by_name: dict[str, dict[str, dict[str, Any]]] = {}
+    for name, rows in results["methods"].items():
+        for r in rows:
+            by_name.setdefault(r["method"], {"curvature": r["curvature"]})[name] = r
+    for method, entry in by_name.items():
+        a, b = entry.get("A"), entry.get("B")
+        lines.append(
+            f"| {method} | {entry['curvature']} | {_fmt_seconds(a)} | {_fmt_pearson(a)} "
+            f"| {_fmt_seconds(b)} | {_fmt_pearson(b)} |"
+        )
+    notes = [
+        f"- {method} on {name}: {r.get('skipped') or r.get('message')}"
+        for name, rows in results["methods"].items()
+        for r in rows
+        for method in [r["method"]]
+        if "skipped" in r or "message" in r
+    ]
+    return "\n".join(lines + ([""] + notes if notes else []))
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items() if not isinstance(v, Tensor)}
+    if isinstance(value, list):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--problems", nargs="+", default=["A", "B"], choices=["A", "B"])
+    parser.add_argument("--no-peers", action="store_true", help="skip captum/pyDVL/kronfluence")
+    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
+    parser.add_argument("--device", default="cpu", help="'cpu' or 'cuda'")
+    parser.add_argument("--memory-probe", nargs=3, metavar=("PROBLEM", "N", "PATH"))
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.memory_probe:
+        name, n, path = args.memory_probe
+        _memory_probe(name, int(n), path)
+        return
+    results: dict[str, Any] = {
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "threads": args.threads,
+        "torch": torch.__version__,
+        "methods": {},
+    }
+    problems = {name: reference.load(name) for name in args.problems}
+    scoring_problem = problems.get("B") or next(iter(problems.values()))
+    results["scoring"] = [
+        scoring_cost(scoring_problem, n) for n in (len(scoring_problem.train[0]), LARGE_N)
+    ]
+    for name, problem in problems.items():
+        _, rows = solver_table(problem, run_peers=not args.no_peers)
+        results["methods"][name] = rows
+    table = markdown(results)
+    print(table)
+    RESULTS.mkdir(exist_ok=True)
+    stamp = results["date"].replace(":", "").replace("+0000", "Z")
+    out = RESULTS / f"scoring-{stamp}.json"
+    out.write_text(json.dumps({**_jsonable(results), "markdown": table}, indent=1))
+    print(f"\nwritten: {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,228 @@
+"""``InfluenceEngine``: the public entry point of the influence core.
+
+For a trained model θˢ and its training set, answers (DESIGN.md, appendix Eqns 20, 50)
+
+- ``scores``: ``score[q, i] = (1/N) ∇L_qᵀ (G + λI)⁻¹ ∇L_i``, the predicted change of
+  test loss q when training point i is removed (positive = helpful);
+- ``self_influence``: ``(1/N) ∇L_iᵀ (G + λI)⁻¹ ∇L_i`` (appendix D.3);
+- ``group_influence``: the same for removing a set S whose loss is ``Σ_{i∈S} L_i``.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from influence.functional import (
+    CurvatureKind,
+    FlatModel,
+    batch_slices,
+    per_example_grads,
+    summed_grad,
+)
+from influence.operators import DampedCurvature
+from influence.scoring import ScoreResult, ScoringMethod, stream_scores
+from influence.solvers import Progress, Solver, SolverReport, phase_progress
+from models.losses import Loss, get_loss
+
+__all__ = ["InfluenceEngine"]
+
+
+def _as_pair(
+    data: Any, name: str, dtype: torch.dtype, device: torch.device
+) -> tuple[Tensor, Tensor]:
+    """(inputs, targets) from a 2-tuple or a Dataset-like object (``.inputs``/``.targets``)."""
+    if hasattr(data, "inputs") and hasattr(data, "targets"):
+        inputs, targets = data.inputs, data.targets
+    elif isinstance(data, Sequence) and len(data) == 2:
+        inputs, targets = data
+    else:
+        raise ValueError(f"{name} must be an (inputs, targets) pair or a Dataset")
+    if not (isinstance(inputs, Tensor) and isinstance(targets, Tensor)):
+        raise ValueError(f"{name}: inputs and targets must be torch Tensors")
+    if len(inputs) == 0 or len(inputs) != len(targets):
+        raise ValueError(
+            f"{name}: need as many targets as inputs (> 0), got {len(inputs)} inputs "
+            f"and {len(targets)} targets"
+        )
+    if inputs.is_floating_point():
+        inputs = inputs.to(dtype)
+        if not torch.isfinite(inputs).all():
+            raise ValueError(f"{name}: inputs contain NaN or infinite values")
+    if targets.is_floating_point():
+        targets = targets.to(dtype)
+    return inputs.to(device), targets.to(device)
+
+
+class InfluenceEngine:
+    """Influence of training points on test losses for one trained model.
+
+    Args:
+        model: the trained network at θˢ (copied; the original is left untouched).
+        loss: name in ``models.losses`` (``cross_entropy``, ``mse``, ``bce``) or a Loss.
+        train: the training set, ``(X, y)`` or a ``models.Dataset``.
+        hessian: ``"gnh"`` (Gauss-Newton, PSD, default) or ``"full"`` (may be indefinite).
+        damping: λ in ``G + λI``.
+        weight_decay: wd of the training cost ``(wd/2)‖θ‖²``; adds ``wd·I`` to G.
+        batch_size: examples per vectorised pass (memory vs speed).
+        device: where to compute (default: the model's device).
+        dtype: computation dtype (default: the model's; float64 for exact checks).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss: str | Loss = "cross_entropy",
+        train: Any = None,
+        hessian: CurvatureKind = "gnh",
+        damping: float = 1e-3,
+        weight_decay: float = 0.0,
+        batch_size: int = 512,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        if train is None:
+            raise ValueError("train is required: the training set (X, y) or a Dataset")
+        first = next(model.parameters(), None)
+        if first is None:
+            raise ValueError("model has no parameters")
+        self.device = torch.device(device) if device is not None else first.device
+        self.dtype = dtype or first.dtype
+        if not self.dtype.is_floating_point:
+            raise ValueError(f"dtype must be a floating-point dtype, got {self.dtype}")
+        self.model = copy.deepcopy(model).to(device=self.device, dtype=self.dtype).eval()
+        self.loss = get_loss(loss)
+        self.fmodel, self.theta = FlatModel.of(self.model)
+        inputs, targets = _as_pair(train, "train", self.dtype, self.device)
+        self.operator = DampedCurvature(
+            self.fmodel, self.theta, self.loss, inputs, targets,
+            kind=hessian, weight_decay=weight_decay, damping=damping, batch_size=batch_size,
+        )  # fmt: skip
+
+    @property
+    def num_train(self) -> int:
+        """N, the number of training examples."""
+        return self.operator.num_examples
+
+    @property
+    def num_params(self) -> int:
+        """d, the number of trainable parameters."""
+        return self.operator.size
+
+    def _pair(self, data: Any, name: str) -> tuple[Tensor, Tensor]:
+        return _as_pair(data, name, self.dtype, self.device)
+
+    def gradients(self, inputs: Tensor, targets: Tensor) -> Tensor:
+        """Per-example loss gradients ``∇_θ L(f(θˢ, x_j), t_j)``, shape ``[k, d]``."""
+        x, t = self._pair((inputs, targets), "gradients")
+        return torch.cat(
+            [
+                per_example_grads(self.fmodel, self.loss, self.theta, x[sl], t[sl])
+                for sl in batch_slices(len(x), self.operator.batch_size)
+            ]
+        )
+
+    def s_test(
+        self, test: Any, solver: Solver, progress: Progress | None = None
+    ) -> tuple[Tensor, SolverReport]:
+        """``s_q = (G + λI)⁻¹ ∇L_q`` for k test points in one k-column solve (Eqn 50);
+        returns ``([k, d], report)``."""
+        x, t = self._pair(test, "test")
+        grads = self.gradients(x, t)
+        solution, report = solver.solve(self.operator, grads.T, progress)
+        return solution.T.contiguous(), report
+
+    def scores_from_s_test(
+        self,
+        s_test: Tensor,
+        start: int = 0,
+        stop: int | None = None,
+        method: ScoringMethod = "auto",
+        progress: Progress | None = None,
+    ) -> Tensor:
+        """``(1/N) ∇L_i · s_q`` for training points ``start ≤ i < stop``, shape ``[k, stop−start]``
+        (one shard of the score matrix; N is always the full training-set size)."""
+        stop = self.num_train if stop is None else stop
+        if not 0 <= start < stop <= self.num_train:
+            raise ValueError(
+                f"shard [start, stop) = [{start}, {stop}) must lie within [0, {self.num_train}]"
+            )
+        if s_test.dim() != 2 or s_test.shape[1] != self.num_params:
+            raise ValueError(
+                f"s_test must have shape [k, {self.num_params}], got {tuple(s_test.shape)}"
+            )
+        op = self.operator
+        return stream_scores(
+            self.fmodel, self.loss, self.theta, op.inputs[start:stop], op.targets[start:stop],
+            s_test.to(self.device, self.dtype), num_train=self.num_train,
+            batch_size=op.batch_size, method=method, progress=progress,
+        )  # fmt: skip
+
+    def scores(
+        self,
+        test: Any,
+        solver: Solver,
+        progress: Progress | None = None,
+        method: ScoringMethod = "auto",
+    ) -> ScoreResult:
+        """Scores ``[k, N]`` of every training point for k test points (Eqns 20, 50).
+
+        ``method`` picks the scoring path (``"jvp"``, ``"grad"``, or ``"auto"``: JVP for
+        k ≤ ``influence.scoring.JVP_MAX_DIRECTIONS``).
+        """
+        s_test, report = self.s_test(test, solver, phase_progress(progress, 0.0, 0.5))
+        scores = self.scores_from_s_test(
+            s_test, method=method, progress=phase_progress(progress, 0.5, 1.0)
+        )
+        return ScoreResult(scores=scores, s_test=s_test, report=report)
+
+    def self_influence(self, solver: Solver, progress: Progress | None = None) -> Tensor:
+        """``(1/N) ∇L_iᵀ (G + λI)⁻¹ ∇L_i`` for every training point, shape ``[N]``.
+
+        Solvers that factorize (``Exact``, ``Lanczos``) factor once and evaluate the
+        quadratic forms in chunks; the others solve one chunk of gradients at a time.
+        """
+        op = self.operator
+        inverse = solver.factorize(op) if hasattr(solver, "factorize") else None
+        out = torch.empty(self.num_train, dtype=self.dtype, device=self.device)
+        for sl in batch_slices(self.num_train, op.batch_size):
+            grads = per_example_grads(self.fmodel, self.loss, self.theta, *_rows(op, sl)).T
+            if inverse is not None:
+                out[sl] = inverse.quadratic(grads)
+            else:
+                solution, _ = solver.solve(op, grads)
+                out[sl] = (grads * solution).sum(dim=0)
+            if progress is not None:
+                progress(sl.stop / self.num_train, "self_influence")
+        return out / self.num_train
+
+    def group_influence(
+        self, indices: Sequence[int] | Tensor, test: Any, solver: Solver
+    ) -> tuple[Tensor, SolverReport]:
+        """Predicted change of each test loss when the set S = ``indices`` is removed,
+        S's loss being ``Σ_{i∈S} L_i`` with ε = 1/N: ``(1/N) ∇L_qᵀ (G+λI)⁻¹ Σ_{i∈S} ∇L_i``.
+        Returns ``([k], report)``; one solve whatever k."""
+        index = torch.as_tensor(indices, dtype=torch.long).reshape(-1)
+        if index.numel() == 0:
+            raise ValueError("indices must name at least one training point")
+        if int(index.min()) < 0 or int(index.max()) >= self.num_train:
+            raise ValueError(f"indices must lie in [0, {self.num_train}), got {index.tolist()}")
+        if index.unique().numel() != index.numel():
+            raise ValueError("indices must not repeat: a group is a set of training points")
+        op = self.operator
+        index = index.to(self.device)
+        group_grad = sum(
+            summed_grad(self.fmodel, self.loss, self.theta, *_rows(op, index[sl]))
+            for sl in batch_slices(len(index), op.batch_size)
+        )
+        x, t = self._pair(test, "test")
+        solution, report = solver.solve(op, group_grad)
+        return self.gradients(x, t) @ solution / self.num_train, report
+
+
+def _rows(op: DampedCurvature, index: slice | Tensor) -> tuple[Tensor, Tensor]:
+    return op.inputs[index], op.targets[index]

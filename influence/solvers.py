@@ -1,0 +1,633 @@
+"""Solvers for ``(G + λI) X = V`` (inverse-curvature products), each with a report.
+
+Every ``solve(operator, rhs)`` returns ``(X, SolverReport)``; ``rhs`` is ``[d]`` or
+``[d, k]`` (k right-hand sides solved together) and the report's relative residual
+``‖(G+λI)x − v‖ / ‖v‖`` is always measured on the full-training-set operator (max over
+columns; the per-column list is in ``details["residuals"]``).
+
+- ``Exact``: dense matrix, Cholesky (eigendecomposition as fallback), small d only.
+- ``CG``: block (preconditioned) conjugate gradients on the full-batch operator.
+- ``LiSSA``: the stochastic Neumann recursion of appendix Eqn 49, scale chosen by
+  power iteration.
+- ``Lanczos``: rank-r eigendecomposition of G, the rest of the spectrum treated as its
+  floor ``wd`` (approximate; scales to large d, used for self-influence).
+
+``Exact`` and ``Lanczos`` also ``factorize`` the operator once into an inverse that
+can be applied, or whose quadratic form ``vᵀ(G+λI)⁻¹v`` evaluated, many times.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor
+
+from influence.errors import (
+    ConvergenceWarning,
+    NegativeCurvatureError,
+    NonFiniteError,
+    SolverDivergedError,
+)
+from influence.operators import DampedCurvature
+
+__all__ = [
+    "CG",
+    "CholeskyInverse",
+    "EigenInverse",
+    "Exact",
+    "Lanczos",
+    "LiSSA",
+    "Progress",
+    "Solver",
+    "SolverReport",
+    "phase_progress",
+    "relative_residuals",
+]
+
+Progress = Callable[[float, str], None]
+Preconditioner = Callable[[Tensor], Tensor]
+
+
+@dataclass
+class SolverReport:
+    """How a solve went: its method, cost, and how far the answer is from exact."""
+
+    method: str
+    iterations: int
+    seconds: float
+    relative_residual: float
+    converged: bool
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable dict of the report."""
+        return asdict(self)
+
+
+class Solver(Protocol):
+    def solve(
+        self, operator: DampedCurvature, rhs: Tensor, progress: Progress | None = None
+    ) -> tuple[Tensor, SolverReport]: ...
+
+
+class InverseOperator(Protocol):
+    def solve(self, rhs: Tensor) -> Tensor: ...
+
+    def quadratic(self, rhs: Tensor) -> Tensor: ...
+
+
+def _require(condition: bool, name: str, message: str, value: object) -> None:
+    if not condition:
+        raise ValueError(f"{name} {message}, got {value!r}")
+
+
+def _check_finite(tensor: Tensor, what: str) -> None:
+    if not torch.isfinite(tensor).all():
+        raise NonFiniteError(f"{what} contains NaN or infinite values")
+
+
+def _as_columns(rhs: Tensor, operator: DampedCurvature) -> Tensor:
+    if rhs.dim() not in (1, 2) or rhs.shape[0] != operator.size:
+        raise ValueError(
+            f"rhs must have shape [d] or [d, k] with d = {operator.size}, got {tuple(rhs.shape)}"
+        )
+    _check_finite(rhs, "right-hand side")
+    return rhs.reshape(operator.size, -1).to(operator.dtype)
+
+
+def relative_residuals(operator: DampedCurvature, solution: Tensor, rhs: Tensor) -> Tensor:
+    """``‖(G+λI)x_j − v_j‖ / ‖v_j‖`` per column on the full training set (``‖r‖`` if v = 0)."""
+    residual = (operator.matmat(solution) - rhs).norm(dim=0)
+    norms = rhs.norm(dim=0)
+    return torch.where(norms > 0, residual / norms.clamp_min(torch.finfo(rhs.dtype).tiny), residual)
+
+
+def _finish(
+    method: str,
+    operator: DampedCurvature,
+    solution: Tensor,
+    rhs: Tensor,
+    *,
+    iterations: int,
+    started: float,
+    converged: bool,
+    shape: torch.Size,
+    details: dict[str, Any],
+) -> tuple[Tensor, SolverReport]:
+    _check_finite(solution, f"{method} solution")
+    residuals = relative_residuals(operator, solution, rhs)
+    report = SolverReport(
+        method=method,
+        iterations=iterations,
+        seconds=time.perf_counter() - started,
+        relative_residual=float(residuals.max()),
+        converged=converged,
+        details={"residuals": residuals.tolist(), **details},
+    )
+    return solution.reshape(shape), report
+
+
+# ----------------------------------------------------------------------------- inverses
+
+
+@dataclass(frozen=True)
+class CholeskyInverse:
+    """``(G+λI)⁻¹ = L⁻ᵀ L⁻¹`` from a lower Cholesky factor (float64)."""
+
+    factor: Tensor
+
+    def solve(self, rhs: Tensor) -> Tensor:
+        """``(G+λI)⁻¹ V`` for ``V[d, k]``."""
+        return torch.cholesky_solve(rhs.to(self.factor.dtype), self.factor).to(rhs.dtype)
+
+    def quadratic(self, rhs: Tensor) -> Tensor:
+        """``v_jᵀ (G+λI)⁻¹ v_j`` per column of ``V[d, k]`` = ``‖L⁻¹ v_j‖²``."""
+        half = torch.linalg.solve_triangular(self.factor, rhs.to(self.factor.dtype), upper=False)
+        return half.pow(2).sum(dim=0).to(rhs.dtype)
+
+
+@dataclass(frozen=True)
+class EigenInverse:
+    """``(G+λI)⁻¹ ≈ U diag(1/μ) Uᵀ + (I − UUᵀ)/μ_rest`` from r eigenpairs (float64).
+
+    ``values`` are the damped eigenvalues μ; ``rest`` is the value assumed for the
+    orthogonal complement of U (None when U spans the whole space).
+    """
+
+    vectors: Tensor
+    values: Tensor
+    rest: float | None
+
+    def solve(self, rhs: Tensor) -> Tensor:
+        """``(G+λI)⁻¹ V`` for ``V[d, k]`` under this eigen-approximation."""
+        v = rhs.to(self.vectors.dtype)
+        coords = self.vectors.T @ v
+        out = self.vectors @ (coords / self.values[:, None])
+        if self.rest is not None:
+            out = out + (v - self.vectors @ coords) / self.rest
+        return out.to(rhs.dtype)
+
+    def quadratic(self, rhs: Tensor) -> Tensor:
+        """``v_jᵀ (G+λI)⁻¹ v_j`` per column of ``V[d, k]``."""
+        v = rhs.to(self.vectors.dtype)
+        coords = self.vectors.T @ v
+        out = (coords.pow(2) / self.values[:, None]).sum(dim=0)
+        if self.rest is not None:
+            out = out + (v.pow(2).sum(dim=0) - coords.pow(2).sum(dim=0)) / self.rest
+        return out.to(rhs.dtype)
+
+
+def _negative_curvature(operator: DampedCurvature, value: float, count: int, how: str) -> None:
+    raise NegativeCurvatureError(
+        f"the damped {operator.kind} curvature G + λI is not positive definite: {how} "
+        f"{value:.4g} ({count} such direction(s)); increase damping (now {operator.damping:g}) "
+        f"or use hessian='gnh'",
+        value=value,
+    )
+
+
+# ----------------------------------------------------------------------------- Exact
+
+
+@dataclass(frozen=True)
+class Exact:
+    """Dense solve: build ``G + λI`` (d matrix-vector products) and factor it.
+
+    Cholesky in float64; if that fails, an eigendecomposition tells a numerically
+    singular matrix (still solved) from an indefinite one (``NegativeCurvatureError``).
+    """
+
+    max_dim: int = field(
+        default=20_000,
+        metadata={"help": "Largest d for which the dense d×d matrix may be built."},
+    )
+
+    def __post_init__(self) -> None:
+        _require(self.max_dim >= 1, "max_dim", "must be >= 1", self.max_dim)
+
+    def factorize(self, operator: DampedCurvature) -> CholeskyInverse | EigenInverse:
+        """Build and factor the dense matrix; refuse above ``max_dim`` with the memory needed."""
+        d = operator.size
+        if d > self.max_dim:
+            gib = d * d * 8 / 2**30
+            raise ValueError(
+                f"Exact solver: d = {d} parameters exceeds max_dim = {self.max_dim}; the dense "
+                f"float64 matrix would need {gib:.1f} GiB; use CG or LiSSA instead"
+            )
+        matrix = operator.dense().to(torch.float64)
+        factor, info = torch.linalg.cholesky_ex(matrix)
+        if int(info) == 0:
+            return CholeskyInverse(factor)
+        values, vectors = torch.linalg.eigh(matrix)
+        if values[0] <= 0:
+            _negative_curvature(
+                operator, float(values[0]), int((values <= 0).sum()), "smallest eigenvalue is"
+            )
+        return EigenInverse(vectors, values, rest=None)
+
+    def solve(
+        self, operator: DampedCurvature, rhs: Tensor, progress: Progress | None = None
+    ) -> tuple[Tensor, SolverReport]:
+        """``(G + λI)⁻¹ V`` by a dense factorization."""
+        started = time.perf_counter()
+        columns = _as_columns(rhs, operator)
+        inverse = self.factorize(operator)
+        solution = inverse.solve(columns)
+        if progress is not None:
+            progress(1.0, "solve")
+        return _finish(
+            "exact", operator, solution, columns, iterations=1, started=started, converged=True,
+            shape=rhs.shape, details={"factorization": type(inverse).__name__},
+        )  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- CG
+
+
+@dataclass(frozen=True)
+class CG:
+    """Conjugate gradients on the full-batch ``G + λI``, k right-hand sides at once.
+
+    Each column runs its own CG recursion; all active columns share one operator pass
+    per iteration. With a preconditioner ``M⁻¹`` this is PCG.
+    """
+
+    tol: float = field(
+        default=1e-6,
+        metadata={"help": "Stop a column when its relative residual ‖r‖/‖v‖ is below this."},
+    )
+    max_iter: int = field(
+        default=500, metadata={"help": "Iteration limit (warns ConvergenceWarning when hit)."}
+    )
+    preconditioner: Preconditioner | None = field(
+        default=None,
+        metadata={"help": "M⁻¹ applied to a [d, k] residual block; None for plain CG."},
+    )
+
+    def __post_init__(self) -> None:
+        _require(0 < self.tol < 1, "tol", "must be in (0, 1)", self.tol)
+        _require(self.max_iter >= 1, "max_iter", "must be >= 1", self.max_iter)
+        _require(
+            self.preconditioner is None or callable(self.preconditioner),
+            "preconditioner",
+            "must be callable (M⁻¹ r) or None",
+            self.preconditioner,
+        )
+
+    def _precondition(self, residual: Tensor) -> Tensor:
+        return residual if self.preconditioner is None else self.preconditioner(residual)
+
+    def solve(
+        self, operator: DampedCurvature, rhs: Tensor, progress: Progress | None = None
+    ) -> tuple[Tensor, SolverReport]:
+        """``(G + λI)⁻¹ V`` by (preconditioned) conjugate gradients."""
+        started = time.perf_counter()
+        b = _as_columns(rhs, operator)
+        k = b.shape[1]
+        x = torch.zeros_like(b)
+        r = b.clone()
+        z = self._precondition(r)
+        p = z.clone()
+        rz = (r * z).sum(dim=0)
+        b_norm = b.norm(dim=0)
+        rel = torch.ones(k, dtype=b.dtype, device=b.device)
+        rel[b_norm == 0] = 0
+        iterations = torch.zeros(k, dtype=torch.long)
+        for it in range(1, self.max_iter + 1):
+            active = (rel > self.tol).nonzero().squeeze(1)
+            if active.numel() == 0:
+                break
+            p_a = p[:, active]
+            ap = operator.matmat(p_a)
+            curvature = (p_a * ap).sum(dim=0)
+            _check_finite(curvature, f"CG iteration {it}: curvature pᵀ(G+λI)p")
+            if (curvature <= 0).any():
+                j = int(curvature.argmin())
+                value = float(curvature[j] / p_a[:, j].pow(2).sum())
+                raise NegativeCurvatureError(
+                    f"CG iteration {it}: direction p with pᵀ(G+λI)p/‖p‖² = {value:.4g} <= 0 "
+                    f"(right-hand side {int(active[j])}); the damped {operator.kind} curvature "
+                    f"is indefinite: increase damping (now {operator.damping:g}) or use "
+                    f"hessian='gnh'",
+                    value=value,
+                    iteration=it,
+                )
+            alpha = rz[active] / curvature
+            x[:, active] += alpha * p_a
+            r_a = r[:, active] - alpha * ap
+            r[:, active] = r_a
+            rel[active] = r_a.norm(dim=0) / b_norm[active]
+            z_a = self._precondition(r_a)
+            rz_new = (r_a * z_a).sum(dim=0)
+            p[:, active] = z_a + (rz_new / rz[active]) * p_a
+            rz[active] = rz_new
+            iterations[active] += 1
+            if progress is not None:
+                done = math.log(1 / max(float(rel.max()), 1e-300)) / math.log(1 / self.tol)
+                progress(min(1.0, max(done, it / self.max_iter)), "solve")
+        converged = bool((rel <= self.tol).all())
+        if not converged:
+            warnings.warn(
+                f"CG reached max_iter={self.max_iter} with relative residual "
+                f"{float(rel.max()):.3g} > tol={self.tol:g}",
+                ConvergenceWarning,
+                stacklevel=2,
+            )
+        method = "cg" if self.preconditioner is None else "pcg"
+        return _finish(
+            method, operator, x, b, iterations=int(iterations.max()), started=started,
+            converged=converged, shape=rhs.shape,
+            details={"column_iterations": iterations.tolist(), "tol": self.tol,
+                     "preconditioned": self.preconditioner is not None},
+        )  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- LiSSA
+
+
+@dataclass(frozen=True)
+class LiSSA:
+    """Stochastic Neumann series (appendix Eqn 49, DESIGN.md indexing from t = 0).
+
+    ``x₀ = v``; ``x_t = v + (1 − λ/σ) x_{t−1} − G_B x_{t−1}/σ`` with a fresh minibatch B
+    (drawn without replacement) per step; the answer is ``x/σ`` averaged over R repeats.
+    It converges only when ``σ > λ_max(G) + λ``, so by default σ = safety · (λ_max + λ)
+    with λ_max from full-batch power iteration.
+
+    Minibatch noise keeps the last iterate ``x_T`` away from the fixed point (on digits
+    the residual of ``x_T`` stays above 1), so by default ``x`` is the mean of the last
+    ``average`` fraction of the iterates (Polyak–Ruppert tail averaging: same fixed
+    point, noise averaged out); ``average=0`` returns the plain ``x_T`` of Eqn 49.
+    """
+
+    depth: int = field(
+        default=5000, metadata={"help": "Recursion depth T (steps per repeat), at most."}
+    )
+    repeats: int = field(default=1, metadata={"help": "R, independent recursions averaged."})
+    batch_size: int = field(default=128, metadata={"help": "Minibatch size |B| per step."})
+    scale: float | None = field(
+        default=None,
+        metadata={"help": "σ; None: power-iteration estimate of λ_max(G), σ = safety·(λ_max+λ)."},
+    )
+    seed: int = field(default=0, metadata={"help": "Seed of the minibatch sampler."})
+    average: float = field(
+        default=0.5,
+        metadata={"help": "Fraction of the last iterates averaged into x (0: x_T alone)."},
+    )
+    tol: float = field(
+        default=1e-3,
+        metadata={
+            "help": "Early stop once the (averaged) estimate changes by less than this, "
+            "relative, over one window."
+        },
+    )
+    window: int = field(default=200, metadata={"help": "Steps between early-stop checks."})
+    safety: float = field(
+        default=1.1, metadata={"help": "σ = safety · (λ_max + λ) when scale is None."}
+    )
+    power_iters: int = field(
+        default=30, metadata={"help": "Full-batch power-iteration steps to estimate λ_max."}
+    )
+
+    def __post_init__(self) -> None:
+        for name in ("depth", "repeats", "batch_size", "window", "power_iters"):
+            value = getattr(self, name)
+            _require(isinstance(value, int) and value >= 1, name, "must be an integer >= 1", value)
+        _require(
+            self.scale is None or (math.isfinite(self.scale) and self.scale > 0),
+            "scale",
+            "must be a finite number > 0 or None",
+            self.scale,
+        )
+        _require(0 <= self.average < 1, "average", "must be in [0, 1)", self.average)
+        _require(0 < self.tol < 1, "tol", "must be in (0, 1)", self.tol)
+        _require(self.safety >= 1, "safety", "must be >= 1", self.safety)
+
+    def solve(
+        self, operator: DampedCurvature, rhs: Tensor, progress: Progress | None = None
+    ) -> tuple[Tensor, SolverReport]:
+        """``(G + λI)⁻¹ V`` by the LiSSA recursion, averaged over repeats."""
+        started = time.perf_counter()
+        v = _as_columns(rhs, operator)
+        generator = torch.Generator().manual_seed(self.seed)
+        details: dict[str, Any] = {
+            "batch_size": self.batch_size,
+            "repeats": self.repeats,
+            "average": self.average,
+        }
+        if self.scale is None:
+            lam_max = _power_iteration(operator, generator, self.power_iters)
+            scale = self.safety * (lam_max + operator.damping)
+            details["lambda_max"] = lam_max
+            if operator.kind == "full":
+                _check_lowest_curvature(operator, generator, self.power_iters, lam_max)
+        else:
+            scale = self.scale
+        details["scale"] = scale
+        total = torch.zeros_like(v)
+        steps: list[int] = []
+        settled = True
+        for repeat in range(self.repeats):
+            report = phase_progress(progress, repeat / self.repeats, (repeat + 1) / self.repeats)
+            x, t, done = self._recursion(operator, v, scale, generator, report)
+            total += x / scale
+            steps.append(t)
+            settled = settled and done
+        if not settled:
+            warnings.warn(
+                f"LiSSA reached depth={self.depth} before its estimate settled "
+                f"(tol={self.tol:g}); see the report's relative residual",
+                ConvergenceWarning,
+                stacklevel=2,
+            )
+        details["steps"] = steps
+        return _finish(
+            "lissa", operator, total / self.repeats, v, iterations=sum(steps), started=started,
+            converged=settled, shape=rhs.shape, details=details,
+        )  # fmt: skip
+
+    def _recursion(
+        self,
+        operator: DampedCurvature,
+        v: Tensor,
+        scale: float,
+        generator: torch.Generator,
+        progress: Progress | None,
+    ) -> tuple[Tensor, int, bool]:
+        """One repeat: the (tail-averaged) iterate, the steps taken, and whether it settled."""
+        n = operator.num_examples
+        floor = operator.damping + (operator.weight_decay if operator.kind == "gnh" else 0.0)
+        # ‖x_t‖ ≤ σ‖v‖/λ_min(G+λI) while the recursion contracts; 10× that means divergence.
+        bound = 10 * scale / floor * float(v.norm(dim=0).max()) if floor > 0 else math.inf
+        average_from = self.depth - max(1, math.floor(self.average * self.depth)) + 1
+        x = v.clone()
+        tail_sum = torch.zeros_like(v)
+        previous: Tensor | None = None
+        for t in range(1, self.depth + 1):
+            batch = torch.randperm(n, generator=generator)[: self.batch_size].to(v.device)
+            x = v + (1 - operator.damping / scale) * x - operator.curvature(x, batch) / scale
+            norm = float(x.norm(dim=0).max())
+            if not math.isfinite(norm) or norm > bound:
+                _diverged(operator, x, t, norm, bound, scale)
+            if t >= average_from:
+                tail_sum += x
+            if t % self.window == 0 and (self.average == 0 or t >= average_from):
+                estimate = x if self.average == 0 else tail_sum / (t - average_from + 1)
+                if previous is not None:
+                    change = (estimate - previous).norm(dim=0) / estimate.norm(dim=0)
+                    if float(change.max()) < self.tol:
+                        return estimate, t, True
+                previous = estimate.clone()
+                if progress is not None:
+                    progress(t / self.depth, "solve")
+        return tail_sum / (self.depth - average_from + 1), self.depth, False
+
+
+def phase_progress(progress: Progress | None, low: float, high: float) -> Progress | None:
+    """Map a sub-task's progress fraction onto [low, high] of the whole task."""
+    if progress is None:
+        return None
+    return lambda fraction, phase: progress(low + (high - low) * fraction, phase)
+
+
+def _rayleigh(operator: DampedCurvature, u: Tensor) -> float:
+    """``uᵀ G u / uᵀu`` on the full training set (weight decay in, damping out)."""
+    return float(u @ operator.curvature(u) / (u @ u))
+
+
+def _power_iteration(operator: DampedCurvature, generator: torch.Generator, steps: int) -> float:
+    """Estimate λ_max(G) by full-batch power iteration (stops at 1e-3 relative change)."""
+    u = torch.randn(operator.size, generator=generator).to(operator.device, operator.dtype)
+    estimate = 0.0
+    for _ in range(steps):
+        gu = operator.curvature(u / u.norm())
+        new = float(gu.norm())
+        _check_finite(gu, "power iteration G·u")
+        u = gu
+        if abs(new - estimate) <= 1e-3 * new:
+            return new
+        estimate = new
+    return estimate
+
+
+def _check_lowest_curvature(
+    operator: DampedCurvature, generator: torch.Generator, steps: int, lam_max: float
+) -> None:
+    """Power iteration on ``λ_max·I − G`` toward G's lowest eigenvector; any Rayleigh
+    quotient with ``uᵀ(G+λI)u ≤ 0`` proves the damped Hessian indefinite."""
+    u = torch.randn(operator.size, generator=generator).to(operator.device, operator.dtype)
+    for _ in range(steps):
+        u = u / u.norm()
+        gu = operator.curvature(u)
+        damped = float(u @ gu) + operator.damping
+        if damped <= 0:
+            _negative_curvature(operator, damped, 1, "power iteration found uᵀ(G+λI)u/‖u‖² =")
+        u = lam_max * u - gu
+
+
+def _diverged(
+    operator: DampedCurvature, x: Tensor, step: int, norm: float, bound: float, scale: float
+) -> None:
+    if operator.kind == "full" and math.isfinite(norm):
+        j = int(x.norm(dim=0).argmax())
+        damped = _rayleigh(operator, x[:, j]) + operator.damping
+        if damped <= 0:
+            _negative_curvature(operator, damped, 1, "LiSSA's growing iterate has uᵀ(G+λI)u/‖u‖² =")
+    raise SolverDivergedError(
+        f"LiSSA diverged at step {step}: iterate norm {norm:.3g} exceeds the bound {bound:.3g} "
+        f"(or is not finite); the scale σ = {scale:.4g} is too small (it must exceed "
+        f"λ_max(G) + λ); use scale=None to estimate it"
+    )
+
+
+# ----------------------------------------------------------------------------- Lanczos
+
+
+@dataclass(frozen=True)
+class Lanczos:
+    """Rank-r eigendecomposition of G by Lanczos (full reorthogonalization); the rest of
+    the spectrum is treated as G's floor ``wd`` (damped: ``wd + λ``). Approximate."""
+
+    rank: int = field(default=64, metadata={"help": "Number r of top eigenpairs kept."})
+    iterations: int | None = field(
+        default=None,
+        metadata={"help": "Lanczos steps (full-batch products); None means 2·rank."},
+    )
+    seed: int = field(default=0, metadata={"help": "Seed of the starting vector."})
+
+    def __post_init__(self) -> None:
+        _require(self.rank >= 1, "rank", "must be >= 1", self.rank)
+        _require(
+            self.iterations is None or self.iterations >= self.rank,
+            "iterations",
+            "must be >= rank or None",
+            self.iterations,
+        )
+
+    def steps(self, d: int) -> int:
+        """Number of Lanczos steps (full-batch G products) for dimension d, at most."""
+        return min(d, self.iterations or 2 * self.rank)
+
+    def factorize(self, operator: DampedCurvature) -> EigenInverse:
+        """Top-r Ritz pairs of G as an approximate ``(G + λI)⁻¹``."""
+        d = operator.size
+        steps = self.steps(d)
+        generator = torch.Generator().manual_seed(self.seed)
+        q = torch.randn(d, generator=generator, dtype=torch.float64).to(operator.device)
+        basis = torch.zeros(d, steps, dtype=torch.float64, device=operator.device)
+        alphas: list[float] = []
+        betas: list[float] = []
+        q = q / q.norm()
+        for j in range(steps):
+            basis[:, j] = q
+            w = operator.curvature(q.to(operator.dtype)).to(torch.float64)
+            _check_finite(w, f"Lanczos step {j}: G·q")
+            alphas.append(float(q @ w))
+            for _ in range(2):  # full reorthogonalization, twice for stability
+                w = w - basis[:, : j + 1] @ (basis[:, : j + 1].T @ w)
+            beta = float(w.norm())
+            if j == steps - 1 or beta <= 1e-12 * max(abs(a) for a in alphas):
+                break
+            betas.append(beta)
+            q = w / beta
+        m = len(alphas)
+        tri = torch.diag(torch.tensor(alphas, dtype=torch.float64))
+        off = torch.tensor(betas[: m - 1], dtype=torch.float64)
+        tri += torch.diag(off, 1) + torch.diag(off, -1)
+        ritz, coords = torch.linalg.eigh(tri)
+        lowest = float(ritz[0]) + operator.damping
+        if lowest <= 0:
+            _negative_curvature(operator, lowest, int((ritz + operator.damping <= 0).sum()),
+                                "a Lanczos Ritz value of G + λI is")  # fmt: skip
+        keep = min(self.rank, m)
+        vectors = basis[:, :m] @ coords[:, -keep:]
+        values = ritz[-keep:] + operator.damping
+        rest = None if keep == d else operator.weight_decay + operator.damping
+        if rest is not None and rest <= 0:
+            raise ValueError(
+                "Lanczos treats the spectrum beyond its rank as weight_decay + damping, "
+                "which is 0 here: set damping > 0"
+            )
+        return EigenInverse(vectors, values, rest)
+
+    def solve(
+        self, operator: DampedCurvature, rhs: Tensor, progress: Progress | None = None
+    ) -> tuple[Tensor, SolverReport]:
+        """Approximate ``(G + λI)⁻¹ V`` from the low-rank eigendecomposition."""
+        started = time.perf_counter()
+        columns = _as_columns(rhs, operator)
+        inverse = self.factorize(operator)
+        solution = inverse.solve(columns)
+        if progress is not None:
+            progress(1.0, "solve")
+        return _finish(
+            "lanczos", operator, solution, columns, iterations=self.steps(operator.size),
+            started=started, converged=True, shape=rhs.shape,
+            details={"rank": len(inverse.values), "top_eigenvalue": float(inverse.values[-1])},
+        )  # fmt: skip

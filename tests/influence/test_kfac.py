@@ -1,0 +1,158 @@
+"""K-FAC preconditioner: factors against dense Gauss-Newton blocks, and PCG against dense solves."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call, hessian, jacrev
+
+from influence.kfac import KFAC, KFACArguments
+from tests.conftest import RTOL_EXACT, RTOL_SOLVE
+
+DAMPING = 1e-3
+
+
+def _flat_params(model: nn.Module) -> tuple[list[str], list[torch.Size], Tensor]:
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    params = dict(model.named_parameters())
+    shapes = [params[n].shape for n in names]
+    flat = torch.cat([params[n].detach().reshape(-1) for n in names])
+    return names, shapes, flat
+
+
+def _dense_gnh(model: nn.Module, x: Tensor, t: Tensor, loss: str) -> Tensor:
+    """(1/N) Σ_i J_iᵀ H_i J_i from jacrev/hessian, independent of models.losses."""
+    names, shapes, flat = _flat_params(model)
+
+    def outputs(theta: Tensor, xi: Tensor) -> Tensor:
+        chunks = torch.split(theta, [s.numel() for s in shapes])
+        p = {n: c.reshape(s) for n, c, s in zip(names, chunks, shapes, strict=True)}
+        return functional_call(model, p, (xi.unsqueeze(0),)).reshape(-1)
+
+    def loss_of_outputs(y: Tensor, ti: Tensor) -> Tensor:
+        if loss == "cross_entropy":
+            return F.cross_entropy(y.unsqueeze(0), ti.unsqueeze(0))
+        return 0.5 * (y - ti).pow(2).sum()
+
+    total = torch.zeros(len(flat), len(flat), dtype=flat.dtype)
+    for xi, ti in zip(x, t, strict=True):
+        jac = jacrev(outputs)(flat, xi)
+        h_y = hessian(loss_of_outputs)(outputs(flat, xi), ti)
+        total += jac.T @ h_y @ jac
+    return total / len(x)
+
+
+def _linear_slices(model: nn.Module) -> list[slice]:
+    """Flat ranges of each Linear's [weight, bias] (adjacent in named_parameters)."""
+    slices, offset = [], 0
+    for module in model.modules():
+        if isinstance(module, nn.Linear):
+            size = sum(p.numel() for p in module.parameters())
+            slices.append(slice(offset, offset + size))
+            offset += size
+        elif not list(module.children()):
+            offset += sum(p.numel() for p in module.parameters(recurse=False))
+    return slices
+
+
+def _mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3)).double()
+
+
+def test_single_example_blocks_equal_dense_gnh() -> None:
+    model = _mlp()
+    x = torch.randn(1, 3, dtype=torch.float64)
+    t = torch.tensor([2])
+    kfac = KFAC.fit(
+        model,
+        "cross_entropy",
+        x,
+        t,
+        damping=DAMPING,
+        weight_decay=0.01,
+        arguments=KFACArguments(damping_split="eigen"),
+    )
+    dense = _dense_gnh(model, x, t, "cross_entropy")
+    approx = kfac.to_dense() - (DAMPING + 0.01) * torch.eye(kfac.dim, dtype=torch.float64)
+    for sl in _linear_slices(model):
+        torch.testing.assert_close(approx[sl, sl], dense[sl, sl], rtol=RTOL_EXACT, atol=1e-14)
+    first, second = _linear_slices(model)
+    assert torch.count_nonzero(approx[first, second]) == 0
+
+
+def test_single_linear_layer_under_mse_is_exact_for_many_examples() -> None:
+    torch.manual_seed(1)
+    model = nn.Linear(4, 2).double()
+    x = torch.randn(7, 4, dtype=torch.float64)
+    t = torch.randn(7, 2, dtype=torch.float64)
+    kfac = KFAC.fit(
+        model, "mse", x, t, damping=DAMPING, arguments=KFACArguments(damping_split="eigen")
+    )
+    dense = _dense_gnh(model, x, t, "mse") + DAMPING * torch.eye(kfac.dim, dtype=torch.float64)
+    torch.testing.assert_close(kfac.to_dense(), dense, rtol=RTOL_EXACT, atol=1e-14)
+    v = torch.randn(kfac.dim, dtype=torch.float64)
+    torch.testing.assert_close(kfac(v), torch.linalg.solve(dense, v), rtol=RTOL_SOLVE, atol=0)
+
+
+@pytest.mark.parametrize("split", ["pi", "eigen"])
+def test_inverse_matches_dense_approximation_with_fallback(split: str) -> None:
+    torch.manual_seed(2)
+    model = nn.Sequential(
+        nn.Linear(3, 5), nn.LayerNorm(5), nn.Tanh(), nn.Linear(5, 4, bias=False)
+    ).double()
+    x = torch.randn(9, 3, dtype=torch.float64)
+    t = torch.randint(0, 4, (9,))
+    kfac = KFAC.fit(
+        model,
+        "cross_entropy",
+        x,
+        t,
+        damping=DAMPING,
+        arguments=KFACArguments(damping_split=split, batch_size=4),
+    )
+    assert kfac.summary()["diagonal_parameters"] == 10  # LayerNorm weight + bias
+    m = kfac.to_dense()
+    vs = torch.randn(kfac.dim, 3, dtype=torch.float64)
+    torch.testing.assert_close(kfac(vs), torch.linalg.solve(m, vs), rtol=RTOL_SOLVE, atol=0)
+    torch.testing.assert_close(kfac(vs[:, 0]), kfac(vs)[:, 0], rtol=RTOL_EXACT, atol=0)
+
+
+def test_fallback_is_the_exact_gnh_diagonal() -> None:
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(3, 5), nn.LayerNorm(5), nn.Tanh(), nn.Linear(5, 4)).double()
+    x = torch.randn(6, 3, dtype=torch.float64)
+    t = torch.randint(0, 4, (6,))
+    kfac = KFAC.fit(model, "cross_entropy", x, t, damping=DAMPING, weight_decay=0.1)
+    dense = _dense_gnh(model, x, t, "cross_entropy")
+    norm = slice(20, 30)  # Linear(3, 5) holds 20 parameters, then LayerNorm's 10
+    expected = torch.diagonal(dense)[norm] + DAMPING + 0.1
+    torch.testing.assert_close(kfac.diagonal, expected, rtol=RTOL_EXACT, atol=0)
+    assert kfac.diagonal_index.tolist() == list(range(20, 30))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"damping_split": "none"}, "damping_split"),
+        ({"batch_size": 0}, "batch_size"),
+        ({"max_output_dim": 2.5}, "max_output_dim"),
+    ],
+)
+def test_arguments_name_the_bad_field(kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        KFACArguments(**kwargs)
+
+
+def test_fit_rejects_bad_inputs() -> None:
+    model = _mlp()
+    x = torch.randn(4, 3, dtype=torch.float64)
+    with pytest.raises(ValueError, match="equal length"):
+        KFAC.fit(model, "cross_entropy", x, torch.zeros(3, dtype=torch.long), damping=DAMPING)
+    with pytest.raises(ValueError, match="damping"):
+        KFAC.fit(model, "cross_entropy", x, torch.zeros(4, dtype=torch.long), damping=0.0)
+    kfac = KFAC.fit(model, "cross_entropy", x, torch.zeros(4, dtype=torch.long), damping=DAMPING)
+    with pytest.raises(ValueError, match=f"\\[{kfac.dim}\\]"):
+        kfac(torch.zeros(kfac.dim + 1, dtype=torch.float64))

@@ -1,0 +1,164 @@
+"""Response functions by retraining (models.train) against dense float64 closed forms."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch.func import jacrev
+
+from influence.decomposition import DecompositionArguments, decompose, sample_removed
+from influence.response import (
+    Responder,
+    ResponseArguments,
+    default_dtype,
+    output_distance,
+    verify,
+)
+from models import Dataset, Recipe, save_checkpoint, train
+
+LR_CONFIG = {"architecture": "logistic_regression", "in_features": 3, "num_classes": 2}
+LR_RECIPE = Recipe(
+    optimizer="lbfgs", lr=1.0, epochs=6, weight_decay=0.01, loss="bce",
+    lbfgs_max_iter=100, lbfgs_tolerance_grad=1e-13, lbfgs_tolerance_change=0.0,
+)  # fmt: skip
+MLP_CONFIG = {"architecture": "mlp", "in_features": 3, "out_features": 3, "hidden": [5]}
+
+
+def _classification(n: int, classes: int, seed: int) -> Dataset:
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 3, generator=gen)
+    t = ((x[:, 0] + 0.5 * x[:, 1] + 0.8 * torch.randn(n, generator=gen)) > 0).long()
+    if classes > 2:
+        t = t + (x[:, 2] > 0.5).long()
+    meta = {"name": "toy", "task": "classification", "num_classes": classes}
+    return Dataset(x, t, {**meta, "class_names": [str(c) for c in range(classes)]})
+
+
+@pytest.fixture(scope="module")
+def logreg() -> Responder:
+    data = _classification(40, 2, seed=0)
+    with default_dtype(torch.float64):
+        run = train(LR_CONFIG, data, LR_RECIPE)
+    return Responder.from_run(run, data, ResponseArguments(damping=1e-3))
+
+
+def _closed_form_proximity(r: Responder, removed: list[int]) -> float:
+    """``‖J[H⁻¹ − (H+λI)⁻¹] ε∇L_z‖`` with dense J (output Jacobian) and H (Hessian of J)."""
+    p = r.problem(removed)
+    d = r.theta_s.numel()
+    h = torch.func.hessian(p.cost)(r.theta_s)
+    jac = jacrev(r.fmodel, argnums=0)(r.theta_s, r.inputs).reshape(r.n, d)
+    g = p.epsilon * p.removed_gradient
+    damped = h + r.arguments.damping * torch.eye(d, dtype=h.dtype)
+    return float((jac @ (torch.linalg.solve(h, g) - torch.linalg.solve(damped, g))).norm())
+
+
+def test_converged_logistic_regression_gaps(logreg: Responder) -> None:
+    removed = [3]
+    th = {m: logreg.retrain(m, removed) for m in ("cold", "warm", "proximal", "pbrf", "linearized")}
+    th["influence"] = logreg.influence([removed])[0][0]
+    out = {m: logreg.outputs(t) for m, t in th.items()}
+    moved = output_distance(out["warm"], logreg.outputs(logreg.theta_s))
+    assert moved > 1e-2  # removal does something measurable
+    for a, b in (("cold", "warm"), ("proximal", "pbrf"), ("linearized", "influence")):
+        assert output_distance(out[a], out[b]) < 1e-6 * max(1.0, moved), (a, b)
+    proximity = output_distance(out["warm"], out["proximal"])
+    assert proximity == pytest.approx(_closed_form_proximity(logreg, removed), rel=0.15)
+
+
+def test_proximity_gap_matches_closed_form_to_first_order(logreg: Responder) -> None:
+    # The closed form is first order in ε; with N = 40, ε = 1/N is far from small.
+    r = Responder(
+        logreg.config, logreg.fmodel.unflatten(logreg.theta_s), logreg.recipe,
+        logreg.dataset, ResponseArguments(epsilon=0.05 / 40),
+    )  # fmt: skip
+    gap = output_distance(r.outputs(r.retrain("warm", [3])), r.outputs(r.retrain("proximal", [3])))
+    assert gap == pytest.approx(_closed_form_proximity(r, [3]), rel=0.01)
+
+
+def test_linearization_gap_is_second_order_in_epsilon(logreg: Responder) -> None:
+    gaps = []
+    for eps in (1.0 / 40, 0.1 / 40):
+        r = Responder(
+            logreg.config, logreg.fmodel.unflatten(logreg.theta_s), logreg.recipe,
+            logreg.dataset, ResponseArguments(epsilon=eps),
+        )  # fmt: skip
+        pbrf, lin = r.retrain("pbrf", [3]), r.retrain("linearized", [3])
+        gaps.append(output_distance(r.outputs(pbrf), r.outputs(lin)))
+    assert gaps[1] / gaps[0] == pytest.approx(0.01, rel=0.3)
+
+
+def test_two_stage_equals_warm_when_converged(logreg: Responder) -> None:
+    warm, two = logreg.retrain("warm", [5]), logreg.retrain("two_stage", [5])
+    assert output_distance(logreg.outputs(warm), logreg.outputs(two)) < 1e-6
+
+
+def test_linearized_pbrf_by_sgd_approaches_closed_form() -> None:
+    data = _classification(30, 3, seed=1)
+    recipe = Recipe(optimizer="sgd", lr=0.5, epochs=20, batch_size=None, loss="cross_entropy")
+    with default_dtype(torch.float64):
+        run = train(MLP_CONFIG, data, recipe)
+    gaps = []
+    for epochs in (10, 40, 160):
+        r = Responder.from_run(
+            run, data, ResponseArguments(epochs=epochs, damping=0.05, pbrf_lr_factor=1.0)
+        )
+        closed = r.influence([[2]])[0][0]
+        lin = r.retrain("linearized", [2])
+        gaps.append(output_distance(r.outputs(lin), r.outputs(closed)))
+    assert gaps[1] < 0.5 * gaps[0]
+    assert gaps[2] < 0.5 * gaps[1]
+
+
+def test_retraining_is_deterministic_and_minibatch(logreg: Responder) -> None:
+    data = _classification(30, 3, seed=2)
+    recipe = Recipe(optimizer="sgdm", lr=0.05, epochs=4, batch_size=8, loss="cross_entropy")
+    with default_dtype(torch.float64):
+        run = train(MLP_CONFIG, data, recipe)
+    r = Responder.from_run(run, data)
+    for method in ("cold", "pbrf", "two_stage"):
+        assert torch.equal(r.retrain(method, [4]), r.retrain(method, [4]))
+
+
+def test_decompose_checkpoint_mode_and_serialisation(logreg: Responder) -> None:
+    plain = Responder(
+        logreg.config, logreg.fmodel.unflatten(logreg.theta_s), logreg.recipe, logreg.dataset
+    )
+    assert not plain.has_history
+    with pytest.raises(ValueError, match="cold start"):
+        plain.retrain("cold", [0])
+    result = decompose(plain, DecompositionArguments(num_points=2, seed=3))
+    assert list(result.gaps) == ["proximity", "non_convergence", "linearization", "solver"]
+    assert result.removed == sample_removed(40, DecompositionArguments(num_points=2, seed=3))
+    summary = json.loads(json.dumps(result.to_dict()))["summary"]
+    assert summary["proximity"]["rms_mean"] == pytest.approx(summary["proximity"]["mean"] / 40**0.5)
+    assert "| proximity |" in result.markdown()
+
+
+def test_sample_removed_groups_and_errors() -> None:
+    groups = sample_removed(50, DecompositionArguments(num_points=3, group_fraction=0.2))
+    assert [len(g) for g in groups] == [10, 10, 10]
+    assert all(len(set(g)) == 10 for g in groups)
+    with pytest.raises(ValueError, match="num_points"):
+        sample_removed(5, DecompositionArguments(num_points=6))
+    with pytest.raises(ValueError, match="group_fraction"):
+        DecompositionArguments(group_fraction=1.5)
+    with pytest.raises(ValueError, match="solver"):
+        ResponseArguments(solver="magic")
+
+
+def test_verify_pbrf_tracks_influence(tmp_path) -> None:
+    data = _classification(40, 3, seed=4)
+    test = _classification(10, 3, seed=5)
+    recipe = Recipe(optimizer="adam", lr=0.05, epochs=30, batch_size=None, loss="cross_entropy")
+    run = train(MLP_CONFIG, data, recipe)
+    path = tmp_path / "model.safetensors"
+    save_checkpoint(path, run.model(), MLP_CONFIG)
+    result = verify(path, data, test, [0, 7, 12, 30], damping=1e-2, method="pbrf")
+    assert result.predicted.shape == result.actual.shape == (4, 10)
+    assert result.correlation["pearson"] > 0.95
+    assert json.loads(json.dumps(result.to_dict()))["method"] == "pbrf"
+    with pytest.raises(ValueError, match="method"):
+        verify(path, data, test, [0], method="cold")

@@ -1,0 +1,297 @@
+"""Training: determinism, replay, example weights, objectives, optimizers, run records."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from torch.func import functional_call, grad, hessian
+
+import models
+from models import Dataset, Recipe, TrainingError, TrainRun
+from models.losses import get_loss
+from tests.conftest import RTOL_F32, RTOL_SOLVE
+
+CONFIG = {"architecture": "mlp", "in_features": 3, "hidden": [5], "out_features": 3,
+          "activation": "tanh"}  # fmt: skip
+MINIBATCH = Recipe(
+    optimizer="sgdm", lr=0.1, momentum=0.9, epochs=4, batch_size=5, weight_decay=1e-2,
+    schedule="step", milestones=(2,), gamma=0.5, seed=3,
+)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def data() -> Dataset:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(24, 3, generator=g)
+    y = (x[:, 0] > 0).long() + (x[:, 1] > 0.5).long()
+    return Dataset(x, y, {"task": "classification", "num_classes": 3})
+
+
+@pytest.fixture(scope="module")
+def base_run(data: Dataset) -> TrainRun:
+    return models.train(CONFIG, data, MINIBATCH)
+
+
+def _equal_states(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_same_seed_and_recipe_give_identical_weights(data: Dataset, base_run: TrainRun) -> None:
+    again = models.train(CONFIG, data, MINIBATCH)
+    assert _equal_states(again.thetas, base_run.thetas)
+    assert _equal_states(again.theta0, base_run.theta0)
+    assert not _equal_states(base_run.thetas, base_run.theta0)
+    other_seed = models.train(CONFIG, data, Recipe(**{**MINIBATCH.to_dict(), "seed": 4}))
+    assert not _equal_states(other_seed.thetas, base_run.thetas)
+
+
+def test_batch_order_is_recorded_per_epoch(data: Dataset, base_run: TrainRun) -> None:
+    assert len(base_run.batch_order) == MINIBATCH.epochs
+    for order in base_run.batch_order:
+        assert sorted(order.tolist()) == list(range(len(data)))
+    assert not torch.equal(base_run.batch_order[0], base_run.batch_order[1])
+    assert len(base_run.losses) == MINIBATCH.epochs and base_run.losses[-1] < base_run.losses[0]
+
+
+def test_replay_with_unit_weights_reproduces_theta_exactly(
+    data: Dataset, base_run: TrainRun
+) -> None:
+    replay = models.train(
+        CONFIG, data, MINIBATCH, batch_order=base_run.batch_order, example_weights=torch.ones(24)
+    )
+    assert _equal_states(replay.thetas, base_run.thetas)
+
+
+def test_replay_with_one_example_removed_runs_and_differs(
+    data: Dataset, base_run: TrainRun
+) -> None:
+    weights = torch.ones(24)
+    weights[7] = 0
+    removed = models.train(
+        CONFIG, data, MINIBATCH, batch_order=base_run.batch_order, example_weights=weights
+    )
+    assert all(
+        torch.equal(a, b) for a, b in zip(removed.batch_order, base_run.batch_order, strict=True)
+    )
+    assert not _equal_states(removed.thetas, base_run.thetas)
+    assert all(torch.isfinite(v).all() for v in removed.thetas.values())
+
+
+def test_longer_run_continues_with_the_seeds_orders(data: Dataset, base_run: TrainRun) -> None:
+    longer = models.train(CONFIG, data, MINIBATCH, epochs=6)
+    replayed = models.train(CONFIG, data, MINIBATCH, epochs=6, batch_order=base_run.batch_order)
+    for e in range(4):
+        assert torch.equal(longer.batch_order[e], base_run.batch_order[e])
+    for a, b in zip(replayed.batch_order, longer.batch_order, strict=True):
+        assert torch.equal(a, b)
+    assert _equal_states(replayed.thetas, longer.thetas)
+    shorter = models.train(CONFIG, data, MINIBATCH, epochs=2, batch_order=base_run.batch_order)
+    assert len(shorter.batch_order) == 2
+
+
+def test_full_batch_weighted_step_matches_the_objective(data: Dataset) -> None:
+    """One full-batch SGD step on J_w = (1/N) Σ w_i L_i + (wd/2)‖θ‖², checked in float64."""
+    recipe = Recipe(optimizer="sgd", lr=0.5, epochs=1, weight_decay=0.1, seed=1)
+    weights = torch.linspace(0, 2, 24)
+    run = models.train(CONFIG, data, recipe, example_weights=weights)
+    model = models.build(CONFIG).double()
+    theta0 = {k: v.double() for k, v in run.theta0.items()}
+    loss = get_loss("cross_entropy")
+
+    def objective(theta: dict) -> torch.Tensor:
+        per = loss.per_example(functional_call(model, theta, (data.inputs.double(),)), data.targets)
+        return (weights.double() * per).sum() / 24 + 0.05 * sum(
+            p.pow(2).sum() for p in theta.values()
+        )
+
+    g = grad(objective)(theta0)
+    for name, value in run.thetas.items():
+        expected = theta0[name] - 0.5 * g[name]
+        torch.testing.assert_close(value.double(), expected, rtol=RTOL_F32, atol=RTOL_F32)
+    assert run.batch_order[0].tolist() == list(range(24))
+
+
+def test_lbfgs_reaches_the_exact_logistic_regression_optimum() -> None:
+    data = models.builtin_dataset("breast_cancer").subset(range(60))
+    x = data.inputs[:, :4].contiguous()
+    data = Dataset(x, data.targets, {"task": "classification", "num_classes": 2})
+    config = {"architecture": "logistic_regression", "in_features": 4, "num_classes": 2}
+    recipe = Recipe(optimizer="lbfgs", lr=1.0, epochs=20, weight_decay=0.05, loss="bce")
+    run = models.train(config, data, recipe)
+
+    # Newton's method in float64 on the same objective: the exact optimum.
+    loss = get_loss("bce")
+    xd = torch.cat([x.double(), torch.ones(60, 1, dtype=torch.float64)], 1)
+
+    def cost(w: torch.Tensor) -> torch.Tensor:
+        return loss.per_example((xd @ w)[:, None], data.targets).mean() + 0.025 * w.pow(2).sum()
+
+    w = torch.zeros(5, dtype=torch.float64)
+    for _ in range(30):
+        w = w - torch.linalg.solve(hessian(cost)(w), grad(cost)(w))
+    assert grad(cost)(w).norm() < RTOL_SOLVE
+    got = torch.cat([run.thetas["weight"].reshape(-1), run.thetas["bias"]]).double()
+    torch.testing.assert_close(got, w, rtol=1e-4, atol=1e-5)
+
+
+def test_custom_objective_replaces_data_term_and_keeps_weight_decay(data: Dataset) -> None:
+    loss = get_loss("cross_entropy")
+
+    def same_as_default(model, inputs, targets, idx):
+        return loss.mean(model(inputs), targets)
+
+    default = models.train(CONFIG, data, MINIBATCH)
+    custom = models.train(CONFIG, data, MINIBATCH, objective=same_as_default)
+    assert _equal_states(custom.thetas, default.thetas)
+
+    seen: list[torch.Tensor] = []
+
+    def zero(model, inputs, targets, idx):
+        seen.append(idx)
+        assert torch.equal(inputs, data.inputs[idx])
+        return 0 * model(inputs).sum()
+
+    recipe = Recipe(optimizer="sgd", lr=0.1, epochs=3, batch_size=8, weight_decay=0.5)
+    run = models.train(CONFIG, data, recipe, objective=zero)
+    assert len(seen) == 9  # 3 epochs × 3 batches
+    for name, value in run.thetas.items():  # pure decay: θ ← (1 − lr·wd) θ per step
+        torch.testing.assert_close(value, run.theta0[name] * 0.95**9, rtol=RTOL_F32, atol=1e-7)
+
+
+def test_warm_start_from_init(data: Dataset, base_run: TrainRun) -> None:
+    none = models.train(CONFIG, data, MINIBATCH, init=base_run.thetas, epochs=0)
+    assert _equal_states(none.theta0, base_run.thetas)
+    assert _equal_states(none.thetas, base_run.thetas)
+    warm = models.train(CONFIG, data, MINIBATCH, init=base_run.thetas, epochs=2)
+    assert _equal_states(warm.theta0, base_run.thetas)
+    assert not _equal_states(warm.thetas, base_run.thetas)
+
+
+def test_adam_and_cosine_schedule_train(data: Dataset) -> None:
+    recipe = Recipe(optimizer="adam", lr=0.05, epochs=30, schedule="cosine")
+    run = models.train(CONFIG, data, recipe)
+    assert run.losses[-1] < 0.5 * run.losses[0]
+
+
+def test_lr_schedules() -> None:
+    step = Recipe(lr=1.0, schedule="step", milestones=(2, 4), gamma=0.1)
+    assert [step.lr_at(e, 6) for e in range(6)] == pytest.approx([1, 1, 0.1, 0.1, 0.01, 0.01])
+    cosine = Recipe(lr=2.0, schedule="cosine")
+    assert cosine.lr_at(0, 4) == 2.0 and cosine.lr_at(2, 4) == pytest.approx(1.0)
+    assert cosine.lr_at(3, 4) == pytest.approx(1 + math.cos(math.pi * 3 / 4))
+    assert Recipe(lr=0.3).lr_at(7, 10) == 0.3
+
+
+def test_global_rng_is_left_alone(data: Dataset) -> None:
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    models.train(CONFIG, data, Recipe(epochs=1))
+    assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_run_save_load_round_trip(tmp_path: Path, base_run: TrainRun) -> None:
+    base_run.save(tmp_path / "run")
+    loaded = TrainRun.load(tmp_path / "run")
+    assert loaded.config == CONFIG and loaded.recipe == MINIBATCH
+    assert _equal_states(loaded.thetas, base_run.thetas)
+    assert _equal_states(loaded.theta0, base_run.theta0)
+    assert all(
+        torch.equal(a, b) for a, b in zip(loaded.batch_order, base_run.batch_order, strict=True)
+    )
+    assert loaded.losses == base_run.losses
+    x = torch.randn(2, 3)
+    assert torch.equal(loaded.model()(x), base_run.model()(x))
+    assert torch.equal(loaded.model(final=False)[0].weight, base_run.theta0["0.weight"])
+
+
+def test_run_load_refuses_tampered_files(tmp_path: Path, base_run: TrainRun) -> None:
+    base_run.save(tmp_path)
+    (tmp_path / "run.safetensors").write_bytes(b"\x80\x04\x95junkjunkjunk")
+    with pytest.raises(models.CheckpointError, match="is a Python pickle"):
+        TrainRun.load(tmp_path)
+    (tmp_path / "run.json").write_text("{}")
+    with pytest.raises(models.CheckpointError, match=r"bad run\.json"):
+        TrainRun.load(tmp_path)
+
+
+def test_progress_is_reported_and_can_abort(data: Dataset) -> None:
+    calls: list[tuple[float, str]] = []
+    models.train(CONFIG, data, Recipe(epochs=4), progress=lambda f, p: calls.append((f, p)))
+    assert calls == [
+        (0.0, "train"),
+        (0.25, "train"),
+        (0.5, "train"),
+        (0.75, "train"),
+        (1.0, "train"),
+    ]
+
+    def abort(fraction: float, phase: str) -> None:
+        if fraction >= 0.5:
+            raise KeyboardInterrupt("cancelled")
+
+    with pytest.raises(KeyboardInterrupt, match="cancelled"):
+        models.train(CONFIG, data, Recipe(epochs=4), progress=abort)
+
+
+def test_divergence_is_reported(data: Dataset) -> None:
+    regression = Dataset(data.inputs, data.inputs * 1e3, {"task": "regression"})
+    config = {"architecture": "mlp", "in_features": 3, "hidden": [4], "out_features": 3}
+    with pytest.raises(TrainingError, match="non-finite"):
+        models.train(config, regression, Recipe(lr=1e3, epochs=50, loss="mse"))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "fragment"),
+    [
+        ({"optimizer": "rmsprop"}, "optimizer 'rmsprop' is not one of"),
+        ({"schedule": "linear"}, "schedule 'linear' is not one of"),
+        ({"loss": "hinge"}, "loss 'hinge' is not one of"),
+        ({"lr": 0.0}, "lr must be > 0"),
+        ({"lr": float("nan")}, "lr must be a finite number"),
+        ({"momentum": -1}, "momentum must be a finite number >= 0"),
+        ({"epochs": 2.5}, "epochs must be an integer >= 0"),
+        ({"batch_size": 0}, "batch_size must be None or an integer >= 1"),
+        ({"optimizer": "lbfgs", "batch_size": 4}, "'lbfgs' is full-batch"),
+        ({"milestones": (-1,)}, "milestones must be epoch indices"),
+    ],
+)
+def test_recipe_validation(kwargs: dict, fragment: str) -> None:
+    with pytest.raises(TrainingError, match=None) as info:
+        Recipe(**kwargs)
+    assert fragment in str(info.value)
+
+
+def test_recipe_dict_round_trip_and_help() -> None:
+    assert Recipe.from_dict(MINIBATCH.to_dict()) == MINIBATCH
+    with pytest.raises(TrainingError, match=r"unknown recipe field\(s\) \['learning_rate'\]"):
+        Recipe.from_dict({"learning_rate": 0.1})
+    helps = Recipe.help()
+    assert set(helps) == set(MINIBATCH.to_dict()) and all(len(h) > 10 for h in helps.values())
+
+
+def test_bad_train_arguments(data: Dataset, base_run: TrainRun) -> None:
+    with pytest.raises(TrainingError, match="example_weights must be 24 finite values"):
+        models.train(CONFIG, data, MINIBATCH, example_weights=torch.ones(23))
+    with pytest.raises(TrainingError, match="example_weights must be 24 finite values"):
+        models.train(CONFIG, data, MINIBATCH, example_weights=torch.full((24,), float("nan")))
+    with pytest.raises(TrainingError, match=r"batch_order\[1\] is not a permutation"):
+        models.train(
+            CONFIG, data, MINIBATCH, batch_order=[torch.arange(24), torch.zeros(24).long()]
+        )
+    with pytest.raises(
+        TrainingError, match=r"batch_order\[0\] must be an int64 tensor of shape \[24\]"
+    ):
+        models.train(CONFIG, data, MINIBATCH, batch_order=[torch.arange(10)])
+    with pytest.raises(TrainingError, match="not both"):
+        models.train(
+            CONFIG, data, MINIBATCH, example_weights=torch.ones(24), objective=lambda *a: 0
+        )
+    with pytest.raises(TrainingError, match=r"must be a models\.Recipe"):
+        models.train(CONFIG, data, MINIBATCH.to_dict())
+    with pytest.raises(TrainingError, match=r"init: tensor '0\.weight' has shape"):
+        models.train(
+            CONFIG, data, MINIBATCH, init={**base_run.thetas, "0.weight": torch.zeros(2, 3)}
+        )

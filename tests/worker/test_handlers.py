@@ -1,0 +1,142 @@
+"""Jobs run end to end by in-process workers (threads) on a real Redis: results equal the
+engine's on the same inputs, sharded scoring, caches, failures, cancellation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import models
+from influence import Exact, InfluenceEngine
+from tests.conftest import RTOL_F32
+from tests.worker.conftest import (
+    MLP_CONFIG,
+    TENANT,
+    checkpoint_bytes,
+    finished,
+    influence_payload,
+    wait_for,
+)
+from worker.cache import STestCache, result_key, s_test_key
+from worker.contract import JobKind, JobStatus
+from worker.queue import JobQueue
+from worker.store import ArtifactStore
+
+
+def engine_for(tiny: dict) -> InfluenceEngine:
+    return InfluenceEngine(
+        tiny["model"], loss="cross_entropy", train=(tiny["train"].inputs, tiny["train"].targets),
+        damping=1e-2,
+    )  # fmt: skip
+
+
+def scores_of(store: ArtifactStore, record) -> torch.Tensor:
+    return store.get_tensors(record.result["scores"])["scores"]
+
+
+def test_influence_job_equals_the_engine_and_is_cached(
+    queue: JobQueue, store: ArtifactStore, tiny: dict, thread_worker, settings
+) -> None:
+    payload = influence_payload(tiny)
+    key = result_key(JobKind.INFLUENCE, payload)
+    job = queue.submit(JobKind.INFLUENCE, payload, tenant=TENANT, cache_key=key)
+    thread_worker()
+    record = wait_for(queue, job, finished)
+    assert record.status == JobStatus.SUCCEEDED, record.error
+    expected = engine_for(tiny).scores(tiny["test"], Exact()).scores
+    got = scores_of(store, record)
+    assert got.shape == (3, 40)
+    torch.testing.assert_close(got, expected, rtol=RTOL_F32, atol=1e-9)
+    assert record.result["test_targets"] == tiny["test"][1].tolist()
+    assert record.report["method"] == "exact" and record.attempts == 1
+    assert "removed" in record.result["meaning"]
+
+    hit = queue.cached_job(TENANT, result_key(JobKind.INFLUENCE, payload))
+    assert hit is not None and hit.id == job
+    assert queue.counts()["queued"] == 0  # the hit enqueued nothing
+    cached = STestCache(queue.redis, settings).get(s_test_key(payload))
+    assert cached is not None and cached[0] == record.result["s_test"]
+
+
+def test_sharded_influence_job_assembles_the_same_matrix(
+    queue: JobQueue, store: ArtifactStore, tiny: dict, thread_worker
+) -> None:
+    job = queue.submit(JobKind.INFLUENCE, influence_payload(tiny), tenant=TENANT)
+    thread_worker(shard_size=16)  # one thread: torch's forward-AD state is per process
+    record = wait_for(queue, job, finished)
+    assert record.status == JobStatus.SUCCEEDED, record.error
+    assert record.attempts == 1 and queue.shards_total(job) == 3
+    assert sorted(queue.shard_results(job)) == [0, 1, 2]
+    expected = engine_for(tiny).scores(tiny["test"], Exact()).scores
+    # float32 sums over shards of 16 vs one batch of 40: order-of-summation differences
+    scale = float(expected.abs().max())
+    torch.testing.assert_close(scores_of(store, record), expected, rtol=RTOL_F32, atol=1e-5 * scale)
+    assert [r.id for r in queue.list(TENANT)] == [job]  # shard jobs are internal
+    events = [e for _, e in queue.events(job)]
+    assert [e["progress"] for e in events] == sorted(e["progress"] for e in events)
+
+
+def test_s_test_is_reused_by_a_new_query(
+    queue: JobQueue, store: ArtifactStore, tiny: dict, thread_worker, settings
+) -> None:
+    payload = influence_payload(tiny)
+    first = queue.submit(JobKind.INFLUENCE, payload, tenant=TENANT)
+    thread_worker()
+    one = wait_for(queue, first, finished)
+    STestCache(queue.redis, settings).put(s_test_key(payload), one.result["s_test"], {"m": 1})
+    second = wait_for(queue, queue.submit(JobKind.INFLUENCE, payload, tenant=TENANT), finished)
+    assert second.report == {"m": 1}  # the stored report came back: no new solve
+    assert second.result["scores"] == one.result["scores"]
+
+
+def test_self_influence_job(queue: JobQueue, store: ArtifactStore, tiny: dict, thread_worker):
+    payload = {k: v for k, v in influence_payload(tiny).items() if k != "test"}
+    job = queue.submit(JobKind.SELF_INFLUENCE, payload, tenant=TENANT)
+    thread_worker()
+    record = wait_for(queue, job, finished)
+    assert record.status == JobStatus.SUCCEEDED, record.error
+    expected = engine_for(tiny).self_influence(Exact())
+    torch.testing.assert_close(scores_of(store, record), expected, rtol=RTOL_F32, atol=1e-9)
+
+
+def test_unknown_model_fails_at_once_naming_it(queue: JobQueue, tiny: dict, thread_worker):
+    payload = {**influence_payload(tiny), "model": "f" * 64}
+    job = queue.submit(JobKind.INFLUENCE, payload, tenant=TENANT)
+    thread_worker()
+    record = wait_for(queue, job, finished)
+    assert record.status == JobStatus.FAILED and record.attempts == 1
+    assert "f" * 64 in record.error and queue.dead_letters() == []
+
+
+def test_lost_artifact_is_retried_then_dead_lettered_while_others_flow(
+    queue: JobQueue, registry, store: ArtifactStore, tiny: dict, thread_worker, tmp_path
+) -> None:
+    other = models.build(MLP_CONFIG)
+    record = registry.put_model(TENANT, MLP_CONFIG, checkpoint_bytes(other, MLP_CONFIG, tmp_path))
+    store.delete(record["artifact"])  # e.g. a shared volume that lost the file
+    poison = queue.submit(
+        JobKind.INFLUENCE, {**influence_payload(tiny), "model": record["id"]}, tenant=TENANT
+    )
+    good = queue.submit(JobKind.INFLUENCE, influence_payload(tiny), tenant=TENANT)
+    thread_worker()
+    assert wait_for(queue, good, finished).status == JobStatus.SUCCEEDED
+    dead = wait_for(queue, poison, finished)
+    assert dead.status == JobStatus.FAILED and dead.attempts == 3
+    assert "ArtifactNotFoundError" in dead.error
+    assert [d["job"] for d in queue.dead_letters()] == [poison]
+
+
+@pytest.mark.parametrize("when", ["queued", "running"])
+def test_cancel(queue: JobQueue, tiny: dict, thread_worker, when: str) -> None:
+    slow = influence_payload(tiny, name="lissa", depth=50_000, batch_size=8)
+    job = queue.submit(JobKind.INFLUENCE, slow, tenant=TENANT)
+    if when == "queued":
+        assert queue.cancel(job, TENANT).status == JobStatus.CANCELED
+        thread_worker()
+    else:
+        thread_worker()
+        wait_for(queue, job, lambda r: r.status == JobStatus.RUNNING and r.progress > 0)
+        assert queue.cancel(job, TENANT).cancel_requested
+    record = wait_for(queue, job, finished, timeout=30)
+    assert record.status == JobStatus.CANCELED
+    assert record.attempts == (0 if when == "queued" else 1)

@@ -1,0 +1,216 @@
+"""Queue semantics against a real Redis, driven directly (no handlers): leases and fencing,
+retries and the dead-letter list, cancellation, monotone progress, cached-result links."""
+
+from __future__ import annotations
+
+import time
+
+import pydantic
+import pytest
+import redis
+
+from tests.worker.conftest import TENANT
+from worker.contract import GROUP, JobKind, JobStatus
+from worker.queue import (
+    JobCanceledError,
+    JobQueue,
+    JobTimeoutError,
+    StaleAttemptError,
+)
+from worker.settings import Settings
+
+PAYLOAD = {"model": "ab" * 32, "train": "cd" * 32}
+
+
+def short_lease(client: redis.Redis, settings: Settings, **extra: float) -> JobQueue:
+    update = {"lease_seconds": 0.3, "heartbeat_seconds": 0.1, **extra}
+    return JobQueue(client, settings.model_copy(update=update))
+
+
+def test_submit_claim_complete_round_trip(queue: JobQueue) -> None:
+    job = queue.submit(JobKind.SELF_INFLUENCE, PAYLOAD, tenant=TENANT)
+    record = queue.get(job, TENANT)
+    assert record is not None and record.status == JobStatus.QUEUED and record.attempts == 0
+    assert queue.get(job, "someone-else") is None
+    assert queue.depth() == 1
+
+    claim = queue.claim("w1", block_ms=100)
+    assert claim is not None and claim.job_id == job and claim.attempt == 1
+    assert queue.get(job).status == JobStatus.RUNNING
+    queue.complete(claim, {"answer": 42}, {"iterations": 3})
+
+    record = queue.get(job, TENANT)
+    assert record.status == JobStatus.SUCCEEDED
+    assert (record.result, record.report, record.progress) == (
+        {"answer": 42},
+        {"iterations": 3},
+        1.0,
+    )
+    assert queue.claim("w1", block_ms=50) is None
+    assert queue.counts()["succeeded"] == 1 and queue.depth() == 0
+    pending = queue.redis.xpending(queue.keys.stream, GROUP)
+    assert pending["pending"] == 0
+    assert [r.id for r in queue.list(TENANT)] == [job]
+
+
+def test_bad_payload_is_refused_naming_the_field(queue: JobQueue) -> None:
+    with pytest.raises(pydantic.ValidationError, match="damping"):
+        queue.submit(JobKind.SELF_INFLUENCE, {**PAYLOAD, "damping": -1.0}, tenant=TENANT)
+    with pytest.raises(ValueError, match="unknown job kind"):
+        queue.submit("train_gpt", PAYLOAD, tenant=TENANT)
+    assert queue.counts()["queued"] == 0
+
+
+def test_expired_lease_is_taken_over_and_the_stale_attempt_cannot_write(
+    client: redis.Redis, settings: Settings
+) -> None:
+    queue = short_lease(client, settings)
+    job = queue.submit(JobKind.SELF_INFLUENCE, PAYLOAD, tenant=TENANT)
+    stale = queue.claim("dead-worker", block_ms=100)
+    assert stale is not None
+    queue.report_progress(stale, 0.4, "s_test")
+    assert queue.claim("other", block_ms=50) is None  # lease still held
+    time.sleep(0.4)
+    fresh = queue.claim("other", block_ms=100)
+    assert fresh is not None and fresh.job_id == job and fresh.attempt == 2
+
+    with pytest.raises(StaleAttemptError):
+        queue.complete(stale, {"from": "stale"})
+    with pytest.raises(StaleAttemptError):
+        queue.report_progress(stale, 0.9, "scoring")
+    assert not queue.heartbeat(stale)
+    assert queue.heartbeat(fresh)
+
+    queue.complete(fresh, {"from": "fresh"})
+    record = queue.get(job)
+    assert record.status == JobStatus.SUCCEEDED and record.attempts == 2
+    assert record.result == {"from": "fresh"}
+    with pytest.raises(StaleAttemptError):
+        queue.fail(stale, "late failure", retry=True)
+    assert queue.get(job).result == {"from": "fresh"} and queue.counts()["succeeded"] == 1
+
+
+def test_heartbeat_keeps_the_lease(client: redis.Redis, settings: Settings) -> None:
+    queue = short_lease(client, settings)
+    queue.submit(JobKind.SELF_INFLUENCE, PAYLOAD, tenant=TENANT)
+    claim = queue.claim("busy", block_ms=100)
+    for _ in range(5):
+        time.sleep(0.15)
+        assert queue.heartbeat(claim)
+        assert queue.claim("thief", block_ms=0) is None
+    queue.complete(claim, {})
+    assert queue.get(claim.job_id).attempts == 1
+
+
+def test_failing_job_is_retried_then_dead_lettered_while_others_flow(queue: JobQueue) -> None:
+    poison = queue.submit(JobKind.SELF_INFLUENCE, PAYLOAD, tenant=TENANT)
+    good = queue.submit(JobKind.SELF_INFLUENCE, {**PAYLOAD, "damping": 0.1}, tenant=TENANT)
+    seen = []
+    while (claim := queue.claim("w", block_ms=50)) is not None:
+        seen.append(claim.job_id)
+        if claim.job_id == poison:
+            queue.fail(claim, f"RuntimeError: boom {claim.attempt}", retry=True)
+        else:
+            queue.complete(claim, {"ok": True})
+    assert seen.count(poison) == 3 and seen.count(good) == 1
+    record = queue.get(poison)
+    assert record.status == JobStatus.FAILED and record.attempts == 3
+    assert record.error == "RuntimeError: boom 3"
+    assert queue.get(good).status == JobStatus.SUCCEEDED
+    (dead,) = queue.dead_letters()
+    assert dead["job"] == poison and dead["attempts"] == 3 and "boom 3" in dead["error"]
+    assert queue.counts()["dead_lettered"] == 1
+
+
+def test_permanent_failure_is_not_retried(queue: JobQueue) -> None:
+    job = queue.submit(JobKind.SELF_INFLUENCE, PAYLOAD, tenant=TENANT)
+    claim = queue.claim("w", block_ms=50)
+    assert queue.fail(claim, "ValueError: bad input", retry=False) == JobStatus.FAILED
+    assert queue.claim("w", block_ms=50) is None
+    assert queue.get(job).attempts == 1 and queue.dead_letters() == []
+
+
+def test_job_whose_workers_keep_dying_is_dead_lettered(
+    client: redis.Redis, settings: Settings
+) -> None:
+    queue = short_lease(client, settings)
+    job = queue.submit(JobKind.SELF_INFLUENCE, PAYLOAD, tenant=TENANT)
+    for attempt in (1, 2, 3):
+        claim = queue.claim(f"crashing-{attempt}", block_ms=100)
+        assert claim is not None and claim.attempt == attempt
+        time.sleep(0.4)  # the worker dies: no heartbeat, no result
+    assert queue.claim("survivor", block_ms=100) is None
+    record = queue.get(job)
+    assert record.status == JobStatus.FAILED and record.attempts == 3
+    assert "gave up after 3 attempts" in record.error
+    assert [d["job"] for d in queue.dead_letters()] == [job]
+
+
+def test_cancel_queued_job_is_never_run(queue: JobQueue) -> None:
+    job = queue.submit(JobKind.SELF_INFLUENCE, PAYLOAD, tenant=TENANT)
+    assert queue.cancel(job, "someone-else") is None
+    assert queue.cancel(job, TENANT).status == JobStatus.CANCELED
+    assert queue.claim("w", block_ms=50) is None
+    assert queue.get(job).attempts == 0
+    assert queue.redis.xpending(queue.keys.stream, GROUP)["pending"] == 0
+
+
+def test_cancel_running_job_aborts_at_next_progress(queue: JobQueue) -> None:
+    job = queue.submit(JobKind.SELF_INFLUENCE, PAYLOAD, tenant=TENANT)
+    claim = queue.claim("w", block_ms=50)
+    record = queue.cancel(job, TENANT)
+    assert record.status == JobStatus.RUNNING and record.cancel_requested
+    with pytest.raises(JobCanceledError):
+        queue.report_progress(claim, 0.5, "scoring")
+    queue.finish_canceled(claim)
+    assert queue.get(job).status == JobStatus.CANCELED
+    assert queue.cancel(job, TENANT).status == JobStatus.CANCELED  # finished: left alone
+
+
+def test_progress_never_goes_backwards_and_events_record_it(queue: JobQueue) -> None:
+    job = queue.submit(JobKind.SELF_INFLUENCE, PAYLOAD, tenant=TENANT)
+    claim = queue.claim("w", block_ms=50)
+    for fraction in (0.2, 0.6, 0.3, 0.7, 0.1):
+        queue.report_progress(claim, fraction, f"phase {fraction}")
+    record = queue.get(job)
+    assert record.progress == 0.7 and record.phase == "phase 0.1"
+    with pytest.raises(ValueError, match="fraction"):
+        queue.report_progress(claim, 1.5, "x")
+    queue.complete(claim, {})
+    events = [e for _, e in queue.events(job)]
+    statuses = [e["status"] for e in events]
+    assert statuses[0] == "queued" and statuses[-1] == "succeeded"
+    progress = [e["progress"] for e in events]
+    assert progress == sorted(progress) and progress[-1] == 1.0
+    last_id = queue.events(job)[-1][0]
+    assert queue.events(job, after=last_id) == []
+
+
+def test_time_limit_aborts_through_the_progress_callback(
+    client: redis.Redis, settings: Settings
+) -> None:
+    queue = short_lease(client, settings, job_time_limit_seconds=0.2)
+    queue.submit(JobKind.SELF_INFLUENCE, PAYLOAD, tenant=TENANT)
+    claim = queue.claim("w", block_ms=50)
+    progress = queue.progress_callback(claim)
+    progress(0.1, "start")
+    time.sleep(0.25)
+    with pytest.raises(JobTimeoutError, match="time limit"):
+        progress(0.2, "later")
+
+
+def test_succeeded_job_with_cache_key_is_found_by_cached_job(queue: JobQueue) -> None:
+    assert queue.cached_job(TENANT, "k" * 64) is None
+    job = queue.submit(JobKind.SELF_INFLUENCE, PAYLOAD, tenant=TENANT, cache_key="k" * 64)
+    assert queue.cached_job(TENANT, "k" * 64) is None  # not finished yet
+    queue.complete(queue.claim("w", block_ms=50), {"scores": "x"})
+    hit = queue.cached_job(TENANT, "k" * 64)
+    assert hit is not None and hit.id == job and hit.result == {"scores": "x"}
+    assert queue.cached_job("other-tenant", "k" * 64) is None
+    counts = queue.counts()
+    assert (counts["cache_hits"], counts["cache_misses"]) == (1, 3)
+
+
+def test_workers_alive(queue: JobQueue) -> None:
+    queue.seen("w-1")
+    assert queue.workers_alive() == ["w-1"]

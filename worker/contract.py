@@ -1,0 +1,276 @@
+"""The queue contract between the API and the workers: job kinds, statuses, Redis key
+names, and the JSON payload/result schemas.
+
+Payloads and results are JSON in Redis; tensors never are: they live in the artifact
+store (``worker.store``) as safetensors, referenced by their sha256 id.
+
+Score convention carried by every influence result (DESIGN.md):
+``score[q, i] = (1/N) ∇L_qᵀ (G + λI)⁻¹ ∇L_i`` (Eqn 20/50) is the predicted change of test
+loss ``q`` when training point ``i`` is removed; positive = helpful, negative = harmful.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+__all__ = [
+    "ENGINE_VERSION",
+    "GROUP",
+    "SCORE_MEANING",
+    "DecompositionPayload",
+    "Event",
+    "InfluencePayload",
+    "InfluenceResult",
+    "JobKind",
+    "JobStatus",
+    "Keys",
+    "ScoreShardPayload",
+    "SelfInfluencePayload",
+    "SelfInfluenceResult",
+    "SolverSpec",
+    "TestSpec",
+    "VerifyPayload",
+    "payload_model",
+]
+
+ENGINE_VERSION = "1"
+"""Bumped whenever a change in influence/ or the handlers changes numbers; part of cache keys."""
+
+GROUP = "workers"
+"""Name of the Redis Streams consumer group all workers join."""
+
+SCORE_MEANING = (
+    "score[q, i] = (1/N) grad L_q^T (G + damping I)^-1 grad L_i: predicted change of test "
+    "loss q when training point i is removed. Positive = helpful (removing it raises the "
+    "loss), negative = harmful. N = training-set size."
+)
+
+
+class JobKind(StrEnum):
+    INFLUENCE = "influence"
+    SELF_INFLUENCE = "self_influence"
+    VERIFY = "verify"
+    DECOMPOSITION = "decomposition"
+    SCORE_SHARD = "score_shard"  # internal: one slice of an influence job's training set
+
+
+class JobStatus(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELED = "canceled"
+
+    @property
+    def terminal(self) -> bool:
+        return self in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELED)
+
+
+class Keys:
+    """Every Redis key of one deployment, derived from its prefix."""
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+
+    @property
+    def stream(self) -> str:
+        """The job stream (XADD by submit, XREADGROUP/XAUTOCLAIM by workers)."""
+        return f"{self.prefix}stream"
+
+    def job(self, job_id: str) -> str:
+        """Hash of one job's state (see ``worker.queue.JobRecord`` for the fields)."""
+        return f"{self.prefix}job:{job_id}"
+
+    def events(self, job_id: str) -> str:
+        """Per-job stream of progress/status events (for SSE); entries carry ``data`` JSON."""
+        return f"{self.prefix}events:{job_id}"
+
+    def shards_done(self, job_id: str) -> str:
+        """Hash shard index → scores artifact of a sharded influence job (HLEN = shards done)."""
+        return f"{self.prefix}shards:{job_id}"
+
+    def tenant_jobs(self, tenant: str) -> str:
+        """Sorted set job id → creation time, per tenant."""
+        return f"{self.prefix}tenant:{tenant}:jobs"
+
+    @property
+    def all_jobs(self) -> str:
+        """Sorted set of every job id → creation time (metrics)."""
+        return f"{self.prefix}jobs"
+
+    @property
+    def dead_letter(self) -> str:
+        """List of JSON entries {job, kind, error, attempts, time} of jobs out of attempts."""
+        return f"{self.prefix}dead"
+
+    @property
+    def workers(self) -> str:
+        """Sorted set worker name → last time seen."""
+        return f"{self.prefix}workers"
+
+    def models(self, tenant: str) -> str:
+        """Hash model id → JSON record, per tenant."""
+        return f"{self.prefix}tenant:{tenant}:models"
+
+    def datasets(self, tenant: str) -> str:
+        """Hash dataset id → JSON record, per tenant."""
+        return f"{self.prefix}tenant:{tenant}:datasets"
+
+    def result_cache(self, tenant: str, key: str) -> str:
+        """String → id of the tenant's succeeded job that answered this query."""
+        return f"{self.prefix}tenant:{tenant}:cache:{key}"
+
+    def s_test_cache(self, key: str) -> str:
+        """String → artifact id of an s_test matrix (shared by tenants: content-addressed)."""
+        return f"{self.prefix}stest:{key}"
+
+    @property
+    def counters(self) -> str:
+        """Hash of monotone counters (cache_hits, cache_misses, dead_lettered, ...)."""
+        return f"{self.prefix}counters"
+
+
+_ID = Annotated[str, Field(pattern=r"^[0-9a-f]{8,64}$", description="content id (hex)")]
+
+
+class _Schema(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SolverSpec(_Schema):
+    """iHVP solver of ``(G + λI) x = v`` (influence.Exact / CG / LiSSA, appendix G)."""
+
+    name: Literal["exact", "cg", "lissa"] = "cg"
+    tol: float = Field(1e-6, gt=0, lt=1, description="CG relative-residual tolerance")
+    max_iter: int = Field(500, ge=1, le=100_000, description="CG iteration cap")
+    depth: int = Field(1000, ge=1, le=100_000, description="LiSSA recursion depth T")
+    repeats: int = Field(1, ge=1, le=100, description="LiSSA repeats R (averaged)")
+    batch_size: int = Field(64, ge=1, le=65_536, description="LiSSA minibatch size")
+    scale: float | None = Field(
+        None, gt=0, description="LiSSA σ; None: estimated by power iteration"
+    )
+    seed: int = Field(0, ge=0, description="LiSSA minibatch seed")
+
+
+class TestSpec(_Schema):
+    """Test points: a stored tensor artifact (``inputs``, ``targets``) or rows of a dataset."""
+
+    __test__ = False  # not a pytest class
+
+    artifact: _ID | None = Field(None, description="artifact id of safetensors {inputs, targets}")
+    dataset: _ID | None = Field(None, description="dataset id (with indices)")
+    indices: list[Annotated[int, Field(ge=0)]] | None = Field(None, min_length=1)
+
+    @model_validator(mode="after")
+    def _one_form(self) -> TestSpec:
+        if (self.artifact is None) == (self.dataset is None):
+            raise ValueError("test: give exactly one of 'artifact' or 'dataset' (+ 'indices')")
+        if self.dataset is not None and self.indices is None:
+            raise ValueError("test: 'dataset' needs 'indices'")
+        if self.artifact is not None and self.indices is not None:
+            raise ValueError("test: 'indices' only goes with 'dataset'")
+        return self
+
+
+class _EngineSpec(_Schema):
+    model: _ID = Field(description="checkpoint id (models.checkpoint_id)")
+    train: _ID = Field(description="training dataset id")
+    loss: Literal["cross_entropy", "mse", "bce"] = "cross_entropy"
+    hessian: Literal["gnh", "full"] = "gnh"
+    damping: float = Field(1e-3, ge=0, description="λ of G + λI")
+    weight_decay: float = Field(0.0, ge=0, description="wd of the training cost")
+    solver: SolverSpec = SolverSpec()
+
+
+class InfluencePayload(_EngineSpec):
+    """Scores of every training point for each test point (one job for all of them)."""
+
+    test: TestSpec
+
+
+class SelfInfluencePayload(_EngineSpec):
+    """``(1/N) ∇L_iᵀ (G+λI)⁻¹ ∇L_i`` for every training point (mislabel ranking)."""
+
+
+class VerifyPayload(_Schema):
+    """Ground-truth check of a finished influence job's top-k helpful and harmful points."""
+
+    job: str = Field(description="id of the succeeded influence job")
+    top: int = Field(10, ge=1, le=100)
+    method: Literal["pbrf", "warm", "linearized"] = "pbrf"
+    test: int | None = Field(None, ge=0, description="test point (row of the job); None: all")
+
+
+class DecompositionPayload(_Schema):
+    """The paper's decomposition (Table 5 gaps) on a checkpoint and its training data."""
+
+    model: _ID
+    train: _ID
+    test: TestSpec | None = None
+    arguments: dict = Field(
+        default_factory=dict,
+        description="influence.decomposition.DecompositionArguments fields (validated there)",
+    )
+
+
+class ScoreShardPayload(_EngineSpec):
+    """Internal: scores of training rows ``[start, stop)`` against a stored s_test."""
+
+    parent: str
+    index: int = Field(ge=0)
+    start: int = Field(ge=0)
+    stop: int = Field(gt=0)
+    s_test: _ID = Field(description="artifact id of {s_test: [k, d]}")
+
+
+_PAYLOADS: dict[JobKind, type[_Schema]] = {
+    JobKind.INFLUENCE: InfluencePayload,
+    JobKind.SELF_INFLUENCE: SelfInfluencePayload,
+    JobKind.VERIFY: VerifyPayload,
+    JobKind.DECOMPOSITION: DecompositionPayload,
+    JobKind.SCORE_SHARD: ScoreShardPayload,
+}
+
+
+def payload_model(kind: JobKind | str) -> type[_Schema]:
+    """The payload schema of a job kind (unknown kind → ValueError listing the valid ones)."""
+    try:
+        return _PAYLOADS[JobKind(kind)]
+    except ValueError:
+        valid = ", ".join(k.value for k in JobKind)
+        raise ValueError(f"unknown job kind {kind!r}; valid kinds: {valid}") from None
+
+
+class InfluenceResult(_Schema):
+    """Result of an influence job; the matrix is artifact ``scores`` = {scores: [k, N]}."""
+
+    scores: _ID
+    s_test: _ID
+    num_test: int
+    num_train: int
+    test_targets: list[float | int]
+    meaning: str = SCORE_MEANING
+
+
+class SelfInfluenceResult(_Schema):
+    """Result of a self-influence job; artifact ``scores`` = {scores: [N]}."""
+
+    scores: _ID
+    num_train: int
+    meaning: str = (
+        "self-influence (1/N) grad L_i^T (G + damping I)^-1 grad L_i; large = unusual or "
+        "mislabelled training point."
+    )
+
+
+class Event(_Schema):
+    """One entry of a job's event stream (JSON in field ``data``)."""
+
+    status: JobStatus
+    progress: float
+    phase: str
+    attempt: int
+    time: float

@@ -1,0 +1,328 @@
+"""One handler per job kind. Models, datasets and engines stay loaded between jobs (a small
+LRU keyed by content ids), so a worker pays a load once, not once per job.
+
+A handler returns ``Outcome(result, report)`` for the queue to store, or None when it has
+handed the job over (an influence job split into score_shard jobs). Progress goes through
+the claim's callback, which raises to abort (cancel, stale attempt, time limit).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+import models
+from influence import CG, Exact, InfluenceEngine, LiSSA
+from worker.cache import STestCache, s_test_key
+from worker.contract import (
+    DecompositionPayload,
+    InfluencePayload,
+    InfluenceResult,
+    JobKind,
+    ScoreShardPayload,
+    SelfInfluencePayload,
+    SelfInfluenceResult,
+    SolverSpec,
+    TestSpec,
+    VerifyPayload,
+)
+from worker.queue import Claim, JobQueue
+from worker.settings import Settings
+from worker.store import Registry
+
+__all__ = ["S_TEST_SHARE", "Context", "Outcome", "run_job"]
+
+S_TEST_SHARE = 0.5
+"""Share of an influence job's progress given to the s_test solve (the rest: scoring)."""
+
+Progress = Callable[[float, str], None]
+_EngineSpec = InfluencePayload | SelfInfluencePayload | ScoreShardPayload
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What a finished handler hands the queue: the result JSON and the solver report."""
+
+    result: dict[str, Any]
+    report: dict[str, Any] | None = None
+
+
+class _LRU:
+    """A tiny least-recently-used map."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._items: OrderedDict[Any, Any] = OrderedDict()
+
+    def get(self, key: Any, make: Callable[[], Any]) -> Any:
+        if key in self._items:
+            self._items.move_to_end(key)
+            return self._items[key]
+        value = make()
+        self._items[key] = value
+        if len(self._items) > self.size:
+            self._items.popitem(last=False)
+        return value
+
+
+def _solver(spec: SolverSpec) -> Exact | CG | LiSSA:
+    if spec.name == "exact":
+        return Exact()
+    if spec.name == "cg":
+        return CG(tol=spec.tol, max_iter=spec.max_iter)
+    return LiSSA(
+        depth=spec.depth,
+        repeats=spec.repeats,
+        batch_size=spec.batch_size,
+        scale=spec.scale,
+        seed=spec.seed,
+    )
+
+
+def _scaled(progress: Progress, start: float, share: float) -> Progress:
+    """``progress`` of a sub-task covering ``[start, start + share]`` of the job."""
+    return lambda fraction, phase: progress(start + share * fraction, phase)
+
+
+class Context:
+    """What a worker keeps between jobs: queue, registry, store, and warm LRU caches."""
+
+    def __init__(self, queue: JobQueue, registry: Registry, settings: Settings, device: str):
+        self.queue = queue
+        self.registry = registry
+        self.store = registry.store
+        self.s_tests = STestCache(queue.redis, settings)
+        self.settings = settings
+        self.device = device
+        self._models = _LRU(settings.model_cache_size)
+        self._datasets = _LRU(settings.model_cache_size)
+        self._engines = _LRU(settings.model_cache_size)
+
+    def model(self, tenant: str, model_id: str) -> nn.Module:
+        """The tenant's model (access checked every call; loaded once per content id)."""
+        record = self.registry.get_model(tenant, model_id)
+        if record is None:
+            raise KeyError(f"model {model_id} not found")
+        return self._models.get(
+            model_id,
+            lambda: models.load_checkpoint_bytes(self.store.get_bytes(record["artifact"]))[0],
+        )
+
+    def dataset(self, tenant: str, dataset_id: str) -> models.Dataset:
+        """The tenant's dataset (access checked every call; loaded once per content id)."""
+        record = self.registry.get_dataset(tenant, dataset_id)
+        if record is None:
+            raise KeyError(f"dataset {dataset_id} not found")
+        return self._datasets.get(
+            dataset_id,
+            lambda: models.load_dataset_bytes(self.store.get_bytes(record["artifact"])),
+        )
+
+    def engine(self, tenant: str, spec: _EngineSpec) -> InfluenceEngine:
+        """The engine for (model, train, loss, hessian, damping, weight decay)."""
+        model = self.model(tenant, spec.model)
+        train = self.dataset(tenant, spec.train)
+        key = (spec.model, spec.train, spec.loss, spec.hessian, spec.damping, spec.weight_decay)
+        return self._engines.get(
+            key,
+            lambda: InfluenceEngine(
+                model,
+                loss=spec.loss,
+                train=(train.inputs, train.targets),
+                hessian=spec.hessian,
+                damping=spec.damping,
+                weight_decay=spec.weight_decay,
+                device=self.device,
+            ),
+        )
+
+    def test_points(self, tenant: str, test: TestSpec) -> tuple[Tensor, Tensor]:
+        """The (inputs, targets) a TestSpec names."""
+        if test.artifact is not None:
+            tensors = self.store.get_tensors(test.artifact)
+            missing = sorted({"inputs", "targets"} - set(tensors))
+            if missing:
+                raise ValueError(f"test artifact {test.artifact} lacks tensor(s) {missing}")
+            return tensors["inputs"], tensors["targets"]
+        dataset = self.dataset(tenant, str(test.dataset))
+        indices = list(test.indices or [])
+        bad = [i for i in indices if i >= len(dataset)]
+        if bad:
+            raise ValueError(
+                f"test.indices {bad[:5]} out of range for dataset {test.dataset} of "
+                f"{len(dataset)} examples"
+            )
+        idx = torch.as_tensor(indices, dtype=torch.long)
+        return dataset.inputs[idx], dataset.targets[idx]
+
+
+def _s_test(
+    ctx: Context, tenant: str, payload: InfluencePayload, progress: Progress
+) -> tuple[str, Tensor, dict[str, Any]]:
+    """``s_test = (G + λI)⁻¹ ∇L_q`` for each test point (Eqn 50), from the cache or solved
+    and stored. Returns (artifact id, s_test [k, d], solver report)."""
+    key = s_test_key(payload)
+    cached = ctx.s_tests.get(key)
+    if cached is not None and ctx.store.exists(cached[0]):
+        artifact, report = cached
+        return artifact, ctx.store.get_tensors(artifact)["s_test"], report
+    engine = ctx.engine(tenant, payload)
+    s_test, report = engine.s_test(
+        ctx.test_points(tenant, payload.test), _solver(payload.solver), progress
+    )
+    artifact = ctx.store.put_tensors({"s_test": s_test})
+    ctx.s_tests.put(key, artifact, report.to_dict())
+    return artifact, s_test, report.to_dict()
+
+
+def _influence(ctx: Context, claim: Claim, progress: Progress) -> Outcome | None:
+    tenant = claim.job.tenant
+    payload = InfluencePayload.model_validate(claim.job.payload)
+    s_artifact, s_test, report = _s_test(ctx, tenant, payload, _scaled(progress, 0, S_TEST_SHARE))
+    progress(S_TEST_SHARE, "scoring")
+    n = len(ctx.dataset(tenant, payload.train))
+    _, test_targets = ctx.test_points(tenant, payload.test)
+    shard = ctx.settings.shard_size
+    if n > shard:
+        bounds = [(lo, min(n, lo + shard)) for lo in range(0, n, shard)]
+        ctx.queue.mark_sharded(claim, len(bounds))
+        for index, (lo, hi) in enumerate(bounds):
+            body = payload.model_dump(mode="json", exclude={"test"})
+            body.update(parent=claim.job_id, index=index, start=lo, stop=hi, s_test=s_artifact)
+            ctx.queue.submit(JobKind.SCORE_SHARD, body, tenant=tenant, parent=claim.job_id)
+        ctx.queue.hand_over_to_shards(claim, report)
+        return None
+    engine = ctx.engine(tenant, payload)
+    scores = engine.scores_from_s_test(
+        s_test, progress=_scaled(progress, S_TEST_SHARE, 1 - S_TEST_SHARE)
+    )
+    result = InfluenceResult(
+        scores=ctx.store.put_tensors({"scores": scores}),
+        s_test=s_artifact,
+        num_test=int(s_test.shape[0]),
+        num_train=n,
+        test_targets=test_targets.tolist(),
+    )
+    return Outcome(result.model_dump(mode="json"), report)
+
+
+def _score_shard(ctx: Context, claim: Claim, progress: Progress) -> Outcome:
+    """Score one slice; the shard that completes the set assembles the parent's result
+    (idempotent: a retried last shard assembles the same artifact again)."""
+    tenant = claim.job.tenant
+    payload = ScoreShardPayload.model_validate(claim.job.payload)
+    engine = ctx.engine(tenant, payload)
+    s_test = ctx.store.get_tensors(payload.s_test)["s_test"]
+    scores = engine.scores_from_s_test(s_test, payload.start, payload.stop, progress=progress)
+    artifact = ctx.store.put_tensors({"scores": scores})
+    done = ctx.queue.shard_done(
+        payload.parent, payload.index, artifact, base=S_TEST_SHARE, share=1 - S_TEST_SHARE
+    )
+    if done == ctx.queue.shards_total(payload.parent):
+        _assemble(ctx, payload.parent, payload.s_test)
+    return Outcome({"scores": artifact, "start": payload.start, "stop": payload.stop})
+
+
+def _assemble(ctx: Context, parent_id: str, s_test: str) -> None:
+    parent = ctx.queue.get(parent_id)
+    if parent is None:
+        return
+    payload = InfluencePayload.model_validate(parent.payload)
+    shards = ctx.queue.shard_results(parent_id)
+    parts = [ctx.store.get_tensors(shards[i])["scores"] for i in sorted(shards)]
+    scores = torch.cat(parts, dim=1)
+    _, test_targets = ctx.test_points(parent.tenant, payload.test)
+    result = InfluenceResult(
+        scores=ctx.store.put_tensors({"scores": scores}),
+        s_test=s_test,
+        num_test=int(scores.shape[0]),
+        num_train=int(scores.shape[1]),
+        test_targets=test_targets.tolist(),
+    )
+    ctx.queue.complete_parent(parent_id, result.model_dump(mode="json"))
+
+
+def _self_influence(ctx: Context, claim: Claim, progress: Progress) -> Outcome:
+    payload = SelfInfluencePayload.model_validate(claim.job.payload)
+    engine = ctx.engine(claim.job.tenant, payload)
+    scores = engine.self_influence(_solver(payload.solver), progress=progress)
+    result = SelfInfluenceResult(
+        scores=ctx.store.put_tensors({"scores": scores}), num_train=int(scores.shape[0])
+    )
+    return Outcome(result.model_dump(mode="json"))
+
+
+def _verify(ctx: Context, claim: Claim, progress: Progress) -> Outcome:
+    """Retrain-based check (influence.response.verify) of the top-k helpful and harmful
+    training points of a finished influence job."""
+    from influence.response import verify
+
+    tenant = claim.job.tenant
+    payload = VerifyPayload.model_validate(claim.job.payload)
+    source = ctx.queue.get(payload.job, tenant)
+    if source is None or source.kind != JobKind.INFLUENCE or source.result is None:
+        raise ValueError(f"job: {payload.job} is not a succeeded influence job of this tenant")
+    query = InfluencePayload.model_validate(source.payload)
+    scores = ctx.store.get_tensors(source.result["scores"])["scores"]
+    inputs, targets = ctx.test_points(tenant, query.test)
+    rows = [payload.test] if payload.test is not None else list(range(scores.shape[0]))
+    if rows[-1] >= scores.shape[0]:
+        raise ValueError(f"test: row {rows[-1]} out of range for {scores.shape[0]} test points")
+    top = min(payload.top, scores.shape[1])
+    chosen: list[int] = []
+    for row in rows:
+        order = torch.argsort(scores[row], descending=True)
+        chosen += order[:top].tolist() + order[-top:].tolist()
+    train = ctx.dataset(tenant, query.train)
+    outcome = verify(
+        ctx.engine(tenant, query),
+        (train.inputs, train.targets),
+        (inputs[rows], targets[rows]),
+        sorted(set(chosen)),
+        loss=query.loss,
+        damping=query.damping,
+        weight_decay=query.weight_decay,
+        method=payload.method,
+        solver=_solver(query.solver),
+        progress=progress,
+    )
+    result = outcome.to_dict()
+    return Outcome(result, result.get("report"))
+
+
+def _decomposition(ctx: Context, claim: Claim, progress: Progress) -> Outcome:
+    """The paper's decomposition on a checkpoint (no recorded run: no cold start)."""
+    from influence.decomposition import DecompositionArguments, decompose
+
+    tenant = claim.job.tenant
+    payload = DecompositionPayload.model_validate(claim.job.payload)
+    record = ctx.registry.get_model(tenant, payload.model)
+    if record is None:
+        raise KeyError(f"model {payload.model} not found")
+    train = ctx.dataset(tenant, payload.train)
+    outcome = decompose(
+        ctx.store.path(record["artifact"]),
+        train,
+        DecompositionArguments(**payload.arguments),
+        progress=progress,
+    )
+    return Outcome(outcome.to_dict())
+
+
+_HANDLERS: dict[JobKind, Callable[[Context, Claim, Progress], Outcome | None]] = {
+    JobKind.INFLUENCE: _influence,
+    JobKind.SELF_INFLUENCE: _self_influence,
+    JobKind.VERIFY: _verify,
+    JobKind.DECOMPOSITION: _decomposition,
+    JobKind.SCORE_SHARD: _score_shard,
+}
+
+
+def run_job(ctx: Context, claim: Claim, progress: Progress) -> Outcome | None:
+    """Run the handler of ``claim``'s job kind."""
+    return _HANDLERS[claim.job.kind](ctx, claim, progress)

@@ -1,0 +1,99 @@
+"""The worker process: claim a job, run its handler with a heartbeat renewing the lease,
+store the outcome; repeat until stopped (SIGTERM/SIGINT finish the current job first)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import traceback
+import uuid
+
+import redis
+
+from influence import SolverError
+from worker.handlers import Context, run_job
+from worker.queue import (
+    Claim,
+    JobCanceledError,
+    JobQueue,
+    JobTimeoutError,
+    StaleAttemptError,
+)
+from worker.settings import Settings
+from worker.store import ArtifactStore, Registry
+
+__all__ = ["connect", "run_worker"]
+
+log = logging.getLogger("worker")
+
+# Errors that another attempt would meet again: the job fails at once, no retry.
+PERMANENT_ERRORS = (ValueError, KeyError, SolverError, JobTimeoutError)
+
+
+def connect(settings: Settings) -> redis.Redis:
+    """A Redis client for ``settings.redis_url`` (decoded strings, as the queue expects)."""
+    if not settings.redis_url:
+        raise ValueError(
+            "redis_url is not set: give REDIS_URL (the API's `serve` starts an embedded "
+            "Redis and passes its URL to its local workers)"
+        )
+    return redis.Redis.from_url(settings.redis_url, decode_responses=True)
+
+
+def _heartbeat(queue: JobQueue, claim: Claim, done: threading.Event, period: float) -> None:
+    while not done.wait(period):
+        if not queue.heartbeat(claim):
+            log.warning("job %s: attempt %d lost its lease", claim.job_id, claim.attempt)
+            return
+
+
+def _run_one(queue: JobQueue, ctx: Context, claim: Claim) -> None:
+    done = threading.Event()
+    beat = threading.Thread(
+        target=_heartbeat,
+        args=(queue, claim, done, queue.settings.heartbeat_seconds),
+        daemon=True,
+    )
+    beat.start()
+    try:
+        outcome = run_job(ctx, claim, queue.progress_callback(claim))
+        if outcome is not None:
+            queue.complete(claim, outcome.result, outcome.report)
+    except StaleAttemptError:
+        log.warning("job %s: attempt %d is stale; dropping its work", claim.job_id, claim.attempt)
+    except JobCanceledError:
+        queue.finish_canceled(claim)
+    except PERMANENT_ERRORS as exc:
+        queue.fail(claim, f"{type(exc).__name__}: {exc}", retry=False)
+    except Exception as exc:
+        log.error("job %s failed:\n%s", claim.job_id, traceback.format_exc())
+        queue.fail(claim, f"{type(exc).__name__}: {exc}", retry=True)
+    finally:
+        done.set()
+        beat.join()
+
+
+def run_worker(
+    settings: Settings,
+    *,
+    device: str | None = None,
+    stop: threading.Event | None = None,
+    name: str | None = None,
+) -> None:
+    """Serve jobs until ``stop`` is set. ``device`` defaults to ``settings.device``."""
+    stop = stop or threading.Event()
+    name = name or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    client = connect(settings)
+    queue = JobQueue(client, settings)
+    registry = Registry(client, settings, ArtifactStore.for_settings(settings))
+    ctx = Context(queue, registry, settings, device or settings.device)
+    log.info("worker %s serving %s on %s", name, settings.key_prefix, ctx.device)
+    while not stop.is_set():
+        queue.seen(name)
+        claim = queue.claim(name, block_ms=1000)
+        if claim is not None:
+            log.info("job %s (%s) attempt %d", claim.job_id, claim.job.kind, claim.attempt)
+            _run_one(queue, ctx, claim)
+    log.info("worker %s stopped", name)

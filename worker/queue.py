@@ -1,0 +1,703 @@
+"""The job queue on Redis Streams: at-least-once delivery with leases, fencing, retries,
+a dead-letter list, cancellation, monotone progress and an event stream per job.
+
+Design (docs/service-internals.md):
+
+- ``submit`` writes the job hash and XADDs ``{job: id}`` to one stream; every worker
+  reads it through one consumer group (XREADGROUP). An entry stays in the group's pending
+  list until XACKed, so a worker that dies mid-job leaves it there; once it has been idle
+  longer than the lease, another worker takes it with XAUTOCLAIM. Busy workers renew the
+  lease by resetting the idle time (XCLAIM … JUSTID) from a heartbeat thread.
+- Fencing: each claim increments the job's ``attempts`` inside a Lua script; every later
+  write (progress, result, failure, heartbeat) names its attempt and is refused unless it
+  equals the current one, so a stale worker cannot overwrite the newer attempt's state.
+- Every state change is one Lua script, so the job hash, the per-status counters, the
+  stream acknowledgement and the job's event stream change together.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis
+
+from worker.contract import GROUP, JobKind, JobStatus, Keys, payload_model
+from worker.settings import Settings
+
+__all__ = [
+    "Claim",
+    "JobCanceledError",
+    "JobQueue",
+    "JobRecord",
+    "JobTimeoutError",
+    "StaleAttemptError",
+]
+
+EVENTS_MAXLEN = 1000
+
+
+class StaleAttemptError(RuntimeError):
+    """This worker's attempt was superseded (its lease expired and another worker took over)."""
+
+
+class JobCanceledError(RuntimeError):
+    """The job (or its parent) was canceled; raised from the progress callback to abort."""
+
+
+class JobTimeoutError(RuntimeError):
+    """The attempt ran past the job time limit."""
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    """A job's state as stored in its Redis hash."""
+
+    id: str
+    kind: JobKind
+    tenant: str
+    status: JobStatus
+    progress: float
+    phase: str
+    attempts: int
+    max_attempts: int
+    error: str | None
+    created: float
+    started: float | None
+    finished: float | None
+    payload: dict[str, Any]
+    result: dict[str, Any] | None
+    report: dict[str, Any] | None
+    parent: str | None
+    cancel_requested: bool
+    cache_key: str | None
+    worker: str | None
+
+    @classmethod
+    def from_hash(cls, job_id: str, h: dict[str, str]) -> JobRecord:
+        def opt_float(name: str) -> float | None:
+            return float(h[name]) if h.get(name) else None
+
+        def opt_json(name: str) -> dict[str, Any] | None:
+            return json.loads(h[name]) if h.get(name) else None
+
+        return cls(
+            id=job_id,
+            kind=JobKind(h["kind"]),
+            tenant=h["tenant"],
+            status=JobStatus(h["status"]),
+            progress=float(h.get("progress", 0.0)),
+            phase=h.get("phase", ""),
+            attempts=int(h.get("attempts", 0)),
+            max_attempts=int(h["max_attempts"]),
+            error=h.get("error") or None,
+            created=float(h["created"]),
+            started=opt_float("started"),
+            finished=opt_float("finished"),
+            payload=json.loads(h["payload"]),
+            result=opt_json("result"),
+            report=opt_json("report"),
+            parent=h.get("parent") or None,
+            cancel_requested=h.get("cancel") == "1",
+            cache_key=h.get("cache_key") or None,
+            worker=h.get("worker") or None,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe view (what ``GET /jobs/{id}`` shows, before the API adds links)."""
+        return {
+            "id": self.id,
+            "kind": self.kind.value,
+            "status": self.status.value,
+            "progress": self.progress,
+            "phase": self.phase,
+            "attempts": self.attempts,
+            "max_attempts": self.max_attempts,
+            "error": self.error,
+            "created": self.created,
+            "started": self.started,
+            "finished": self.finished,
+            "payload": self.payload,
+            "result": self.result,
+            "report": self.report,
+            "parent": self.parent,
+            "worker": self.worker,
+        }
+
+
+@dataclass
+class Claim:
+    """A worker's hold on one attempt of a job; pass it back to every write."""
+
+    job: JobRecord
+    attempt: int
+    message_id: str
+    consumer: str
+    deadline: float
+    _last_progress: float = field(default=0.0, repr=False)
+
+    @property
+    def job_id(self) -> str:
+        return self.job.id
+
+
+# Shared Lua prelude. KEYS layout of every script: 1 job hash, 2 stream, 3 job events,
+# 4 dead-letter list, 5 counters hash; ARGV[1] = now. Status changes go through
+# set_status so the per-status counters in KEYS[5] stay exact.
+_PRELUDE = """
+local function set_status(new)
+  local old = redis.call('HGET', KEYS[1], 'status')
+  if old then redis.call('HINCRBY', KEYS[5], 'status:' .. old, -1) end
+  redis.call('HINCRBY', KEYS[5], 'status:' .. new, 1)
+  redis.call('HSET', KEYS[1], 'status', new, 'updated', ARGV[1])
+  if new == 'succeeded' or new == 'failed' or new == 'canceled' then
+    redis.call('HSET', KEYS[1], 'finished', ARGV[1])
+  end
+end
+local function event()
+  local h = redis.call('HMGET', KEYS[1], 'status', 'progress', 'phase', 'attempts')
+  local data = cjson.encode({status = h[1], progress = tonumber(h[2] or '0'),
+    phase = h[3] or '', attempt = tonumber(h[4] or '0'), time = tonumber(ARGV[1])})
+  redis.call('XADD', KEYS[3], 'MAXLEN', '~', EVENTS_MAXLEN, '*', 'data', data)
+end
+local function is_terminal(s)
+  return s == 'succeeded' or s == 'failed' or s == 'canceled'
+end
+""".replace("EVENTS_MAXLEN", str(EVENTS_MAXLEN))
+
+# ARGV: now, fields JSON (flat object), job id.
+_SUBMIT = """
+local fields = cjson.decode(ARGV[2])
+for k, v in pairs(fields) do redis.call('HSET', KEYS[1], k, v) end
+set_status('queued')
+event()
+redis.call('XADD', KEYS[2], '*', 'job', ARGV[3])
+return 1
+"""
+
+# ARGV: now, message id, group, consumer, max attempts, job id.
+# Returns {'run', attempt} | {'skip', status} | {'dead', attempts} | {'missing'}.
+_CLAIM = """
+local st = redis.call('HGET', KEYS[1], 'status')
+if not st then
+  redis.call('XACK', KEYS[2], ARGV[3], ARGV[2])
+  return {'missing'}
+end
+if is_terminal(st) then
+  redis.call('XACK', KEYS[2], ARGV[3], ARGV[2])
+  return {'skip', st}
+end
+if redis.call('HGET', KEYS[1], 'cancel') == '1' then
+  set_status('canceled')
+  event()
+  redis.call('XACK', KEYS[2], ARGV[3], ARGV[2])
+  return {'skip', 'canceled'}
+end
+local a = tonumber(redis.call('HGET', KEYS[1], 'attempts') or '0')
+if a >= tonumber(ARGV[5]) then
+  local err = redis.call('HGET', KEYS[1], 'error')
+  if not err or err == '' then err = 'worker lost during the job' end
+  err = err .. ' (gave up after ' .. a .. ' attempts)'
+  redis.call('HSET', KEYS[1], 'error', err)
+  set_status('failed')
+  event()
+  redis.call('RPUSH', KEYS[4], cjson.encode({job = ARGV[6],
+    kind = redis.call('HGET', KEYS[1], 'kind'), error = err, attempts = a,
+    time = tonumber(ARGV[1])}))
+  redis.call('HINCRBY', KEYS[5], 'dead_lettered', 1)
+  redis.call('XACK', KEYS[2], ARGV[3], ARGV[2])
+  return {'dead', a}
+end
+a = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
+redis.call('HSET', KEYS[1], 'started', ARGV[1], 'worker', ARGV[4], 'message', ARGV[2])
+set_status('running')
+event()
+return {'run', a}
+"""
+
+# ARGV: now, attempt, group, consumer, message id.  1 = lease renewed, 0 = stale.
+_HEARTBEAT = """
+if redis.call('HGET', KEYS[1], 'attempts') ~= ARGV[2]
+    or redis.call('HGET', KEYS[1], 'status') ~= 'running' then
+  return 0
+end
+redis.call('XCLAIM', KEYS[2], ARGV[3], ARGV[4], 0, ARGV[5], 'JUSTID')
+return 1
+"""
+
+# ARGV: now, attempt, fraction, phase; KEYS[6] (optional) = parent job hash.
+# 1 = recorded, -1 = stale attempt, -2 = canceled (job or parent).
+_PROGRESS = """
+if redis.call('HGET', KEYS[1], 'attempts') ~= ARGV[2]
+    or redis.call('HGET', KEYS[1], 'status') ~= 'running' then
+  return -1
+end
+if redis.call('HGET', KEYS[1], 'cancel') == '1' then return -2 end
+if KEYS[6] then
+  local ps = redis.call('HGET', KEYS[6], 'status')
+  if ps ~= 'running' or redis.call('HGET', KEYS[6], 'cancel') == '1' then return -2 end
+end
+local p = math.max(tonumber(redis.call('HGET', KEYS[1], 'progress') or '0'), tonumber(ARGV[3]))
+redis.call('HSET', KEYS[1], 'progress', tostring(p), 'phase', ARGV[4], 'updated', ARGV[1])
+event()
+return 1
+"""
+
+# ARGV: now, attempt, group, message id, outcome, result JSON, report JSON, error,
+# max attempts, job id, retry flag ('1'/'0').
+# outcome 'succeeded' | 'canceled' | 'failed' | 'waiting' (parent handed over to shards).
+# Returns the status written, or '' when the attempt is stale.
+_FINISH = """
+if redis.call('HGET', KEYS[1], 'attempts') ~= ARGV[2] then return '' end
+local outcome = ARGV[5]
+local st = redis.call('HGET', KEYS[1], 'status')
+if outcome == 'waiting' and st ~= 'running' then
+  -- the shards finished (or the job was canceled) before the hand-over was recorded
+  redis.call('XACK', KEYS[2], ARGV[3], ARGV[4])
+  return st
+end
+if st ~= 'running' then return '' end
+if ARGV[7] ~= '' then redis.call('HSET', KEYS[1], 'report', ARGV[7]) end
+if outcome == 'succeeded' then
+  redis.call('HSET', KEYS[1], 'result', ARGV[6], 'progress', '1', 'phase', 'done', 'error', '')
+  set_status('succeeded')
+elseif outcome == 'canceled' then
+  set_status('canceled')
+elseif outcome == 'waiting' then
+  redis.call('HSET', KEYS[1], 'phase', 'scoring shards', 'updated', ARGV[1])
+else
+  redis.call('HSET', KEYS[1], 'error', ARGV[8])
+  local a = tonumber(ARGV[2])
+  if ARGV[11] == '1' and a < tonumber(ARGV[9]) then
+    set_status('queued')
+    redis.call('XADD', KEYS[2], '*', 'job', ARGV[10])
+    outcome = 'queued'
+  else
+    set_status('failed')
+    if ARGV[11] == '1' then
+      redis.call('RPUSH', KEYS[4], cjson.encode({job = ARGV[10],
+        kind = redis.call('HGET', KEYS[1], 'kind'), error = ARGV[8], attempts = a,
+        time = tonumber(ARGV[1])}))
+      redis.call('HINCRBY', KEYS[5], 'dead_lettered', 1)
+    end
+  end
+end
+event()
+redis.call('XACK', KEYS[2], ARGV[3], ARGV[4])
+return outcome
+"""
+
+# ARGV: now. Returns the resulting status ('canceling' while a worker winds down), or
+# '' when the job does not exist.
+_CANCEL = """
+local st = redis.call('HGET', KEYS[1], 'status')
+if not st then return '' end
+if st == 'queued' or (st == 'running' and redis.call('HGET', KEYS[1], 'shards_total')) then
+  set_status('canceled')
+  event()
+  return 'canceled'
+end
+if st == 'running' then
+  redis.call('HSET', KEYS[1], 'cancel', '1')
+  return 'canceling'
+end
+return st
+"""
+
+# ARGV: now, attempt, shards total. Marks the current attempt's job as split into that
+# many score_shard jobs (fenced). 1 = recorded, 0 = stale.
+_MARK_SHARDED = """
+if redis.call('HGET', KEYS[1], 'attempts') ~= ARGV[2]
+    or redis.call('HGET', KEYS[1], 'status') ~= 'running' then
+  return 0
+end
+redis.call('HSET', KEYS[1], 'shards_total', ARGV[3])
+return 1
+"""
+
+# Parent bookkeeping for sharded jobs; KEYS[6] = hash shard index -> scores artifact.
+# ARGV: now, shard index, artifact, base fraction, share of the shards.
+# Returns the number of finished shards (idempotent per index), or -1 when the parent no
+# longer runs (canceled, or already assembled).
+_SHARD_DONE = """
+if redis.call('HGET', KEYS[1], 'status') ~= 'running' then return -1 end
+redis.call('HSET', KEYS[6], ARGV[2], ARGV[3])
+local done = redis.call('HLEN', KEYS[6])
+local total = tonumber(redis.call('HGET', KEYS[1], 'shards_total'))
+local p = tonumber(ARGV[4]) + tonumber(ARGV[5]) * done / total
+local cur = tonumber(redis.call('HGET', KEYS[1], 'progress') or '0')
+redis.call('HSET', KEYS[1], 'progress', tostring(math.max(cur, p)),
+  'phase', 'scoring shards ' .. done .. '/' .. total)
+event()
+return done
+"""
+
+# ARGV: now, result JSON. Completes a sharded parent (idempotent: 0 when not running).
+_PARENT_COMPLETE = """
+if redis.call('HGET', KEYS[1], 'status') ~= 'running' then return 0 end
+redis.call('HSET', KEYS[1], 'result', ARGV[2], 'progress', '1', 'phase', 'done', 'error', '')
+set_status('succeeded')
+event()
+return 1
+"""
+
+
+class JobQueue:
+    """Submit, observe and cancel jobs (API side); claim and finish them (worker side)."""
+
+    def __init__(self, client: redis.Redis, settings: Settings) -> None:
+        """``client`` must be created with ``decode_responses=True``."""
+        self.redis = client
+        self.settings = settings
+        self.keys = Keys(settings.key_prefix)
+        self._scripts = {
+            name: client.register_script(_PRELUDE + body)
+            for name, body in {
+                "submit": _SUBMIT,
+                "claim": _CLAIM,
+                "heartbeat": _HEARTBEAT,
+                "progress": _PROGRESS,
+                "finish": _FINISH,
+                "cancel": _CANCEL,
+                "shard_done": _SHARD_DONE,
+                "parent_complete": _PARENT_COMPLETE,
+                "mark_sharded": _MARK_SHARDED,
+            }.items()
+        }
+        self._group_ready = False
+
+    # -- helpers -----------------------------------------------------------------------
+
+    def _keys_for(self, job_id: str, *extra: str) -> list[str]:
+        k = self.keys
+        return [k.job(job_id), k.stream, k.events(job_id), k.dead_letter, k.counters, *extra]
+
+    def _run(self, name: str, job_id: str, args: list[Any], extra: tuple[str, ...] = ()) -> Any:
+        return self._scripts[name](keys=self._keys_for(job_id, *extra), args=[time.time(), *args])
+
+    def ensure_group(self) -> None:
+        """Create the stream and its consumer group if missing (idempotent)."""
+        if self._group_ready:
+            return
+        try:
+            self.redis.xgroup_create(self.keys.stream, GROUP, id="0", mkstream=True)
+        except redis.ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+        self._group_ready = True
+
+    # -- API side ----------------------------------------------------------------------
+
+    def submit(
+        self,
+        kind: JobKind | str,
+        payload: dict[str, Any],
+        *,
+        tenant: str,
+        parent: str | None = None,
+        cache_key: str | None = None,
+    ) -> str:
+        """Validate ``payload`` against the kind's schema (``worker.contract``), store the
+        job as ``queued`` and enqueue it; returns the job id. Bad payload → ValueError
+        (pydantic.ValidationError) naming the field."""
+        body = payload_model(kind).model_validate(payload).model_dump(mode="json")
+        kind = JobKind(kind)
+        self.ensure_group()
+        job_id = uuid.uuid4().hex
+        now = time.time()
+        fields = {
+            "kind": kind.value,
+            "tenant": tenant,
+            "progress": "0",
+            "phase": "queued",
+            "attempts": "0",
+            "max_attempts": str(self.settings.max_attempts),
+            "created": repr(now),
+            "payload": json.dumps(body, sort_keys=True),
+            "parent": parent or "",
+            "cache_key": cache_key or "",
+        }
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.zadd(self.keys.tenant_jobs(tenant), {job_id: now})
+        pipe.zadd(self.keys.all_jobs, {job_id: now})
+        pipe.execute()
+        self._run("submit", job_id, [json.dumps(fields), job_id])
+        return job_id
+
+    def get(self, job_id: str, tenant: str | None = None) -> JobRecord | None:
+        """The job, or None if it does not exist or belongs to another tenant."""
+        h = self.redis.hgetall(self.keys.job(job_id))
+        if not h or (tenant is not None and h.get("tenant") != tenant):
+            return None
+        return JobRecord.from_hash(job_id, h)
+
+    def list(
+        self,
+        tenant: str,
+        *,
+        status: JobStatus | str | None = None,
+        limit: int = 50,
+        offset: int = 0,
+    ) -> list[JobRecord]:
+        """The tenant's jobs, newest first, optionally only those with ``status``."""
+        ids = self.redis.zrevrange(self.keys.tenant_jobs(tenant), 0, -1)
+        wanted = JobStatus(status) if status is not None else None
+        pipe = self.redis.pipeline(transaction=False)
+        for job_id in ids:
+            pipe.hgetall(self.keys.job(job_id))
+        records = [
+            JobRecord.from_hash(job_id, h)
+            for job_id, h in zip(ids, pipe.execute(), strict=True)
+            if h and h.get("kind") != JobKind.SCORE_SHARD
+        ]
+        if wanted is not None:
+            records = [r for r in records if r.status == wanted]
+        return records[offset : offset + limit]
+
+    def cancel(self, job_id: str, tenant: str | None = None) -> JobRecord | None:
+        """Cancel: a queued job (or one waiting on shards) becomes ``canceled`` at once; a
+        running one gets a cancel flag that its worker sees at the next progress report.
+        Finished jobs are left as they are. Returns the job after the request (None if it
+        does not exist for this tenant)."""
+        if self.get(job_id, tenant) is None:
+            return None
+        self._run("cancel", job_id, [])
+        return self.get(job_id, tenant)
+
+    def events(
+        self, job_id: str, after: str = "0-0", *, block_ms: int | None = None, count: int = 100
+    ) -> list[tuple[str, dict[str, Any]]]:
+        """Progress/status events of a job after event id ``after`` (``"0-0"``: from the
+        start), as (event id, {status, progress, phase, attempt, time}); blocks up to
+        ``block_ms`` for new ones when given."""
+        reply = self.redis.xread({self.keys.events(job_id): after}, count=count, block=block_ms)
+        if not reply:
+            return []
+        return [(eid, json.loads(fields["data"])) for eid, fields in reply[0][1]]
+
+    def dead_letters(self, limit: int = 100) -> list[dict[str, Any]]:
+        """Entries of the dead-letter list, oldest first: {job, kind, error, attempts, time}."""
+        return [json.loads(e) for e in self.redis.lrange(self.keys.dead_letter, 0, limit - 1)]
+
+    def counts(self) -> dict[str, int]:
+        """Jobs by status (all tenants) plus counters (``dead_lettered``, cache hits…)."""
+        raw = self.redis.hgetall(self.keys.counters)
+        counts = {s.value: 0 for s in JobStatus}
+        for name, value in raw.items():
+            key = name.removeprefix("status:")
+            counts[key] = int(value)
+        return counts
+
+    def depth(self) -> int:
+        """Jobs waiting for a worker (status ``queued``)."""
+        return self.counts()[JobStatus.QUEUED.value]
+
+    def workers_alive(self) -> list[str]:
+        """Names of workers seen within ``settings.worker_seen_seconds``."""
+        since = time.time() - self.settings.worker_seen_seconds
+        return list(self.redis.zrangebyscore(self.keys.workers, since, "+inf"))
+
+    def incr_counter(self, name: str, amount: int = 1) -> None:
+        """Bump a metrics counter (e.g. ``cache_hits``)."""
+        self.redis.hincrby(self.keys.counters, name, amount)
+
+    # -- worker side -------------------------------------------------------------------
+
+    def seen(self, worker: str) -> None:
+        """Record that ``worker`` is alive (``workers_alive``)."""
+        self.redis.zadd(self.keys.workers, {worker: time.time()})
+
+    def claim(self, consumer: str, *, block_ms: int = 1000) -> Claim | None:
+        """Take the next job: first one whose lease expired (XAUTOCLAIM, min-idle = lease),
+        else a new one (XREADGROUP, waiting up to ``block_ms``; 0: no wait). Increments ``attempts`` (the fencing token). Jobs that
+        are already finished or canceled are acknowledged and skipped; a job out of
+        attempts goes to the dead-letter list. Returns None when nothing came within
+        ``block_ms``."""
+        self.ensure_group()
+        lease_ms = int(self.settings.lease_seconds * 1000)
+        _, messages, *_ = self.redis.xautoclaim(
+            self.keys.stream, GROUP, consumer, lease_ms, "0-0", count=1
+        )
+        if not messages:
+            reply = self.redis.xreadgroup(
+                GROUP, consumer, {self.keys.stream: ">"}, count=1, block=block_ms or None
+            )
+            messages = reply[0][1] if reply else []
+        for message_id, fields in messages:
+            if fields is None:  # entry trimmed from the stream: nothing to run
+                self.redis.xack(self.keys.stream, GROUP, message_id)
+                continue
+            job_id = fields["job"]
+            outcome = self._run(
+                "claim", job_id, [message_id, GROUP, consumer, self.settings.max_attempts, job_id]
+            )
+            if outcome[0] != "run":
+                continue
+            record = self.get(job_id)
+            assert record is not None  # the claim script just saw the hash
+            return Claim(
+                job=record,
+                attempt=int(outcome[1]),
+                message_id=message_id,
+                consumer=consumer,
+                deadline=time.time() + self.settings.job_time_limit_seconds,
+            )
+        return None
+
+    def heartbeat(self, claim: Claim) -> bool:
+        """Renew the lease of ``claim``; False when the attempt is stale (stop working)."""
+        return bool(
+            self._run(
+                "heartbeat",
+                claim.job_id,
+                [claim.attempt, GROUP, claim.consumer, claim.message_id],
+            )
+        )
+
+    def progress_callback(self, claim: Claim, *, min_interval: float = 0.1) -> Callable:
+        """A ``progress(fraction, phase)`` callback for the engine: records monotone progress
+        (at most every ``min_interval`` s, always for fraction 1) and raises
+        JobCanceledError / StaleAttemptError / JobTimeoutError to abort the computation."""
+
+        def progress(fraction: float, phase: str) -> None:
+            now = time.time()
+            if now > claim.deadline:
+                raise JobTimeoutError(
+                    f"time limit of {self.settings.job_time_limit_seconds:g} s exceeded"
+                )
+            if fraction < 1.0 and now - claim._last_progress < min_interval:
+                return
+            claim._last_progress = now
+            self.report_progress(claim, fraction, phase)
+
+        return progress
+
+    def report_progress(self, claim: Claim, fraction: float, phase: str) -> None:
+        """Record progress now (never lowers the stored value). Raises StaleAttemptError or
+        JobCanceledError (job or, for a shard, its parent canceled)."""
+        if not 0.0 <= fraction <= 1.0:
+            raise ValueError(f"progress fraction must be in [0, 1], got {fraction}")
+        parent = (self.keys.job(claim.job.parent),) if claim.job.parent else ()
+        code = self._run("progress", claim.job_id, [claim.attempt, fraction, phase], parent)
+        if code == -1:
+            raise StaleAttemptError(f"job {claim.job_id}: attempt {claim.attempt} is stale")
+        if code == -2:
+            raise JobCanceledError(f"job {claim.job_id} was canceled")
+
+    def _finish(
+        self,
+        claim: Claim,
+        outcome: str,
+        *,
+        result: dict[str, Any] | None = None,
+        report: dict[str, Any] | None = None,
+        error: str = "",
+        retry: bool = False,
+    ) -> str:
+        written = self._run(
+            "finish",
+            claim.job_id,
+            [
+                claim.attempt,
+                GROUP,
+                claim.message_id,
+                outcome,
+                json.dumps(result) if result is not None else "",
+                json.dumps(report) if report is not None else "",
+                error,
+                self.settings.max_attempts,
+                claim.job_id,
+                "1" if retry else "0",
+            ],
+        )
+        if not written:
+            raise StaleAttemptError(f"job {claim.job_id}: attempt {claim.attempt} is stale")
+        if outcome == "succeeded" and claim.job.cache_key and result is not None:
+            self.set_cached(claim.job.tenant, claim.job.cache_key, claim.job_id)
+        return written
+
+    def complete(
+        self, claim: Claim, result: dict[str, Any], report: dict[str, Any] | None = None
+    ) -> None:
+        """Store the result (and solver report) and mark the job ``succeeded``; raises
+        StaleAttemptError, writing nothing, when ``claim`` is not the current attempt."""
+        self._finish(claim, "succeeded", result=result, report=report)
+
+    def fail(self, claim: Claim, error: str, *, retry: bool) -> JobStatus:
+        """Record a failed attempt. With ``retry`` and attempts left the job is queued again;
+        with ``retry`` and none left it goes to the dead-letter list; without ``retry``
+        (bad input, time limit) it fails at once. Returns the new status."""
+        return JobStatus(self._finish(claim, "failed", error=error, retry=retry))
+
+    def finish_canceled(self, claim: Claim) -> None:
+        """Mark a job whose worker saw the cancel flag as ``canceled``."""
+        self._finish(claim, "canceled")
+
+    def mark_sharded(self, claim: Claim, total: int) -> None:
+        """Record that the job is split into ``total`` score_shard jobs (before submitting
+        them, so a fast shard finds the total). Raises StaleAttemptError."""
+        if not self._run("mark_sharded", claim.job_id, [claim.attempt, total]):
+            raise StaleAttemptError(f"job {claim.job_id}: attempt {claim.attempt} is stale")
+
+    def hand_over_to_shards(self, claim: Claim, report: dict[str, Any] | None) -> None:
+        """End the parent's attempt: it stays ``running`` (phase "scoring shards") until its
+        shards are done; its stream entry is acknowledged; ``report`` is stored."""
+        self._finish(claim, "waiting", report=report)
+
+    def shard_done(
+        self, parent: str, index: int, artifact: str, *, base: float, share: float
+    ) -> int:
+        """Record shard ``index`` of ``parent`` as done with its scores ``artifact``
+        (idempotent) and raise the parent's progress to ``base + share * done/total``.
+        Returns the number of finished shards, or -1 when the parent no longer runs."""
+        return int(
+            self._run(
+                "shard_done",
+                parent,
+                [index, artifact, base, share],
+                (self.keys.shards_done(parent),),
+            )
+        )
+
+    def shards_total(self, parent: str) -> int:
+        """Number of shard jobs ``parent`` was split into (0: not sharded)."""
+        return int(self.redis.hget(self.keys.job(parent), "shards_total") or 0)
+
+    def shard_results(self, parent: str) -> dict[int, str]:
+        """Finished shards of ``parent``: index → scores artifact id."""
+        raw = self.redis.hgetall(self.keys.shards_done(parent))
+        return {int(i): a for i, a in raw.items()}
+
+    def complete_parent(self, parent: str, result: dict[str, Any]) -> bool:
+        """Mark a sharded parent ``succeeded`` with its assembled result (idempotent: False
+        when it already finished or was canceled). Its report was stored at hand-over."""
+        done = bool(self._run("parent_complete", parent, [json.dumps(result)]))
+        if done:
+            record = self.get(parent)
+            if record is not None and record.cache_key:
+                self.set_cached(record.tenant, record.cache_key, parent)
+        return done
+
+    # -- result cache links -------------------------------------------------------------
+
+    def set_cached(self, tenant: str, cache_key: str, job_id: str) -> None:
+        """Remember that the tenant's job ``job_id`` answers query ``cache_key``."""
+        ttl = self.settings.cache_ttl_seconds or None
+        self.redis.set(self.keys.result_cache(tenant, cache_key), job_id, ex=ttl)
+
+    def cached_job(self, tenant: str, cache_key: str) -> JobRecord | None:
+        """The tenant's succeeded job for ``cache_key``, if any (no worker involved)."""
+        job_id = self.redis.get(self.keys.result_cache(tenant, cache_key))
+        if job_id is None:
+            self.incr_counter("cache_misses")
+            return None
+        record = self.get(job_id, tenant)
+        if record is None or record.status != JobStatus.SUCCEEDED:
+            self.incr_counter("cache_misses")
+            return None
+        self.incr_counter("cache_hits")
+        return record
