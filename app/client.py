@@ -237,10 +237,17 @@ class InfluenceClient:
         timeout: float | None = None,
         progress: Callable[[JobView], None] | None = None,
     ) -> JobView:
-        """Follow the job's events until it is finished; returns the final state."""
-        for view in self.events(job_id, timeout=timeout):
-            if progress is not None:
-                progress(view)
+        """Follow the job's events until it is finished; returns the final state. A
+        dropped stream is resumed (the job's state lives in Redis, not in the stream)."""
+        while True:
+            try:
+                for view in self.events(job_id, timeout=timeout):
+                    if progress is not None:
+                        progress(view)
+                    if view.status in TERMINAL:
+                        return view
+            except httpx.TransportError:
+                pass
+            view = self.job(job_id)
             if view.status in TERMINAL:
                 return view
-        return self.job(job_id)

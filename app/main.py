@@ -10,7 +10,9 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI
+import redis
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
 from starlette.types import Scope
 
 from app import dashboard
@@ -52,6 +54,10 @@ def create_app(settings: Settings) -> FastAPI:
         if scope["method"] == "POST" and scope["path"].rstrip("/") in UPLOAD_ROUTES:
             return settings.max_upload_bytes
         return settings.max_body_bytes
+
+    @app.exception_handler(redis.RedisError)
+    async def redis_unavailable(_: Request, exc: redis.RedisError) -> JSONResponse:
+        return JSONResponse({"detail": f"Redis unavailable: {exc}"}, 503)
 
     app.add_middleware(BodySizeLimit, limit_for=body_limit)
     app.add_middleware(RequestMetrics, registry=app.state.metrics)

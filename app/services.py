@@ -29,6 +29,8 @@ __all__ = ["Services"]
 
 _LOADED_ARTIFACTS = 64
 """Score matrices, rankings and datasets kept in memory per API process."""
+SSE_SOCKET_TIMEOUT_S = 30.0
+"""Socket timeout of the async Redis client, whose blocking XREADs feed the SSE streams."""
 
 
 @dataclass
@@ -53,7 +55,11 @@ class Services:
         services = cls(
             settings=settings,
             redis=client,
-            aredis=redis.asyncio.Redis.from_url(str(settings.redis_url), decode_responses=True),
+            aredis=redis.asyncio.Redis.from_url(
+                str(settings.redis_url),
+                decode_responses=True,
+                socket_timeout=SSE_SOCKET_TIMEOUT_S,
+            ),
             queue=JobQueue(client, settings),
             store=store,
             registry=Registry(client, settings, store),

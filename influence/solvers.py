@@ -381,7 +381,7 @@ class LiSSA:
         metadata={"help": "Fraction of the last iterates averaged into x (0: x_T alone)."},
     )
     tol: float = field(
-        default=1e-3,
+        default=1e-2,
         metadata={
             "help": "Early stop once the (averaged) estimate changes by less than this, "
             "relative, over one window."

@@ -70,7 +70,11 @@ ARCHITECTURES: dict[str, Architecture] = {}
 def register(
     name: str, input_kind: InputKind
 ) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
-    """Decorator adding a keyword-only factory to :data:`ARCHITECTURES` under ``name``."""
+    """Decorator adding a keyword-only factory to :data:`ARCHITECTURES` under ``name``.
+
+    The factory's type hints are the config's validation rules. Its module must keep all
+    state in parameters and persistent buffers (checkpoints hold only the state dict).
+    """
 
     def decorate(factory: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
         if name in ARCHITECTURES:
@@ -245,18 +249,19 @@ def _check_image(name: str, in_channels: int, image_size: int, num_classes: int)
 def lenet(
     *, in_channels: int = 1, image_size: int = 28, num_classes: int = 10, width: float = 1.0
 ) -> nn.Module:
-    """LeNet-5: two 5×5 conv (padding 2) + ReLU + 2×2 max-pool stages, then dense
-    120-84-classes; channel/unit counts are multiplied by ``width``."""
+    """LeNet-5: 5×5 conv (padding 2) and 5×5 conv (no padding), each with ReLU and 2×2
+    max-pool, then dense 120-84-classes; channel/unit counts are multiplied by ``width``
+    (61,706 parameters on 28×28 MNIST at ``width=1``)."""
     _check_image("lenet", in_channels, image_size, num_classes)
-    if image_size < 4:
-        raise ConfigError(f"argument 'image_size' of lenet must be >= 4, got {image_size}")
+    if image_size < 12:
+        raise ConfigError(f"argument 'image_size' of lenet must be >= 12, got {image_size}")
     c1, c2 = _scaled(6, width), _scaled(16, width)
-    flat = c2 * (image_size // 4) ** 2
+    flat = c2 * ((image_size // 2 - 4) // 2) ** 2
     return nn.Sequential(
         nn.Conv2d(in_channels, c1, 5, padding=2),
         nn.ReLU(),
         nn.MaxPool2d(2),
-        nn.Conv2d(c1, c2, 5, padding=2),
+        nn.Conv2d(c1, c2, 5),
         nn.ReLU(),
         nn.MaxPool2d(2),
         nn.Flatten(),

@@ -29,6 +29,7 @@ __all__ = [
     "checkpoint_id",
     "load_checkpoint",
     "load_checkpoint_bytes",
+    "nonfinite",
     "save_checkpoint",
     "tensor_digest",
 ]
@@ -48,6 +49,21 @@ def tensor_digest(hasher: Any, tensors: Mapping[str, Tensor]) -> None:
         t = tensors[name].detach().cpu().contiguous()
         hasher.update(canonical_json([name, str(t.dtype), list(t.shape)]).encode())
         hasher.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+
+
+def nonfinite(tensor: Tensor) -> str | None:
+    """``None`` if every value is finite, else e.g. ``"NaN values (first at index 3)"``;
+    the index is along the first dimension."""
+    if not tensor.is_floating_point():
+        return None
+    bad = ~torch.isfinite(tensor)
+    if not bool(bad.any()):
+        return None
+    kind = "NaN" if bool(torch.isnan(tensor).any()) else "Inf"
+    if tensor.dim() == 0:
+        return f"{kind} values"
+    first = int(bad.reshape(len(tensor), -1).any(1).nonzero()[0])
+    return f"{kind} values (first at index {first})"
 
 
 def checkpoint_id(model: nn.Module, config: Mapping[str, Any]) -> str:
@@ -75,9 +91,9 @@ def check_state_dict(
             )
         if have.dtype != want.dtype:
             raise error(f"{what}: tensor {name!r} has dtype {have.dtype}, expected {want.dtype}")
-        if have.is_floating_point() and not bool(torch.isfinite(have).all()):
-            bad = "NaN" if bool(torch.isnan(have).any()) else "Inf"
-            raise error(f"{what}: tensor {name!r} contains {bad} values")
+        bad = nonfinite(have)
+        if bad:
+            raise error(f"{what}: tensor {name!r} contains {bad}")
 
 
 def build_skeleton(config: Any, what: str, error: type[ValueError] = CheckpointError) -> nn.Module:
@@ -120,8 +136,13 @@ def _from_tensors(
             raise CheckpointError(f"{what}: metadata 'config' is not valid JSON ({exc})") from None
     if config is None and embedded is None:
         raise CheckpointError(f"{what}: no config given and none in the file's metadata")
-    if config is not None and embedded is not None and dict(config) != embedded:
-        raise CheckpointError(f"{what}: the given config differs from the one in the file")
+    if config is not None:
+        try:
+            config = json.loads(canonical_json(dict(config)))
+        except (TypeError, ValueError) as exc:
+            raise CheckpointError(f"{what}: config is not a JSON object ({exc})") from None
+        if embedded is not None and config != embedded:
+            raise CheckpointError(f"{what}: the given config differs from the one in the file")
     config = dict(config if config is not None else embedded)
     model = build_skeleton(config, what)
     check_state_dict(model.state_dict(), tensors, what, CheckpointError)

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from models.checkpoints import canonical_json, tensor_digest
+from models.checkpoints import canonical_json, nonfinite, tensor_digest
 from models.errors import DatasetError
 from models.safetensors_io import read_bytes, read_file, write_file
 
@@ -44,7 +44,7 @@ _TARGET_DTYPES = (torch.int64, torch.float16, torch.bfloat16, torch.float32, tor
 _Split = tuple[dict[str, Any], np.ndarray, np.ndarray, np.ndarray, np.ndarray]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Dataset:
     """Examples ``inputs[i]`` with ``targets[i]``.
 
@@ -119,10 +119,9 @@ def validate_dataset(
     if size > max_bytes:
         raise DatasetError(f"{what}: {size} bytes of tensor data, over the cap of {max_bytes}")
     for name, tensor in (("inputs", ds.inputs), ("targets", ds.targets)):
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            bad = "NaN" if bool(torch.isnan(tensor).any()) else "Inf"
-            first = int((~torch.isfinite(tensor)).reshape(len(tensor), -1).any(1).nonzero()[0])
-            raise DatasetError(f"{what}: {name} contains {bad} values (first at example {first})")
+        bad = nonfinite(tensor)
+        if bad:
+            raise DatasetError(f"{what}: {name} contains {bad.replace('index', 'example')}")
     _validate_metadata(ds, what)
     return ds
 

@@ -131,9 +131,10 @@ def read_bytes(
 
     Any problem raises ``error`` (e.g. ``CheckpointError``) with ``what`` in the message.
     """
-    header = _parse_header(bytes(data), what, error)
+    data = bytes(data)
+    header = _parse_header(data, what, error)
     try:
-        tensors = safetensors.torch.load(bytes(data))
+        tensors = safetensors.torch.load(data)
     except Exception as exc:  # the library's own checks, after ours passed
         raise error(f"{what}: safetensors could not decode the file ({exc})") from None
     return tensors, dict(header.get("__metadata__", {}))

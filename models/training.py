@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from models.architectures import build
-from models.checkpoints import build_skeleton, check_state_dict
+from models.checkpoints import build_skeleton, check_state_dict, nonfinite
 from models.datasets import Dataset
 from models.errors import CheckpointError, TrainingError
 from models.losses import LOSSES, get_loss
@@ -154,7 +154,7 @@ def _clone(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
     return {k: v.detach().clone() for k, v in state.items()}
 
 
-@dataclass
+@dataclass(eq=False)
 class TrainRun:
     """A finished training run: enough to rebuild both end points and replay it.
 
@@ -171,9 +171,14 @@ class TrainRun:
 
     def model(self, final: bool = True) -> nn.Module:
         """The network at θˢ (``final=True``) or at θ⁰, in eval mode."""
-        model = build(self.config)
-        model.load_state_dict(self.thetas if final else self.theta0, strict=True)
+        model = build_skeleton(self.config, "training run").to(self.dtype)
+        model.load_state_dict(_clone(self.thetas if final else self.theta0), assign=True)
         return model.eval()
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """Floating dtype the run trained in (that of its weights)."""
+        return next(iter(self.thetas.values())).dtype
 
     def save(self, directory: str | os.PathLike) -> None:
         """Write ``run.json`` (config, recipe, losses) and ``run.safetensors`` (θ⁰, θˢ, order)."""
@@ -213,7 +218,10 @@ class TrainRun:
         order = tensors.pop("batch_order", None)
         if order is None or order.dtype != torch.int64 or order.dim() != 2:
             raise CheckpointError(f"{what}: 'batch_order' must be an int64 [epochs, N] tensor")
-        expected = build_skeleton(config, what).state_dict()
+        dtype = next((v.dtype for k, v in tensors.items() if k.startswith("thetas/")), None)
+        if dtype is None or not dtype.is_floating_point:
+            raise CheckpointError(f"{what}: no floating 'thetas/' weights in run.safetensors")
+        expected = build_skeleton(config, what).to(dtype).state_dict()
         ends = {}
         for prefix in ("theta0", "thetas"):
             ends[prefix] = {
@@ -266,11 +274,12 @@ def train(
     epochs: int | None = None,
     objective: Objective | None = None,
     progress: Progress | None = None,
+    dtype: torch.dtype | None = None,
 ) -> TrainRun:
     """Train ``build(config)`` on ``dataset`` with ``recipe`` and record the run.
 
     - ``init``: state dict to start from instead of the seeded initialisation (warm
-      starts); the batch orders are still drawn from the recipe's seed.
+      starts; cast to the training dtype); the batch orders still come from the seed.
     - ``example_weights``: ``[N]`` finite weights ``w_i`` of the objective above
       (``0`` = example removed). Not combined with ``objective``.
     - ``batch_order``: orders to replay. Epoch ``e < len(batch_order)`` uses
@@ -286,6 +295,8 @@ def train(
       ``(wd/2)‖θ‖²`` with the recipe's ``weight_decay``; an objective with its own
       regulariser (e.g. PBRF's ``(wd/2)‖θ−θˢ‖²``) should use a recipe with
       ``weight_decay=0``.
+    - ``dtype``: train in this floating dtype (e.g. ``torch.float64``); the seeded
+      initialisation is built as usual and then cast, so θ⁰ equals the default-dtype θ⁰.
     - ``progress(fraction, "train")`` is called at the start and after every epoch; it
       may raise to abort training.
 
@@ -304,17 +315,27 @@ def train(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(recipe.seed)
         model = build(config)
+    if dtype is not None:
+        if not dtype.is_floating_point:
+            raise TrainingError(f"dtype must be a floating dtype, got {dtype}")
+        model = model.to(dtype)
     if init is not None:
-        check_state_dict(model.state_dict(), init, "init", TrainingError)
+        expected = model.state_dict()
+        init = {k: v.to(expected[k].dtype) if k in expected else v for k, v in init.items()}
+        check_state_dict(expected, init, "init", TrainingError)
         model.load_state_dict(init, strict=True)
     theta0 = _clone(model.state_dict())
     params = list(model.parameters())
-    dtype = params[0].dtype
-    inputs = dataset.inputs.to(dtype) if dataset.inputs.is_floating_point() else dataset.inputs
-    targets = dataset.targets.to(dtype) if dataset.targets.is_floating_point() else dataset.targets
+    param_dtype = params[0].dtype
+    inputs = (
+        dataset.inputs.to(param_dtype) if dataset.inputs.is_floating_point() else dataset.inputs
+    )
+    targets = (
+        dataset.targets.to(param_dtype) if dataset.targets.is_floating_point() else dataset.targets
+    )
     weights = None
     if example_weights is not None:
-        weights = torch.as_tensor(example_weights).to(dtype)
+        weights = torch.as_tensor(example_weights).to(param_dtype)
         if weights.shape != (n,) or not bool(torch.isfinite(weights).all()):
             raise TrainingError(
                 f"example_weights must be {n} finite values, got shape {list(weights.shape)}"
@@ -368,7 +389,7 @@ def train(
         if progress:
             progress((epoch + 1) / total, "train")
     model.eval()
-    bad = [k for k, v in model.state_dict().items() if not bool(torch.isfinite(v).all())]
+    bad = [k for k, v in model.state_dict().items() if nonfinite(v)]
     if bad:
         raise TrainingError(f"training produced non-finite weights in {bad}")
     return TrainRun(dict(config), recipe, theta0, _clone(model.state_dict()), orders, losses)

@@ -196,24 +196,40 @@ class SelfInfluencePayload(_EngineSpec):
 
 
 class VerifyPayload(_Schema):
-    """Ground-truth check of a finished influence job's top-k helpful and harmful points."""
+    """Ground-truth check of a finished influence job's top-k helpful and harmful points:
+    each is removed and the response objective re-solved (influence.response.verify)."""
 
     job: str = Field(description="id of the succeeded influence job")
-    top: int = Field(10, ge=1, le=100)
+    top: int = Field(10, ge=1, le=100, description="k helpful and k harmful points per test row")
     method: Literal["pbrf", "warm", "linearized"] = "pbrf"
     test: int | None = Field(None, ge=0, description="test point (row of the job); None: all")
+    steps: int = Field(50, ge=1, le=1000, description="full-batch L-BFGS steps per retraining")
 
 
 class DecompositionPayload(_Schema):
-    """The paper's decomposition (Table 5 gaps) on a checkpoint and its training data."""
+    """The paper's decomposition (Table 5 gaps) on an uploaded checkpoint with its training
+    recipe (no recorded θ⁰, so no cold start / warm-start gap), optionally with the test-loss
+    correlations of Tables 6-8 on the given test points."""
 
     model: _ID
     train: _ID
-    test: TestSpec | None = None
+    recipe: dict = Field(description="models.Recipe fields of the base training (validated there)")
+    damping: float = Field(1e-3, ge=0, description="λ of G + λI and of the proximity term")
     arguments: dict = Field(
         default_factory=dict,
         description="influence.decomposition.DecompositionArguments fields (validated there)",
     )
+    test: TestSpec | None = Field(None, description="test points for the correlations")
+    correlation: dict | None = Field(
+        None,
+        description="influence.experiments.config.CorrelationArguments fields; needs test",
+    )
+
+    @model_validator(mode="after")
+    def _correlation_needs_test(self) -> DecompositionPayload:
+        if self.correlation is not None and self.test is None:
+            raise ValueError("correlation: needs 'test' points")
+        return self
 
 
 class ScoreShardPayload(_EngineSpec):

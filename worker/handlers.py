@@ -18,6 +18,10 @@ from torch import Tensor, nn
 
 import models
 from influence import CG, Exact, InfluenceEngine, LiSSA
+from influence.decomposition import DecompositionArguments, decompose
+from influence.experiments.config import CorrelationArguments
+from influence.experiments.correlation import correlate
+from influence.response import Responder, ResponseArguments, VerifyArguments, verify
 from worker.cache import STestCache, s_test_key
 from worker.contract import (
     DecompositionPayload,
@@ -103,14 +107,15 @@ class Context:
         self._datasets = _LRU(settings.model_cache_size)
         self._engines = _LRU(settings.model_cache_size)
 
-    def model(self, tenant: str, model_id: str) -> nn.Module:
-        """The tenant's model (access checked every call; loaded once per content id)."""
+    def checkpoint(self, tenant: str, model_id: str) -> tuple[nn.Module, dict[str, Any]]:
+        """The tenant's model and its config (access checked every call; loaded once per
+        content id)."""
         record = self.registry.get_model(tenant, model_id)
         if record is None:
             raise KeyError(f"model {model_id} not found")
         return self._models.get(
             model_id,
-            lambda: models.load_checkpoint_bytes(self.store.get_bytes(record["artifact"]))[0],
+            lambda: models.load_checkpoint_bytes(self.store.get_bytes(record["artifact"])),
         )
 
     def dataset(self, tenant: str, dataset_id: str) -> models.Dataset:
@@ -125,7 +130,7 @@ class Context:
 
     def engine(self, tenant: str, spec: _EngineSpec) -> InfluenceEngine:
         """The engine for (model, train, loss, hessian, damping, weight decay)."""
-        model = self.model(tenant, spec.model)
+        model, _ = self.checkpoint(tenant, spec.model)
         train = self.dataset(tenant, spec.train)
         key = (spec.model, spec.train, spec.loss, spec.hessian, spec.damping, spec.weight_decay)
         return self._engines.get(
@@ -141,14 +146,15 @@ class Context:
             ),
         )
 
-    def test_points(self, tenant: str, test: TestSpec) -> tuple[Tensor, Tensor]:
-        """The (inputs, targets) a TestSpec names."""
+    def test_points(self, tenant: str, test: TestSpec) -> models.Dataset:
+        """The test points a TestSpec names, as a Dataset (metadata of the source dataset,
+        or none for an uploaded tensor pair)."""
         if test.artifact is not None:
             tensors = self.store.get_tensors(test.artifact)
             missing = sorted({"inputs", "targets"} - set(tensors))
             if missing:
                 raise ValueError(f"test artifact {test.artifact} lacks tensor(s) {missing}")
-            return tensors["inputs"], tensors["targets"]
+            return models.Dataset(tensors["inputs"], tensors["targets"])
         dataset = self.dataset(tenant, str(test.dataset))
         indices = list(test.indices or [])
         bad = [i for i in indices if i >= len(dataset)]
@@ -157,8 +163,7 @@ class Context:
                 f"test.indices {bad[:5]} out of range for dataset {test.dataset} of "
                 f"{len(dataset)} examples"
             )
-        idx = torch.as_tensor(indices, dtype=torch.long)
-        return dataset.inputs[idx], dataset.targets[idx]
+        return dataset.subset(indices)
 
 
 def _s_test(
@@ -172,9 +177,8 @@ def _s_test(
         artifact, report = cached
         return artifact, ctx.store.get_tensors(artifact)["s_test"], report
     engine = ctx.engine(tenant, payload)
-    s_test, report = engine.s_test(
-        ctx.test_points(tenant, payload.test), _solver(payload.solver), progress
-    )
+    test = ctx.test_points(tenant, payload.test)
+    s_test, report = engine.s_test((test.inputs, test.targets), _solver(payload.solver), progress)
     artifact = ctx.store.put_tensors({"s_test": s_test})
     ctx.s_tests.put(key, artifact, report.to_dict())
     return artifact, s_test, report.to_dict()
@@ -186,7 +190,7 @@ def _influence(ctx: Context, claim: Claim, progress: Progress) -> Outcome | None
     s_artifact, s_test, report = _s_test(ctx, tenant, payload, _scaled(progress, 0, S_TEST_SHARE))
     progress(S_TEST_SHARE, "scoring")
     n = len(ctx.dataset(tenant, payload.train))
-    _, test_targets = ctx.test_points(tenant, payload.test)
+    test_targets = ctx.test_points(tenant, payload.test).targets
     shard = ctx.settings.shard_size
     if n > shard:
         bounds = [(lo, min(n, lo + shard)) for lo in range(0, n, shard)]
@@ -236,7 +240,7 @@ def _assemble(ctx: Context, parent_id: str, s_test: str) -> None:
     shards = ctx.queue.shard_results(parent_id)
     parts = [ctx.store.get_tensors(shards[i])["scores"] for i in sorted(shards)]
     scores = torch.cat(parts, dim=1)
-    _, test_targets = ctx.test_points(parent.tenant, payload.test)
+    test_targets = ctx.test_points(parent.tenant, payload.test).targets
     result = InfluenceResult(
         scores=ctx.store.put_tensors({"scores": scores}),
         s_test=s_test,
@@ -260,8 +264,6 @@ def _self_influence(ctx: Context, claim: Claim, progress: Progress) -> Outcome:
 def _verify(ctx: Context, claim: Claim, progress: Progress) -> Outcome:
     """Retrain-based check (influence.response.verify) of the top-k helpful and harmful
     training points of a finished influence job."""
-    from influence.response import verify
-
     tenant = claim.job.tenant
     payload = VerifyPayload.model_validate(claim.job.payload)
     source = ctx.queue.get(payload.job, tenant)
@@ -269,49 +271,56 @@ def _verify(ctx: Context, claim: Claim, progress: Progress) -> Outcome:
         raise ValueError(f"job: {payload.job} is not a succeeded influence job of this tenant")
     query = InfluencePayload.model_validate(source.payload)
     scores = ctx.store.get_tensors(source.result["scores"])["scores"]
-    inputs, targets = ctx.test_points(tenant, query.test)
     rows = [payload.test] if payload.test is not None else list(range(scores.shape[0]))
     if rows[-1] >= scores.shape[0]:
         raise ValueError(f"test: row {rows[-1]} out of range for {scores.shape[0]} test points")
     top = min(payload.top, scores.shape[1])
-    chosen: list[int] = []
+    chosen: set[int] = set()
     for row in rows:
         order = torch.argsort(scores[row], descending=True)
-        chosen += order[:top].tolist() + order[-top:].tolist()
-    train = ctx.dataset(tenant, query.train)
+        chosen.update(order[:top].tolist() + order[-top:].tolist())
     outcome = verify(
-        ctx.engine(tenant, query),
-        (train.inputs, train.targets),
-        (inputs[rows], targets[rows]),
-        sorted(set(chosen)),
+        ctx.checkpoint(tenant, query.model),
+        ctx.dataset(tenant, query.train),
+        ctx.test_points(tenant, query.test).subset(rows),
+        sorted(chosen),
         loss=query.loss,
         damping=query.damping,
         weight_decay=query.weight_decay,
         method=payload.method,
-        solver=_solver(query.solver),
+        arguments=VerifyArguments(steps=payload.steps, solver=query.solver.name),
         progress=progress,
     )
     result = outcome.to_dict()
-    return Outcome(result, result.get("report"))
+    return Outcome(result, result.get("solver_report"))
 
 
 def _decomposition(ctx: Context, claim: Claim, progress: Progress) -> Outcome:
-    """The paper's decomposition on a checkpoint (no recorded run: no cold start)."""
-    from influence.decomposition import DecompositionArguments, decompose
-
+    """The paper's decomposition (Table 5) on a checkpoint and its recipe (no recorded run:
+    no cold start), plus the Tables 6-8 correlations when asked."""
     tenant = claim.job.tenant
     payload = DecompositionPayload.model_validate(claim.job.payload)
-    record = ctx.registry.get_model(tenant, payload.model)
-    if record is None:
-        raise KeyError(f"model {payload.model} not found")
-    train = ctx.dataset(tenant, payload.train)
-    outcome = decompose(
-        ctx.store.path(record["artifact"]),
-        train,
-        DecompositionArguments(**payload.arguments),
-        progress=progress,
+    model, config = ctx.checkpoint(tenant, payload.model)
+    responder = Responder(
+        config,
+        model.state_dict(),
+        models.Recipe.from_dict(payload.recipe),
+        ctx.dataset(tenant, payload.train),
+        ResponseArguments(damping=payload.damping),
     )
-    return Outcome(outcome.to_dict())
+    share = 1.0 if payload.correlation is None else 0.5
+    arguments = DecompositionArguments(**payload.arguments)
+    result = decompose(responder, arguments, _scaled(progress, 0.0, share)).to_dict()
+    if payload.correlation is not None and payload.test is not None:
+        test = ctx.test_points(tenant, payload.test)
+        correlation = correlate(
+            responder,
+            test,
+            CorrelationArguments(**payload.correlation),
+            _scaled(progress, share, 1 - share),
+        )
+        result["correlation"] = correlation.to_dict()
+    return Outcome(result, result.get("solver_report"))
 
 
 _HANDLERS: dict[JobKind, Callable[[Context, Claim, Progress], Outcome | None]] = {

@@ -156,6 +156,11 @@ local function set_status(new)
   redis.call('HSET', KEYS[1], 'status', new, 'updated', ARGV[1])
   if new == 'succeeded' or new == 'failed' or new == 'canceled' then
     redis.call('HSET', KEYS[1], 'finished', ARGV[1])
+    local ttl = tonumber(redis.call('HGET', KEYS[1], 'ttl') or '0')
+    if ttl > 0 then
+      redis.call('EXPIRE', KEYS[1], ttl)
+      redis.call('EXPIRE', KEYS[3], ttl)
+    end
   end
 end
 local function event()
@@ -420,6 +425,7 @@ class JobQueue:
             "payload": json.dumps(body, sort_keys=True),
             "parent": parent or "",
             "cache_key": cache_key or "",
+            "ttl": str(self.settings.result_ttl_seconds),
         }
         pipe = self.redis.pipeline(transaction=True)
         pipe.zadd(self.keys.tenant_jobs(tenant), {job_id: now})
@@ -513,10 +519,10 @@ class JobQueue:
 
     def claim(self, consumer: str, *, block_ms: int = 1000) -> Claim | None:
         """Take the next job: first one whose lease expired (XAUTOCLAIM, min-idle = lease),
-        else a new one (XREADGROUP, waiting up to ``block_ms``; 0: no wait). Increments ``attempts`` (the fencing token). Jobs that
-        are already finished or canceled are acknowledged and skipped; a job out of
-        attempts goes to the dead-letter list. Returns None when nothing came within
-        ``block_ms``."""
+        else a new one (XREADGROUP, waiting up to ``block_ms``; 0: no wait). Increments
+        ``attempts`` (the fencing token). Jobs already finished or canceled are acknowledged
+        and skipped; a job out of attempts goes to the dead-letter list. None when nothing
+        came."""
         self.ensure_group()
         lease_ms = int(self.settings.lease_seconds * 1000)
         _, messages, *_ = self.redis.xautoclaim(

@@ -77,7 +77,8 @@ class Settings(BaseSettings):
     result_ttl_seconds: int = Field(
         0,
         ge=0,
-        description="Lifetime of finished job records (0: keep forever).",
+        description="Lifetime of a finished job's record and events in Redis (0: keep "
+        "forever); its artifacts stay in the store.",
     )
     model_cache_size: int = Field(
         4,

@@ -169,7 +169,8 @@ class Registry:
 
     def put_dataset(self, tenant: str, data: bytes, name: str | None = None) -> dict[str, Any]:
         """Validate a dataset file (safetensors with ``inputs``, ``targets``) and register
-        it: {"id", "size", "name", "task", "num_classes", "input_shape", "artifact"}.
+        it: {"id", "size", "name", "task", "num_classes", "input_shape", "class_names",
+        "artifact"}.
         Invalid input raises models.DatasetError."""
         return self._register_dataset(tenant, models.load_dataset_bytes(data), name)
 
@@ -193,7 +194,8 @@ class Registry:
             "name": name or meta.get("name"),
             "task": meta.get("task"),
             "num_classes": meta.get("num_classes"),
-            "input_shape": list(dataset.inputs.shape[1:]),
+            "input_shape": meta.get("input_shape") or list(dataset.inputs.shape[1:]),
+            "class_names": meta.get("class_names"),
             "artifact": artifact,
         }
         self.redis.hset(self.keys.datasets(tenant), dataset.id, json.dumps(record))

@@ -15,8 +15,9 @@ from worker.queue import JobRecord
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 
-KEEP_ALIVE_MS = 15_000
-"""An SSE comment is sent after this long without events, so proxies keep the stream."""
+KEEP_ALIVE_MS = 10_000
+"""An SSE comment is sent after this long without events, so proxies keep the stream
+(below the async Redis client's socket timeout, ``app.services.SSE_SOCKET_TIMEOUT_S``)."""
 
 
 def job_view(record: JobRecord, *, cached: bool = False) -> JobView:
@@ -85,7 +86,7 @@ def job_events(
 ) -> StreamingResponse:
     """Server-Sent Events: ``event: progress`` frames whose ``data`` is the job as
     ``GET /jobs/{id}`` shows it, then one ``event: done`` frame when it is finished.
-    Resumes after ``Last-Event-ID``; a ``: keep-alive`` comment every 15 s."""
+    Resumes after ``Last-Event-ID``; a ``: keep-alive`` comment every 10 s."""
     owned_job(services, caller.tenant, job_id)
     keys = services.queue.keys
 

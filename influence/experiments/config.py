@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from influence.decomposition import DecompositionArguments
-from influence.response import ResponseArguments, default_dtype
+from influence.response import ResponseArguments
 from models import Dataset, Recipe, TrainRun, builtin_dataset, train
 
 __all__ = [
@@ -167,8 +167,7 @@ class ExperimentConfig:
 
     def train_base(self, train_set: Dataset) -> TrainRun:
         """The base run (θ⁰ → θˢ, K epochs) in the response dtype."""
-        with default_dtype(getattr(torch, self.response.dtype)):
-            return train(self.model, train_set, self.recipe)
+        return train(self.model, train_set, self.recipe, dtype=getattr(torch, self.response.dtype))
 
     def with_value(self, parameter: str, value: float) -> ExperimentConfig:
         """This config with one sweep factor set (width/depth edit ``model['hidden']``)."""

@@ -29,7 +29,9 @@ def _reference(demo: tuple[Path, models.Dataset, models.Dataset]) -> torch.Tenso
     model, _ = models.load_checkpoint(checkpoint)
     engine = InfluenceEngine(model, loss="cross_entropy", train=(train.inputs, train.targets))
     idx = torch.tensor(TEST_ROWS)
-    result = engine.scores(test=(test.inputs[idx], test.targets[idx]), solver=CG(tol=1e-6, max_iter=500))
+    result = engine.scores(
+        test=(test.inputs[idx], test.targets[idx]), solver=CG(tol=1e-6, max_iter=500)
+    )
     return result.scores
 
 
@@ -107,16 +109,19 @@ def test_inline_test_points_give_the_same_scores(
         "inputs": test.inputs[TEST_ROWS].tolist(),
         "targets": test.targets[TEST_ROWS].tolist(),
     }
-    query = {"model": uploaded["model"], "train": uploaded["train"], "test": inline, "solver": SOLVER}
+    query = {
+        "model": uploaded["model"],
+        "train": uploaded["train"],
+        "test": inline,
+        "solver": SOLVER,
+    }
     with live.client() as client:
         job = client.influence(query)
         assert isinstance(job, JobAccepted)
         assert client.wait(job.job, timeout=120).status == "succeeded"
         reference = _reference(demo)
         scale = reference.abs().max()
-        torch.testing.assert_close(
-            client.scores(job.job), reference, rtol=0, atol=RTOL_F32 * scale
-        )
+        torch.testing.assert_close(client.scores(job.job), reference, rtol=0, atol=RTOL_F32 * scale)
 
 
 def test_api_restart_mid_job_keeps_the_job(

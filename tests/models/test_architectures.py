@@ -26,7 +26,7 @@ TINY_CONFIGS = {
     ),
     "autoencoder": ({"architecture": "autoencoder", "widths": [8, 4, 2, 4, 8]}, (8,)),
     "lenet": (
-        {"architecture": "lenet", "in_channels": 1, "image_size": 8, "num_classes": 3,
+        {"architecture": "lenet", "in_channels": 1, "image_size": 12, "num_classes": 3,
          "width": 0.25},
         (3,),
     ),
@@ -101,14 +101,14 @@ def test_per_example_gradients_under_vmap_match_a_loop(key: str) -> None:
     config, _ = TINY_CONFIGS[key]
     model = models.build(config).double()
     params = {k: v.detach() for k, v in model.named_parameters()}
-    x = models.example_input(config, batch_size=3, generator=torch.Generator().manual_seed(3))
+    x = models.example_input(config, batch_size=2, generator=torch.Generator().manual_seed(3))
     x = x.double() if x.is_floating_point() else x
 
     def loss(theta: dict, example: torch.Tensor) -> torch.Tensor:
         return functional_call(model, theta, (example[None],)).pow(2).sum()
 
     batched = vmap(grad(loss), in_dims=(None, 0))(params, x)
-    for i in range(3):
+    for i in range(2):
         single = grad(loss)(params, x[i])
         for name in params:
             torch.testing.assert_close(batched[name][i], single[name], rtol=RTOL_EXACT, atol=1e-12)
@@ -134,6 +134,20 @@ def test_transformer_is_causal() -> None:
     a, b = model(tokens), model(changed)
     assert torch.equal(a[0, :3], b[0, :3])
     assert not torch.equal(a[0, 3:], b[0, 3:])
+
+
+@pytest.mark.parametrize(
+    ("config", "parameters"),
+    [
+        ({"architecture": "lenet"}, 61_706),  # LeNet-5 on 28×28
+        ({"architecture": "resnet20"}, 272_474),  # ≈ 0.27M of He et al.; 1×1 projections
+        ({"architecture": "mlp", "in_features": 64, "hidden": [32, 32], "out_features": 10}, 3_466),
+    ],
+)
+def test_default_sizes(config: dict, parameters: int) -> None:
+    model = models.build(config)
+    assert sum(p.numel() for p in model.parameters()) == parameters
+    assert model(models.example_input(config, batch_size=1)).shape[-1] == 10
 
 
 def test_default_autoencoder_is_the_papers() -> None:
@@ -181,7 +195,7 @@ def test_binary_logistic_regression_has_one_logit() -> None:
              "d_model": 6, "n_heads": 4},
             ["'d_model' of transformer_lm (6) must be divisible by 'n_heads' (4)"],
         ),
-        ({"architecture": "lenet", "image_size": 2}, ["'image_size' of lenet must be >= 4"]),
+        ({"architecture": "lenet", "image_size": 8}, ["'image_size' of lenet must be >= 12"]),
         ({"architecture": "vgg13", "width": float("nan")}, ["'width' of vgg13 must be float"]),
     ],
 )  # fmt: skip

@@ -202,6 +202,9 @@ def test_pickle_payload_is_never_executed(tmp_path: Path) -> None:
         torch_payload = _torch_save({"w": _TouchOnUnpickle(marker)}, zipfile=True)
         with pytest.raises(CheckpointError, match="zip archive"):
             models.load_checkpoint_bytes(torch_payload)
+    for protocol in (0, 1):  # no 0x80 opcode: refused by the header checks instead
+        with pytest.raises(CheckpointError):
+            models.load_checkpoint_bytes(pickle.dumps(_TouchOnUnpickle(marker), protocol))
     assert not marker.exists()
 
 
@@ -238,6 +241,8 @@ def test_separate_config_is_used_and_must_agree() -> None:
     model, config = models.load_checkpoint_bytes(bare, CONFIG)
     assert config == CONFIG
     assert torch.equal(model.state_dict()["2.weight"], state["2.weight"])
+    as_tuple = {**CONFIG, "hidden": (4,)}  # JSON-equal to the embedded config
+    assert models.load_checkpoint_bytes(_valid(), as_tuple)[1] == CONFIG
     other = {**CONFIG, "activation": "tanh"}
     with pytest.raises(CheckpointError, match="given config differs from the one in the file"):
         models.load_checkpoint_bytes(_valid(), other)

@@ -114,6 +114,7 @@ def test_full_batch_weighted_step_matches_the_objective(data: Dataset) -> None:
     assert run.batch_order[0].tolist() == list(range(24))
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
 def test_lbfgs_reaches_the_exact_logistic_regression_optimum() -> None:
     data = models.builtin_dataset("breast_cancer").subset(range(60))
     x = data.inputs[:, :4].contiguous()
@@ -203,7 +204,12 @@ def test_run_save_load_round_trip(tmp_path: Path, base_run: TrainRun) -> None:
     )
     assert loaded.losses == base_run.losses
     x = torch.randn(2, 3)
-    assert torch.equal(loaded.model()(x), base_run.model()(x))
+    model = loaded.model()
+    assert torch.equal(model(x), base_run.model()(x))
+    assert all(p.requires_grad for p in model.parameters())
+    with torch.no_grad():
+        model[0].weight.zero_()  # the run's own tensors are not aliased
+    assert torch.equal(loaded.thetas["0.weight"], base_run.thetas["0.weight"])
     assert torch.equal(loaded.model(final=False)[0].weight, base_run.theta0["0.weight"])
 
 
@@ -295,3 +301,20 @@ def test_bad_train_arguments(data: Dataset, base_run: TrainRun) -> None:
         models.train(
             CONFIG, data, MINIBATCH, init={**base_run.thetas, "0.weight": torch.zeros(2, 3)}
         )
+
+
+def test_float64_training_starts_from_the_same_theta0(tmp_path: Path, data: Dataset) -> None:
+    recipe = Recipe(optimizer="lbfgs", lr=1.0, epochs=5, weight_decay=1e-2)
+    run32 = models.train(CONFIG, data, recipe)
+    run64 = models.train(CONFIG, data, recipe, dtype=torch.float64)
+    assert run64.dtype == torch.float64 and run32.dtype == torch.float32
+    for name, value in run32.theta0.items():
+        assert torch.equal(run64.theta0[name], value.double())
+    warm = models.train(CONFIG, data, recipe, init=run32.thetas, epochs=0, dtype=torch.float64)
+    assert warm.thetas["0.weight"].dtype == torch.float64
+    run64.save(tmp_path)
+    loaded = TrainRun.load(tmp_path)
+    assert loaded.dtype == torch.float64
+    assert torch.equal(loaded.model()[0].weight, run64.thetas["0.weight"])
+    with pytest.raises(TrainingError, match="dtype must be a floating dtype"):
+        models.train(CONFIG, data, recipe, dtype=torch.int64)

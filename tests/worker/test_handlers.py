@@ -8,6 +8,7 @@ import torch
 
 import models
 from influence import Exact, InfluenceEngine
+from influence.response import VerifyArguments, verify
 from tests.conftest import RTOL_F32
 from tests.worker.conftest import (
     MLP_CONFIG,
@@ -140,3 +141,52 @@ def test_cancel(queue: JobQueue, tiny: dict, thread_worker, when: str) -> None:
     record = wait_for(queue, job, finished, timeout=30)
     assert record.status == JobStatus.CANCELED
     assert record.attempts == (0 if when == "queued" else 1)
+
+
+def test_verify_job_retrains_the_top_points(
+    queue: JobQueue, store: ArtifactStore, tiny: dict, thread_worker
+) -> None:
+    source = queue.submit(JobKind.INFLUENCE, influence_payload(tiny), tenant=TENANT)
+    thread_worker()
+    assert wait_for(queue, source, finished).status == JobStatus.SUCCEEDED
+    check = {"job": source, "top": 2, "method": "linearized", "test": 0, "steps": 20}
+    record = wait_for(queue, queue.submit(JobKind.VERIFY, check, tenant=TENANT), finished)
+    assert record.status == JobStatus.SUCCEEDED, record.error
+    result = record.result
+    assert result["method"] == "linearized" and 2 <= len(result["train_indices"]) <= 4
+    scores = store.get_tensors(queue.get(source).result["scores"])["scores"][0]
+    order = scores.argsort(descending=True).tolist()
+    assert result["train_indices"] == sorted(set(order[:2] + order[-2:]))
+    test = models.Dataset(tiny["test"][0][:1], tiny["test"][1][:1])
+    direct = verify(
+        (tiny["model"], MLP_CONFIG), tiny["train"], test, result["train_indices"],
+        damping=1e-2, method="linearized", arguments=VerifyArguments(steps=20, solver="exact"),
+    )  # fmt: skip
+    torch.testing.assert_close(
+        torch.tensor(result["predicted"], dtype=torch.float64), direct.predicted
+    )
+    torch.testing.assert_close(torch.tensor(result["actual"], dtype=torch.float64), direct.actual)
+
+
+def test_verify_of_a_missing_job_fails_naming_it(queue: JobQueue, thread_worker) -> None:
+    job = queue.submit(JobKind.VERIFY, {"job": "nope"}, tenant=TENANT)
+    thread_worker()
+    record = wait_for(queue, job, finished)
+    assert record.status == JobStatus.FAILED and "nope" in record.error
+
+
+def test_decomposition_job_on_a_checkpoint(queue: JobQueue, tiny: dict, thread_worker) -> None:
+    payload = {
+        "model": tiny["model_id"],
+        "train": tiny["train_id"],
+        "recipe": {"optimizer": "sgd", "lr": 0.1, "epochs": 2, "batch_size": 10},
+        "damping": 1e-2,
+        "arguments": {"num_points": 2, "seed": 0},
+    }
+    thread_worker()
+    record = wait_for(queue, queue.submit(JobKind.DECOMPOSITION, payload, tenant=TENANT), finished)
+    assert record.status == JobStatus.SUCCEEDED, record.error
+    summary = record.result["summary"]
+    assert "warm_start" not in summary  # a checkpoint has no recorded θ⁰
+    assert {"proximity", "non_convergence", "linearization", "solver"} <= set(summary)
+    assert all(len(v) == 2 for v in record.result["gaps"].values())

@@ -214,3 +214,12 @@ def test_succeeded_job_with_cache_key_is_found_by_cached_job(queue: JobQueue) ->
 def test_workers_alive(queue: JobQueue) -> None:
     queue.seen("w-1")
     assert queue.workers_alive() == ["w-1"]
+
+
+def test_finished_jobs_expire_after_the_result_ttl(client: redis.Redis, settings: Settings) -> None:
+    queue = short_lease(client, settings, result_ttl_seconds=60)
+    job = queue.submit(JobKind.SELF_INFLUENCE, PAYLOAD, tenant=TENANT)
+    assert client.ttl(queue.keys.job(job)) == -1  # no expiry while it is alive
+    queue.complete(queue.claim("w", block_ms=50), {})
+    assert 0 < client.ttl(queue.keys.job(job)) <= 60
+    assert 0 < client.ttl(queue.keys.events(job)) <= 60

@@ -1,0 +1,294 @@
+"""The dashboard in a real browser (Debian's Chromium driven by Playwright) against a real
+server: uvicorn on a loopback port, real Redis, a real worker running the engine on the
+built-in digits demo. Screenshots of each page go to test-artifacts/dashboard/.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from app.cli import bootstrap_demo
+from tests.app.conftest import LiveServer, WorkerThreads, delete_keys, make_settings
+
+playwright_api = pytest.importorskip("playwright.sync_api")
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts" / "dashboard"
+JOB_TIMEOUT_MS = 90_000
+
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.skipif(not CHROMIUM.exists(), reason=f"{CHROMIUM} is not installed"),
+]
+
+
+@pytest.fixture(scope="module")
+def server(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+    """The API with the demo registered (as `serve` does on first start) and one worker."""
+    settings = make_settings(
+        redis_url,
+        tmp_path_factory.mktemp("dashboard") / "data",
+        key_prefix=f"test-dashboard:{uuid.uuid4().hex[:12]}:",
+    )
+    bootstrap_demo(settings)
+    live = LiveServer(settings).start()
+    pool = WorkerThreads()
+    pool.start(settings)
+    yield live
+    live.stop()
+    pool.close()
+    delete_keys(redis_url, settings.key_prefix)
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[object]:
+    with playwright_api.sync_playwright() as driver:
+        chromium = driver.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        yield chromium
+        chromium.close()
+
+
+@dataclass
+class Session:
+    """A page plus everything it logged and requested."""
+
+    page: object
+    base: str
+    console_errors: list[str] = field(default_factory=list)
+    requests: list[str] = field(default_factory=list)
+    server_errors: list[str] = field(default_factory=list)
+
+    def shot(self, name: str) -> Path:
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        path = ARTIFACTS / f"{name}.png"
+        self.page.screenshot(path=str(path), full_page=True)
+        return path
+
+    def assert_clean(self, expected_statuses: tuple[int, ...] = ()) -> None:
+        """No console or page errors except the browser's own note of a response we
+        provoked on purpose (e.g. the 422 of a bad field); every request stayed local."""
+        allowed = re.compile(
+            r"Failed to load resource: the server responded with a status of "
+            rf"({'|'.join(map(str, expected_statuses)) or 'none'}) "
+        )
+        unexpected = [e for e in self.console_errors if not allowed.match(e)]
+        assert unexpected == []
+        assert self.server_errors == []
+        local = (f"{self.base}/", f"blob:{self.base}/")  # blobs: thumbnails fetched from here
+        foreign = [url for url in self.requests if not url.startswith(local)]
+        assert self.requests and foreign == []
+
+
+@pytest.fixture
+def session(browser: object, server: LiveServer) -> Iterator[Session]:
+    context = browser.new_context(viewport={"width": 1366, "height": 900})
+    page = context.new_page()
+    page.set_default_timeout(30_000)
+    state = Session(page=page, base=server.url)
+    page.on("console", lambda m: state.console_errors.append(m.text) if m.type == "error" else None)
+    page.on("pageerror", lambda e: state.console_errors.append(f"pageerror: {e}"))
+    page.on("request", lambda r: state.requests.append(r.url))
+    page.on(
+        "response",
+        lambda r: state.server_errors.append(f"{r.status} {r.url}") if r.status >= 500 else None,
+    )
+    yield state
+    context.close()
+
+
+def wait_for_job(page: object, box: str) -> None:
+    """Wait until the progress bar in ``box`` reports a finished job; it must have succeeded."""
+    page.wait_for_selector(
+        f"{box} .progress[data-status=succeeded], {box} .progress[data-status=failed], "
+        f"{box} .progress[data-status=canceled]",
+        timeout=JOB_TIMEOUT_MS,
+    )
+    bar = page.locator(f"{box} .progress")
+    assert bar.get_attribute("data-status") == "succeeded", page.inner_text("main")
+    assert bar.locator("progress").evaluate("p => p.value") == 1
+
+
+def ranked_points(page: object, direction: str) -> list[tuple[float, str]]:
+    """(score, label text) of each ranked point shown in a column, once its thumbnail loaded."""
+    column = f".ranking[data-direction={direction}]"
+    page.wait_for_function(
+        f"""() => {{
+            const imgs = [...document.querySelectorAll('{column} li img.thumb')];
+            return imgs.length >= 5 && imgs.every((i) => i.complete && i.naturalWidth > 0);
+        }}""",
+        timeout=JOB_TIMEOUT_MS,
+    )
+    rows = page.locator(f"{column} li")
+    return [
+        (float(rows.nth(i).locator(".score").inner_text()), rows.nth(i).inner_text())
+        for i in range(rows.count())
+    ]
+
+
+def test_influence_query_shows_helpful_and_harmful_points(session: Session) -> None:
+    page = session.page
+    page.goto(f"{session.base}/")
+    page.wait_for_selector("#query-form select[name=model] option", state="attached")
+    assert "demo-digits-mlp" in page.inner_text("#query-form select[name=model]")
+    session.shot("01-query-form")
+
+    page.get_by_role("button", name="Find influential training points").click()
+    wait_for_job(page, "#query-progress")
+    helpful = ranked_points(page, "helpful")
+    harmful = ranked_points(page, "harmful")
+    assert len(helpful) >= 5 and len(harmful) >= 5
+    assert all(score > 0 for score, _ in helpful[:5])
+    assert all(score < 0 for score, _ in harmful[:5])
+    assert [s for s, _ in helpful] == sorted((s for s, _ in helpful), reverse=True)
+    assert all("label" in text for _, text in helpful + harmful)
+    page.wait_for_function(
+        "() => document.querySelector('.test-example img.thumb')?.naturalWidth > 0"
+    )
+    report = page.inner_text(".report-card")
+    assert "iterations" in report and "relative residual" in report and "converged" in report
+    href = page.get_by_role("link", name="Export scores (safetensors)").get_attribute("href")
+    assert re.fullmatch(r"/influence/[0-9a-f-]+/scores", href)
+    session.shot("02-query-result")
+
+    first = page.locator(".ranking[data-direction=helpful] li").first.inner_text()
+    page.get_by_role("button", name="Top helpful: next page").click()
+    page.wait_for_function(
+        "() => document.querySelector('.ranking[data-direction=helpful] .pager span')"
+        ".textContent.startsWith('11–20')"
+    )
+    assert page.locator(".ranking[data-direction=helpful] li").first.inner_text() != first
+
+    page.fill("#query-form input[name=damping]", "-1")
+    page.get_by_role("button", name="Find influential training points").click()
+    message = page.locator("#query-form .message.error")
+    message.wait_for()
+    assert "422" in message.inner_text() and "damping" in message.inner_text()
+    session.shot("03-validation-error")
+    session.assert_clean(expected_statuses=(422,))
+
+
+def test_verify_with_pbrf_plots_predicted_against_actual(session: Session) -> None:
+    page = session.page
+    page.goto(f"{session.base}/")
+    page.get_by_role("button", name="Find influential training points").click()
+    wait_for_job(page, "#query-progress")
+    page.fill(".verify input[name=top]", "3")
+    page.get_by_role("button", name="Verify with PBRF").click()
+    wait_for_job(page, ".verify")
+    chart = page.locator(".verify svg.chart")
+    assert "Pearson" in chart.get_attribute("aria-label")
+    assert chart.locator("circle.dot").count() >= 3
+    session.shot("04-verify")
+    session.assert_clean()
+
+
+def test_mislabel_finder_ranks_by_self_influence(session: Session) -> None:
+    page = session.page
+    page.goto(f"{session.base}/#mislabel")
+    page.wait_for_selector("#mislabel-form select[name=model] option", state="attached")
+    page.get_by_role("button", name="Rank by self-influence").click()
+    wait_for_job(page, "#mislabel-progress")
+    points = ranked_points(page, "helpful")
+    assert len(points) >= 5 and all(score > 0 for score, _ in points)
+    assert [s for s, _ in points] == sorted((s for s, _ in points), reverse=True)
+    session.shot("05-mislabel")
+    session.assert_clean()
+
+
+def test_decomposition_result_opens_with_its_chart(session: Session) -> None:
+    page = session.page
+    page.goto(f"{session.base}/#decompositions")
+    page.wait_for_selector("#decomp-form select[name=model] option", state="attached")
+    page.fill("#decomp-form input[name=num_points]", "2")
+    page.fill("#decomp-form input[name=epochs]", "1")
+    page.get_by_role("button", name="Run decomposition").click()
+    wait_for_job(page, "#decomp-progress")
+    page.get_by_role("link", name=re.compile(r"^Open ")).first.click()
+    result = page.locator(".decomposition")
+    result.wait_for()
+    gaps = result.locator("table.gaps tbody tr")
+    assert gaps.count() >= 4
+    assert result.locator("svg.chart rect.bar").count() == gaps.count()
+    session.shot("06-decomposition")
+    session.assert_clean()
+
+
+def test_jobs_page_cancels_a_running_job(session: Session) -> None:
+    page = session.page
+    page.goto(f"{session.base}/")
+    page.check("#query-form input[name=solver][value=lissa]")
+    page.fill("#query-form input[name=depth]", "100000")
+    page.fill("#query-form input[name=repeats]", "10")
+    page.get_by_role("button", name="Find influential training points").click()
+    page.wait_for_selector("#query-progress .progress[data-status=running]")
+    page.get_by_role("link", name="Jobs").click()
+    running = page.locator("tr[data-status=running]")
+    running.first.wait_for()
+    session.shot("07-jobs-running")
+    running.first.get_by_role("button", name=re.compile("^Cancel job")).click()
+    page.wait_for_selector("tr[data-status=canceled]", timeout=JOB_TIMEOUT_MS)
+    assert page.locator("tr[data-status=running]").count() == 0
+    session.shot("08-jobs-canceled")
+    page.get_by_role("link", name="Influence query").click()
+    assert "canceled" in page.inner_text("#query-form .message.error")
+    session.assert_clean()
+
+
+def test_models_page_lists_the_demo_and_is_usable_on_a_narrow_screen(session: Session) -> None:
+    page = session.page
+    page.set_viewport_size({"width": 420, "height": 900})
+    page.goto(f"{session.base}/#models")
+    page.locator("#models-table th", has_text="demo-digits-mlp").wait_for()
+    assert "digits-train" in page.inner_text("#datasets-table")
+    width = page.evaluate("() => document.documentElement.scrollWidth")
+    assert width <= 420
+    session.shot("09-models-narrow")
+    session.assert_clean()
+
+
+def test_api_key_is_asked_for_after_a_401_and_kept_for_the_session(
+    browser: object, redis_url: str, tmp_path: Path
+) -> None:
+    settings = make_settings(redis_url, tmp_path / "data", api_keys={"key-carol": "carol"})
+    live = LiveServer(settings).start()
+    context = browser.new_context()
+    try:
+        page = context.new_page()
+        state = Session(page=page, base=live.url)
+        page.on(
+            "console", lambda m: state.console_errors.append(m.text) if m.type == "error" else None
+        )
+        page.on("pageerror", lambda e: state.console_errors.append(f"pageerror: {e}"))
+        page.on("request", lambda r: state.requests.append(r.url))
+        page.goto(f"{live.url}/#models")
+        dialog = page.get_by_role("dialog", name="API key")
+        dialog.wait_for()
+        dialog.get_by_label("Key").fill("key-carol")
+        dialog.get_by_role("button", name="Save").click()
+        page.get_by_text("No models yet.").wait_for()
+        assert page.evaluate("() => Object.values(sessionStorage)") == ["key-carol"]
+        page.reload()
+        page.get_by_text("No models yet.").wait_for()
+        assert not page.get_by_role("dialog").is_visible()
+        state.shot("10-api-key")
+        state.assert_clean(expected_statuses=(401,))
+    finally:
+        context.close()
+        live.stop()
+        delete_keys(redis_url, settings.key_prefix)

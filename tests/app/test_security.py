@@ -1,0 +1,242 @@
+"""Bad input and abuse over real HTTP: keys, tenants, size caps, bounds, rate limits,
+hostile checkpoints and file names."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from app.cli import main as cli_main
+from app.client import ApiError
+from tests.app.conftest import API_KEYS, LiveServer, WorkerThreads, dataset_bytes
+from tests.models.test_checkpoints import CORPUS
+from worker.settings import Settings
+
+ALICE = {"Authorization": "Bearer key-alice"}
+BOB = {"Authorization": "Bearer key-bob"}
+
+
+def _artifacts(settings: Settings) -> list[Path]:
+    root = settings.data_dir / "artifacts"
+    return [p for p in root.rglob("*") if p.is_file()] if root.exists() else []
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {},
+        {"Authorization": "Bearer nope"},
+        {"Authorization": "Basic key-alice"},
+        {"Authorization": "Bearer"},
+    ],
+    ids=["missing", "unknown", "wrong-scheme", "empty"],
+)
+def test_wrong_or_missing_key_is_401(live: LiveServer, headers: dict[str, str]) -> None:
+    for method, path in [("GET", "/models"), ("GET", "/jobs"), ("POST", "/influence")]:
+        response = httpx.request(method, live.url + path, headers=headers, json={})
+        assert response.status_code == 401, (method, path)
+        assert response.headers["WWW-Authenticate"] == "Bearer"
+    assert httpx.get(live.url + "/healthz").status_code == 200  # probes need no key
+
+
+def test_another_tenants_ids_are_404(live: LiveServer, uploaded: dict[str, str]) -> None:
+    with live.client("key-alice") as alice:
+        job = alice.influence(
+            {
+                "model": uploaded["model"],
+                "train": uploaded["train"],
+                "test": {"dataset": uploaded["test"], "indices": [0]},
+            }
+        )
+    url = live.url
+    checks = [
+        ("GET", f"/models/{uploaded['model']}", None),
+        ("DELETE", f"/models/{uploaded['model']}", None),
+        ("GET", f"/datasets/{uploaded['train']}", None),
+        ("GET", f"/datasets/{uploaded['test']}/items/0.png", None),
+        ("GET", f"/jobs/{job.job}", None),
+        ("DELETE", f"/jobs/{job.job}", None),
+        ("GET", f"/jobs/{job.job}/events", None),
+        ("GET", f"/influence/{job.job}/ranking", None),
+        (
+            "POST",
+            "/influence",
+            {
+                "model": uploaded["model"],
+                "train": uploaded["train"],
+                "test": {"dataset": uploaded["test"], "indices": [0]},
+            },
+        ),
+    ]
+    for method, path, body in checks:
+        response = httpx.request(method, url + path, headers=BOB, json=body)
+        assert response.status_code == 404, (method, path, response.text)
+    assert httpx.get(url + "/models", headers=BOB).json() == []
+    assert httpx.get(url + "/jobs", headers=BOB).json()["items"] == []
+    # ... and alice still has everything bob tried to delete
+    assert httpx.get(url + f"/models/{uploaded['model']}", headers=ALICE).status_code == 200
+    assert httpx.get(url + f"/jobs/{job.job}", headers=ALICE).json()["status"] == "queued"
+
+
+@pytest.fixture
+def small_caps(settings_factory: Callable[..., Settings]) -> Iterator[LiveServer]:
+    server = LiveServer(
+        settings_factory(api_keys=API_KEYS, max_upload_bytes=4096, max_body_bytes=2048)
+    ).start()
+    yield server
+    server.stop()
+
+
+def test_oversize_bodies_are_413_with_and_without_content_length(small_caps: LiveServer) -> None:
+    payload = b"\0" * 10_000
+    sized = httpx.post(
+        small_caps.url + "/models", headers=ALICE, files={"weights": ("w.safetensors", payload)}
+    )
+    assert sized.status_code == 413 and "4096 bytes" in sized.json()["detail"]
+
+    def chunks() -> Iterator[bytes]:
+        for _ in range(10):
+            yield b"\0" * 1000
+
+    chunked = httpx.post(
+        small_caps.url + "/datasets",
+        headers={**ALICE, "Content-Type": "multipart/form-data; boundary=xyz"},
+        content=chunks(),
+    )
+    assert chunked.status_code == 413
+    big_json = httpx.post(
+        small_caps.url + "/influence",
+        headers={**ALICE, "Content-Type": "application/json"},
+        content=(b'{"model": "' + b"a" * 4000 + b'"}' for _ in range(1)),
+    )
+    assert big_json.status_code == 413
+    assert _artifacts(small_caps.settings) == []
+    assert httpx.get(small_caps.url + "/models", headers=ALICE).json() == []
+
+
+def test_bad_checkpoint_corpus_is_rejected_and_nothing_stored(
+    live: LiveServer, workers: WorkerThreads, settings: Settings
+) -> None:
+    workers.start(settings)
+    for case, (make, fragments) in sorted(CORPUS.items()):
+        response = httpx.post(
+            live.url + "/models", headers=ALICE, files={"weights": ("ckpt.safetensors", make())}
+        )
+        assert response.status_code == 400, case
+        detail = response.json()["detail"]
+        assert all(fragment in detail for fragment in fragments), (case, detail)
+    assert httpx.get(live.url + "/models", headers=ALICE).json() == []
+    assert _artifacts(settings) == []
+    assert workers.alive()
+    assert httpx.get(live.url + "/healthz").json()["workers"] == ["test-worker-0"]
+
+
+def test_uploaded_file_names_never_reach_the_file_system(
+    live: LiveServer, settings: Settings, demo, tmp_path: Path
+) -> None:
+    checkpoint, _, test = demo
+    hostile = "../../../../../../tmp/escaped-influence-upload.safetensors"
+    model = httpx.post(
+        live.url + "/models", headers=ALICE, files={"weights": (hostile, checkpoint.read_bytes())}
+    )
+    dataset = httpx.post(
+        live.url + "/datasets",
+        headers=ALICE,
+        files={"file": (hostile, dataset_bytes(test, tmp_path))},
+        data={"name": "../../etc/passwd"},
+    )
+    assert model.status_code == 201 and dataset.status_code == 201
+    assert not Path("/tmp/escaped-influence-upload.safetensors").exists()
+    stored = _artifacts(settings)
+    assert stored and all(len(p.name) == 64 and int(p.name, 16) >= 0 for p in stored)
+    assert all(
+        p.resolve().is_relative_to((settings.data_dir / "artifacts").resolve()) for p in stored
+    )
+    for bad_id in ["..%2F..%2Fetc%2Fpasswd", "....//....//etc"]:
+        assert httpx.get(f"{live.url}/datasets/{bad_id}", headers=ALICE).status_code == 404
+
+
+def _query(uploaded: dict[str, str], **changes: object) -> dict[str, object]:
+    body: dict[str, object] = {
+        "model": uploaded["model"],
+        "train": uploaded["train"],
+        "test": {"dataset": uploaded["test"], "indices": [0]},
+    }
+    body.update(changes)
+    return body
+
+
+@pytest.mark.parametrize(
+    ("changes", "loc"),
+    [
+        ({"damping": 0}, ["body", "damping"]),
+        ({"damping": -1.0}, ["body", "damping"]),
+        ({"weight_decay": -1.0}, ["body", "weight_decay"]),
+        ({"solver": {"name": "lissa", "depth": 100_000, "repeats": 100}}, ["body", "solver"]),
+        ({"solver": {"name": "cg", "max_iter": 0}}, ["body", "solver", "max_iter"]),
+        ({"solver": {"name": "cg", "tol": 2.0}}, ["body", "solver", "tol"]),
+        ({"test": {"dataset": "ab" * 32, "indices": list(range(257))}}, ["body", "test"]),
+        ({"test": {"dataset": "ab" * 32, "indices": [-1]}}, ["body", "test"]),
+        ({"test": {"inputs": [[0.0] * 63], "targets": [1]}}, ["body", "test", "inputs", 0]),
+        ({"test": {"inputs": [[0.0] * 64], "targets": [10]}}, ["body", "test", "targets", 0]),
+        ({"loss": "hinge"}, ["body", "loss"]),
+    ],
+)
+def test_out_of_range_fields_are_422_naming_the_field(
+    live: LiveServer, uploaded: dict[str, str], changes: dict[str, object], loc: list[object]
+) -> None:
+    response = httpx.post(live.url + "/influence", headers=ALICE, json=_query(uploaded, **changes))
+    assert response.status_code == 422, response.text
+    errors = response.json()["detail"]
+    assert any(error["loc"][: len(loc)] == loc for error in errors), errors
+
+
+def test_out_of_range_query_parameters_are_422(live: LiveServer, uploaded: dict[str, str]) -> None:
+    with live.client() as client:
+        job = client.influence(_query(uploaded))
+    for params, name in [
+        ({"limit": 0}, "limit"),
+        ({"limit": 1001}, "limit"),
+        ({"offset": -1}, "offset"),
+        ({"direction": "sideways"}, "direction"),
+    ]:
+        response = httpx.get(
+            f"{live.url}/influence/{job.job}/ranking", headers=ALICE, params=params
+        )
+        assert response.status_code == 422
+        assert response.json()["detail"][0]["loc"] == ["query", name]
+    verify = httpx.post(f"{live.url}/influence/{job.job}/verify", headers=ALICE, json={"top": 0})
+    assert verify.status_code == 422 and verify.json()["detail"][0]["loc"] == ["body", "top"]
+
+
+def test_rate_limit_is_429_with_retry_after(settings_factory: Callable[..., Settings]) -> None:
+    server = LiveServer(
+        settings_factory(api_keys=API_KEYS, rate_limit_per_s=0.5, rate_limit_burst=3)
+    ).start()
+    try:
+        codes = [httpx.get(server.url + "/models", headers=ALICE) for _ in range(4)]
+        assert [r.status_code for r in codes] == [200, 200, 200, 429]
+        assert int(codes[-1].headers["Retry-After"]) >= 1
+        # buckets are per key: bob is unaffected by alice's burst
+        assert httpx.get(server.url + "/models", headers=BOB).status_code == 200
+    finally:
+        server.stop()
+
+
+def test_serve_refuses_public_bind_without_keys(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.delenv("INFLUENCE_API_KEYS", raising=False)
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["serve", "--host", "0.0.0.0", "--data-dir", str(tmp_path)])
+    assert "refusing to bind to 0.0.0.0" in str(exit_info.value.code)
+    assert not (tmp_path / "redis").exists()  # nothing was started
+
+
+def test_client_raises_api_error_with_detail(live: LiveServer) -> None:
+    with live.client() as client, pytest.raises(ApiError) as err:
+        client.model("0" * 64)
+    assert err.value.status == 404 and "not found" in err.value.detail

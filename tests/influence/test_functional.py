@@ -1,0 +1,55 @@
+"""Per-example gradients and directional derivatives against a loop of torch.func.grad."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from influence.functional import (
+    FlatModel,
+    per_example_directional,
+    per_example_grads,
+    summed_grad,
+)
+from models.losses import get_loss
+from tests.conftest import RTOL_EXACT
+from tests.influence.problems import loop_grads, tiny_cnn, tiny_data, tiny_lm, tiny_mlp
+
+CASES = {
+    "mlp-cross_entropy": (lambda: tiny_mlp(3), "classes3", "cross_entropy"),
+    "mlp-bce": (lambda: tiny_mlp(2), "binary2", "bce"),
+    "cnn-cross_entropy": (tiny_cnn, "images3", "cross_entropy"),
+    "lm-token_cross_entropy": (tiny_lm, "tokens3", "cross_entropy"),
+}
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_vmapped_gradients_and_jvps_match_a_loop(case: str) -> None:
+    build, data_kind, loss_name = CASES[case]
+    model = build()
+    inputs, targets = tiny_data(data_kind, 5)
+    fmodel, theta = FlatModel.of(model)
+    loss = get_loss(loss_name)
+    reference = loop_grads(model, loss_name, inputs, targets)
+    grads = per_example_grads(fmodel, loss, theta, inputs, targets)
+    assert _rel(grads, reference) < RTOL_EXACT
+    directions = torch.randn(3, theta.numel(), dtype=torch.float64)
+    along = per_example_directional(fmodel, loss, theta, inputs, targets, directions)
+    assert along.shape == (3, 5)
+    assert _rel(along, directions @ reference.T) < RTOL_EXACT
+    assert _rel(summed_grad(fmodel, loss, theta, inputs, targets), reference.sum(0)) < RTOL_EXACT
+
+
+def test_flat_model_round_trips_parameters_and_skips_frozen_ones() -> None:
+    model = tiny_mlp(3)
+    model[0].bias.requires_grad_(False)
+    fmodel, theta = FlatModel.of(model)
+    assert "0.bias" not in fmodel.names
+    assert fmodel.size == theta.numel() == sum(p.numel() for p in model.parameters()) - 6
+    x = tiny_data("classes3", 4)[0]
+    torch.testing.assert_close(fmodel(theta, x), model(x), rtol=0, atol=0)
+    assert fmodel(theta + 1.0, x).sub(model(x)).abs().max() > 0

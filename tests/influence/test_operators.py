@@ -1,0 +1,120 @@
+"""Curvature products against dense matrices built independently by torch.func."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+from torch import nn
+
+from influence.functional import FlatModel
+from influence.operators import DampedCurvature
+from models.losses import get_loss
+from tests.conftest import RTOL_EXACT
+from tests.influence.problems import (
+    dense_gnh,
+    dense_hessian,
+    tiny_cnn,
+    tiny_data,
+    tiny_lm,
+    tiny_mlp,
+)
+
+WEIGHT_DECAY = 0.01
+
+CASES: dict[str, tuple[Callable[[], nn.Module], str, str]] = {
+    "mlp-cross_entropy": (lambda: tiny_mlp(3), "classes3", "cross_entropy"),
+    "mlp-mse": (lambda: tiny_mlp(2), "regression2", "mse"),
+    "mlp-bce": (lambda: tiny_mlp(2), "binary2", "bce"),
+    "cnn-cross_entropy": (tiny_cnn, "images3", "cross_entropy"),
+    "lm-token_cross_entropy": (tiny_lm, "tokens3", "cross_entropy"),
+}
+
+
+def _operator(
+    model: nn.Module, loss: str, data, kind: str, batch_size: int = 4, damping: float = 0.0
+) -> DampedCurvature:
+    fmodel, theta = FlatModel.of(model)
+    return DampedCurvature(
+        fmodel, theta, get_loss(loss), *data, kind=kind, weight_decay=WEIGHT_DECAY,
+        damping=damping, batch_size=batch_size,
+    )  # fmt: skip
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("kind", ["gnh", "full"])
+def test_products_match_dense_torch_func_matrices(case: str, kind: str) -> None:
+    build, data_kind, loss = CASES[case]
+    model = build()
+    data = tiny_data(data_kind, 6)
+    reference = (dense_gnh if kind == "gnh" else dense_hessian)(
+        model, loss, *data, weight_decay=WEIGHT_DECAY
+    )
+    op = _operator(model, loss, data, kind)  # batch_size 4: chunks of 4 and 2
+    assert _rel(op.dense(), reference) < RTOL_EXACT
+    v = torch.randn(op.size, dtype=torch.float64)
+    assert _rel(op.matvec(v), reference @ v) < RTOL_EXACT
+    if kind == "gnh":  # the Gauss-Newton matrix is PSD by construction; the Hessian is not
+        assert float(torch.linalg.eigvalsh(op.dense())[0]) > 0
+
+
+@pytest.mark.parametrize("kind", ["gnh", "full"])
+def test_damping_adds_lambda_identity(kind: str) -> None:
+    model, data = tiny_mlp(3), tiny_data("classes3", 6)
+    v = torch.randn(sum(p.numel() for p in model.parameters()), dtype=torch.float64)
+    plain = _operator(model, "cross_entropy", data, kind).matvec(v)
+    damped = _operator(model, "cross_entropy", data, kind, damping=0.5).matvec(v)
+    assert _rel(damped, plain + 0.5 * v) < RTOL_EXACT
+
+
+@pytest.mark.parametrize(
+    "case", ["mlp-cross_entropy", "cnn-cross_entropy", "lm-token_cross_entropy"]
+)
+@pytest.mark.parametrize("kind", ["gnh", "full"])
+def test_batch_size_invariance_and_vmap_matches_loop(case: str, kind: str) -> None:
+    build, data_kind, loss = CASES[case]
+    model, data = build(), tiny_data(data_kind, 7)
+    ops = [_operator(model, loss, data, kind, batch_size=b) for b in (1, 3, 7)]
+    vectors = torch.randn(ops[0].size, 3, dtype=torch.float64)
+    batched = [op.matmat(vectors) for op in ops]
+    for other in batched[1:]:
+        assert _rel(other, batched[0]) < RTOL_EXACT
+    looped = torch.stack([ops[1].matvec(vectors[:, j]) for j in range(3)], dim=1)
+    assert _rel(batched[1], looped) < RTOL_EXACT
+
+
+def test_minibatch_curvature_is_the_subset_operator() -> None:
+    model, data = tiny_mlp(3), tiny_data("classes3", 8)
+    op = _operator(model, "cross_entropy", data, "gnh")
+    subset = torch.tensor([1, 4, 6])
+    sub_op = _operator(model, "cross_entropy", (data[0][subset], data[1][subset]), "gnh")
+    v = torch.randn(op.size, dtype=torch.float64)
+    assert _rel(op.curvature(v, subset), sub_op.curvature(v)) < RTOL_EXACT
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"kind": "diag"}, "hessian"),
+        ({"damping": -1.0}, "damping"),
+        ({"weight_decay": float("nan")}, "weight_decay"),
+        ({"batch_size": 0}, "batch_size"),
+    ],
+)
+def test_operator_rejects_bad_arguments(kwargs: dict, field: str) -> None:
+    fmodel, theta = FlatModel.of(tiny_mlp(3))
+    with pytest.raises(ValueError, match=field):
+        DampedCurvature(
+            fmodel, theta, get_loss("cross_entropy"), *tiny_data("classes3", 4), **kwargs
+        )
+
+
+def test_matvec_rejects_a_matrix() -> None:
+    op = _operator(tiny_mlp(3), "cross_entropy", tiny_data("classes3", 4), "gnh")
+    with pytest.raises(ValueError, match=r"shape \[d\]"):
+        op.matvec(torch.zeros(op.size, 2, dtype=torch.float64))
