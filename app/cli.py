@@ -138,15 +138,19 @@ def _by_name(records: list[Any], name: str, what: str) -> str:
     _fail(f"no {what} given and no {what} named {name!r} on the server (--{what} ID)")
 
 
-def _print_ranking(ranking: Ranking) -> None:
-    print(f"test point {ranking.test}: top {ranking.direction} of {ranking.total} training points")
+def _print_ranking(ranking: Ranking, row: int | None = None) -> None:
+    where = f" (row {row})" if row is not None else ""
+    print(
+        f"test point {ranking.test}{where}: most {ranking.direction} of {ranking.total} "
+        "training points"
+    )
     print(f"{'rank':>5} {'index':>7} {'target':>8} {'score':>14}")
     for rank, item in enumerate(ranking.items, start=ranking.offset + 1):
         print(f"{rank:>5} {item.index:>7} {item.target!s:>8} {item.score:>14.6e}")
 
 
 def _follow(client: InfluenceClient, job: str) -> JobView:
-    with tqdm(total=1.0, unit="job", bar_format="{l_bar}{bar}| {desc}") as bar:
+    with tqdm(total=1.0, bar_format="{desc} {percentage:3.0f}%|{bar}| {elapsed}") as bar:
 
         def update(view: JobView) -> None:
             bar.update(view.progress - bar.n)
@@ -179,10 +183,9 @@ def query(args: argparse.Namespace) -> None:
         if view.status != "succeeded":
             _fail(f"job {view.id} {view.status}: {view.error}")
         print(view.meaning)
-        for row in range(len(args.indices)):
-            _print_ranking(
-                client.ranking(view.id, test=row, direction=args.direction, limit=args.limit)
-            )
+        for test, row in enumerate(args.indices):
+            ranking = client.ranking(view.id, test=test, direction=args.direction, limit=args.limit)
+            _print_ranking(ranking, row)
 
 
 def rank(args: argparse.Namespace) -> None:

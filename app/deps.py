@@ -16,23 +16,23 @@ from app.services import Services
 __all__ = ["Caller", "EventsCaller", "Svc"]
 
 
-def get_services(request: Request) -> Services:
+async def get_services(request: Request) -> Services:
     return request.app.state.services
 
 
 Svc = Annotated[Services, Depends(get_services)]
 
 
-def _caller(
+async def _caller(
     services: Svc,
     authorization: Annotated[str | None, Header(description="Bearer <API key>")] = None,
 ) -> Principal:
     principal = services.api_keys.authenticate(authorization)
-    services.limiter.check(principal.key_id)
+    await services.limiter.check(principal.key_id)
     return principal
 
 
-def _events_caller(
+async def _events_caller(
     services: Svc,
     authorization: Annotated[str | None, Header(description="Bearer <API key>")] = None,
     api_key: Annotated[
@@ -40,7 +40,7 @@ def _events_caller(
     ] = None,
 ) -> Principal:
     principal = services.api_keys.authenticate(authorization, api_key)
-    services.limiter.check(principal.key_id)
+    await services.limiter.check(principal.key_id)
     return principal
 
 

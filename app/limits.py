@@ -12,7 +12,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import redis
+import redis.asyncio
 from fastapi import HTTPException
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -92,7 +92,7 @@ return tostring(wait)
 class RateLimiter:
     """Token bucket per API key, in Redis under ``{prefix}ratelimit:{tenant}``."""
 
-    client: redis.Redis
+    client: redis.asyncio.Redis
     prefix: str
     rate_per_s: float
     burst: int
@@ -100,10 +100,10 @@ class RateLimiter:
     def __post_init__(self) -> None:
         self._script = self.client.register_script(_TOKEN_BUCKET)
 
-    def check(self, tenant: str) -> None:
+    async def check(self, tenant: str) -> None:
         """Take one token for ``tenant`` or raise :class:`RateLimitExceededError`."""
         wait = float(
-            self._script(
+            await self._script(
                 keys=[f"{self.prefix}ratelimit:{tenant}"], args=[self.rate_per_s, self.burst]
             )
         )

@@ -30,7 +30,7 @@ __all__ = ["Services"]
 _LOADED_ARTIFACTS = 64
 """Score matrices, rankings and datasets kept in memory per API process."""
 SSE_SOCKET_TIMEOUT_S = 30.0
-"""Socket timeout of the async Redis client, whose blocking XREADs feed the SSE streams."""
+"""Socket timeout of the async Redis client (rate limits; blocking XREADs of SSE streams)."""
 
 
 @dataclass
@@ -52,20 +52,19 @@ class Services:
         the embedded Redis) and open the artifact store under ``data_dir``."""
         client = connect(settings)
         store = ArtifactStore.for_settings(settings)
+        aclient = redis.asyncio.Redis.from_url(
+            str(settings.redis_url), decode_responses=True, socket_timeout=SSE_SOCKET_TIMEOUT_S
+        )
         services = cls(
             settings=settings,
             redis=client,
-            aredis=redis.asyncio.Redis.from_url(
-                str(settings.redis_url),
-                decode_responses=True,
-                socket_timeout=SSE_SOCKET_TIMEOUT_S,
-            ),
+            aredis=aclient,
             queue=JobQueue(client, settings),
             store=store,
             registry=Registry(client, settings, store),
             api_keys=ApiKeys(settings.api_keys, settings.default_tenant),
             limiter=RateLimiter(
-                client,
+                aclient,
                 settings.key_prefix,
                 rate_per_s=settings.rate_limit_per_s,
                 burst=settings.rate_limit_burst,

@@ -31,7 +31,6 @@ import time
 from pathlib import Path
 from urllib.parse import urlsplit
 
-import httpx
 import torch
 
 import models
@@ -51,6 +50,7 @@ P50_TARGET_MS = 5.0
 P99_TARGET_MS = 25.0
 MAX_SECONDS = 60.0
 MAX_RATE = 5000.0
+CONNECTIONS = 32
 TEST_ROWS = list(range(10))
 
 
@@ -86,31 +86,63 @@ def _demo_job(client: InfluenceClient) -> str:
     return job
 
 
-async def _fire(url: str, headers: dict[str, str], job: str, rate: float, seconds: float) -> dict:
-    """Open-loop load at ``rate`` req/s for ``seconds``; latency from the scheduled start."""
+async def _get(
+    connection: tuple[asyncio.StreamReader, asyncio.StreamWriter], request: bytes
+) -> int:
+    """One HTTP/1.1 keep-alive GET on a raw connection; returns the status code. (A
+    minimal client, so the load generator costs little of the 2 shared cores.)"""
+    reader, writer = connection
+    writer.write(request)
+    await writer.drain()
+    status = int((await reader.readline()).split()[1])
+    length = 0
+    while (line := await reader.readline()) not in (b"\r\n", b""):
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            length = int(value)
+    await reader.readexactly(length)
+    return status
+
+
+async def _fire(url: str, api_key: str | None, job: str, rate: float, seconds: float) -> dict:
+    """Open-loop load at ``rate`` req/s for ``seconds`` over a pool of keep-alive
+    connections; latency is measured from each request's scheduled start."""
+    parts = urlsplit(url)
+    auth = f"Authorization: Bearer {api_key}\r\n" if api_key else ""
+    requests = [
+        (
+            f"GET /influence/{job}/ranking?test={row}&direction=helpful&limit=10 HTTP/1.1\r\n"
+            f"Host: {parts.netloc}\r\n{auth}\r\n"
+        ).encode()
+        for row in range(len(TEST_ROWS))
+    ]
+    pool: asyncio.Queue = asyncio.Queue()
+    for _ in range(CONNECTIONS):
+        pool.put_nowait(await asyncio.open_connection(parts.hostname, parts.port or 80))
     count = int(rate * seconds)
     latencies: list[float] = []
     errors = 0
-    limits = httpx.Limits(max_connections=256, max_keepalive_connections=256)
-    async with httpx.AsyncClient(base_url=url, headers=headers, limits=limits) as client:
 
-        async def one(i: int, scheduled: float) -> None:
-            nonlocal errors
-            await asyncio.sleep(max(0.0, scheduled - time.perf_counter()))
-            params = {"test": i % len(TEST_ROWS), "direction": "helpful", "limit": 10}
-            try:
-                response = await client.get(f"/influence/{job}/ranking", params=params)
-                ok = response.status_code == 200
-            except httpx.HTTPError:
-                ok = False
-            if ok:
-                latencies.append(time.perf_counter() - scheduled)
-            else:
-                errors += 1
+    async def one(i: int, scheduled: float) -> None:
+        nonlocal errors
+        await asyncio.sleep(max(0.0, scheduled - time.perf_counter()))
+        connection = await pool.get()
+        try:
+            ok = await _get(connection, requests[i % len(requests)]) == 200
+        except (OSError, ValueError, IndexError, asyncio.IncompleteReadError):
+            ok = False
+            connection = await asyncio.open_connection(parts.hostname, parts.port or 80)
+        pool.put_nowait(connection)
+        if ok:
+            latencies.append(time.perf_counter() - scheduled)
+        else:
+            errors += 1
 
-        start = time.perf_counter() + 0.2
-        await asyncio.gather(*(one(i, start + i / rate) for i in range(count)))
-        elapsed = time.perf_counter() - start
+    start = time.perf_counter() + 0.2
+    await asyncio.gather(*(one(i, start + i / rate) for i in range(count)))
+    elapsed = time.perf_counter() - start
+    while not pool.empty():
+        pool.get_nowait()[1].close()
     ms = [1000 * v for v in latencies]
     return {
         "rate": rate,
@@ -138,10 +170,9 @@ def rate_benchmark(args: argparse.Namespace) -> dict:
     seconds = min(args.seconds, MAX_SECONDS)
     with InfluenceClient(args.url, api_key=args.api_key) as client:
         job = _demo_job(client)
-    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     rows = []
     for rate in sorted(min(r, MAX_RATE) for r in args.rates):
-        row = asyncio.run(_fire(args.url, headers, job, rate, seconds))
+        row = asyncio.run(_fire(args.url, args.api_key, job, rate, seconds))
         row["meets_target"] = _meets_target(row)
         print(json.dumps(row), flush=True)
         rows.append(row)

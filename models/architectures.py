@@ -49,10 +49,6 @@ class Architecture:
     hints: Mapping[str, Any]
     defaults: Mapping[str, Any]
 
-    @property
-    def parameters(self) -> list[str]:
-        return list(self.hints)
-
     def describe(self) -> str:
         """``name(arg: type = default, ...)`` for error messages and docs."""
         parts = []

@@ -144,14 +144,17 @@ def read_file(
     path: str | os.PathLike, what: str, error: type[ValueError], max_bytes: int = DEFAULT_MAX_BYTES
 ) -> tuple[dict[str, Tensor], dict[str, str]]:
     """:func:`read_bytes` for a file, refusing files larger than ``max_bytes`` unread."""
-    path = Path(path)
     try:
-        size = path.stat().st_size
+        with open(path, "rb") as handle:
+            size = os.fstat(handle.fileno()).st_size
+            if size > max_bytes:
+                raise error(f"{what}: file is {size} bytes, over the cap of {max_bytes} bytes")
+            data = handle.read(max_bytes + 1)
     except OSError as exc:
-        raise error(f"{what}: cannot read {path} ({exc.strerror})") from None
-    if size > max_bytes:
-        raise error(f"{what}: file is {size} bytes, over the cap of {max_bytes} bytes")
-    return read_bytes(path.read_bytes(), what, error)
+        raise error(f"{what}: cannot read {os.fspath(path)} ({exc.strerror})") from None
+    if len(data) > max_bytes:  # grew while we read it
+        raise error(f"{what}: file is over the cap of {max_bytes} bytes")
+    return read_bytes(data, what, error)
 
 
 def write_file(

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -27,7 +28,7 @@ from torch import Tensor, nn
 
 from models.architectures import build
 from models.checkpoints import build_skeleton, check_state_dict, nonfinite
-from models.datasets import Dataset
+from models.datasets import Dataset, validate_dataset
 from models.errors import CheckpointError, TrainingError
 from models.losses import LOSSES, get_loss
 from models.safetensors_io import read_file, write_file
@@ -300,10 +301,14 @@ def train(
     - ``progress(fraction, "train")`` is called at the start and after every epoch; it
       may raise to abort training.
 
-    Raises :class:`TrainingError` for bad arguments or a non-finite objective.
+    Raises :class:`TrainingError` for bad arguments or a non-finite objective and
+    :class:`DatasetError` for an invalid dataset.
     """
     if not isinstance(recipe, Recipe):
         raise TrainingError(f"recipe must be a models.Recipe, got {type(recipe).__name__}")
+    if not isinstance(dataset, Dataset):
+        raise TrainingError(f"dataset must be a models.Dataset, got {type(dataset).__name__}")
+    validate_dataset(dataset, max_bytes=sys.maxsize)
     n = len(dataset)
     total = recipe.epochs if epochs is None else epochs
     if not (_is_int(total) and total >= 0):

@@ -112,7 +112,8 @@ def detect_mislabels(
     if progress is not None:
         progress(0.8, "self_influence")
     losses = responder.losses(responder.theta_s, responder.inputs, responder.targets)
-    gen = torch.Generator().manual_seed(arguments.seed)
+    # A generator of its own: the corruption's generator would replay the corrupted indices.
+    gen = torch.Generator().manual_seed(arguments.seed + 1)
     n = len(corrupted_set)
     orders = {
         "self-influence": self_influence.argsort(descending=True, stable=True),

@@ -10,7 +10,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-from influence.decomposition import DecompositionResult
+from influence.decomposition import GAPS, DecompositionResult
 from influence.experiments.correlation import CorrelationResult
 from influence.experiments.mislabel import MislabelResult
 from influence.experiments.sweep import SweepResult
@@ -30,7 +30,7 @@ def _save(fig: plt.Figure, stem: Path) -> list[Path]:
 def plot_decomposition(result: DecompositionResult, stem: Path, title: str) -> list[Path]:
     """Bar chart of the mean gaps with std error bars (Figure 4)."""
     summary = result.summary()
-    names = list(summary)
+    names = [name for name, _, _ in GAPS if name in summary]
     fig, ax = plt.subplots(figsize=(6, 3.2))
     ax.bar(
         names,

@@ -112,3 +112,12 @@ def test_cli_mislabel_on_digits_subset(tmp_path: Path) -> None:
     # Corrupted labels are hard to fit: both informed rankings beat inspection at random.
     assert found["self-influence"] > 0.5 and found["training loss"] > 0.5
     assert data["curves"]["random"][-1] == 1.0
+    assert 0.05 < found["random"] < 0.5
+
+
+def test_shipped_configs_are_valid() -> None:
+    configs = sorted((Path(__file__).parents[2] / "influence" / "configs").glob("*.json"))
+    assert len(configs) >= 5
+    for path in configs:
+        config = ExperimentConfig.load(path)
+        assert config.name and config.recipe.epochs >= 1, path

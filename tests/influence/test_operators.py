@@ -51,11 +51,11 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 def test_products_match_dense_torch_func_matrices(case: str, kind: str) -> None:
     build, data_kind, loss = CASES[case]
     model = build()
-    data = tiny_data(data_kind, 6)
+    data = tiny_data(data_kind, 5)
     reference = (dense_gnh if kind == "gnh" else dense_hessian)(
         model, loss, *data, weight_decay=WEIGHT_DECAY
     )
-    op = _operator(model, loss, data, kind)  # batch_size 4: chunks of 4 and 2
+    op = _operator(model, loss, data, kind, batch_size=3)  # chunks of 3 and 2
     assert _rel(op.dense(), reference) < RTOL_EXACT
     v = torch.randn(op.size, dtype=torch.float64)
     assert _rel(op.matvec(v), reference @ v) < RTOL_EXACT
@@ -72,9 +72,7 @@ def test_damping_adds_lambda_identity(kind: str) -> None:
     assert _rel(damped, plain + 0.5 * v) < RTOL_EXACT
 
 
-@pytest.mark.parametrize(
-    "case", ["mlp-cross_entropy", "cnn-cross_entropy", "lm-token_cross_entropy"]
-)
+@pytest.mark.parametrize("case", ["mlp-cross_entropy", "lm-token_cross_entropy"])
 @pytest.mark.parametrize("kind", ["gnh", "full"])
 def test_batch_size_invariance_and_vmap_matches_loop(case: str, kind: str) -> None:
     build, data_kind, loss = CASES[case]

@@ -233,6 +233,8 @@ def test_oversized_file_refused_before_reading(tmp_path: Path) -> None:
 def test_missing_file_is_a_checkpoint_error(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="cannot read"):
         models.load_checkpoint(tmp_path / "absent.safetensors")
+    with pytest.raises(CheckpointError, match="cannot read"):
+        models.load_checkpoint(tmp_path)  # a directory
 
 
 def test_separate_config_is_used_and_must_agree() -> None:

@@ -295,6 +295,14 @@ def test_bad_train_arguments(data: Dataset, base_run: TrainRun) -> None:
         models.train(
             CONFIG, data, MINIBATCH, example_weights=torch.ones(24), objective=lambda *a: 0
         )
+    with pytest.raises(TrainingError, match=r"dataset must be a models\.Dataset, got tuple"):
+        models.train(CONFIG, (data.inputs, data.targets), MINIBATCH)
+    nan_inputs = data.inputs.clone()
+    nan_inputs[5, 1] = float("nan")
+    with pytest.raises(
+        models.DatasetError, match=r"inputs contains NaN values \(first at example 5\)"
+    ):
+        models.train(CONFIG, Dataset(nan_inputs, data.targets), MINIBATCH)
     with pytest.raises(TrainingError, match=r"must be a models\.Recipe"):
         models.train(CONFIG, data, MINIBATCH.to_dict())
     with pytest.raises(TrainingError, match=r"init: tensor '0\.weight' has shape"):

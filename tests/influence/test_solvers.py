@@ -1,0 +1,197 @@
+"""Solvers against dense float64 solves; their reports, warnings and named errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from influence import (
+    CG,
+    ConvergenceWarning,
+    Exact,
+    InfluenceEngine,
+    Lanczos,
+    LiSSA,
+    NegativeCurvatureError,
+    NonFiniteError,
+    SolverDivergedError,
+)
+from tests.conftest import RTOL_SOLVE
+from tests.influence.problems import (
+    dense_gnh,
+    dense_hessian,
+    digits_mlp,
+    reference_scores,
+    tiny_data,
+    tiny_mlp,
+)
+
+DAMPING = 1e-3
+WEIGHT_DECAY = 0.01
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+def _pearson(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(torch.corrcoef(torch.stack([a.flatten(), b.flatten()]))[0, 1])
+
+
+def _tiny_engine(hessian: str = "gnh", damping: float = DAMPING) -> InfluenceEngine:
+    return InfluenceEngine(
+        tiny_mlp(3), train=tiny_data("classes3", 40), hessian=hessian, damping=damping,
+        weight_decay=WEIGHT_DECAY, batch_size=16,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(("hessian", "damping"), [("gnh", DAMPING), ("full", 1.0)])
+@pytest.mark.parametrize("solver", [Exact(), CG(tol=1e-12, max_iter=200)], ids=["exact", "cg"])
+def test_exact_and_cg_scores_match_a_dense_float64_solve(hessian, damping, solver) -> None:
+    engine = _tiny_engine(hessian, damping)
+    train, test = tiny_data("classes3", 40), tiny_data("classes3", 4, seed=1)
+    dense = (dense_gnh if hessian == "gnh" else dense_hessian)(
+        engine.model, "cross_entropy", *train, weight_decay=WEIGHT_DECAY
+    )
+    matrix = dense + damping * torch.eye(dense.shape[0], dtype=torch.float64)
+    assert float(torch.linalg.eigvalsh(matrix)[0]) > 0  # a well-posed system
+    expected = reference_scores(engine.model, "cross_entropy", train, test, matrix)
+    result = engine.scores(test, solver)
+    assert result.scores.shape == (4, 40)
+    assert _rel(result.scores, expected) < RTOL_SOLVE
+    assert result.report.converged
+    assert result.report.relative_residual < 1e-10
+    assert len(result.report.details["residuals"]) == 4
+    json.dumps(result.report.to_dict())  # JSON-safe for the service
+
+
+def test_block_cg_matches_column_by_column_and_reports_per_column() -> None:
+    engine = _tiny_engine()
+    rhs = engine.gradients(*tiny_data("classes3", 3, seed=2)).T
+    solver = CG(tol=1e-10)
+    block, report = solver.solve(engine.operator, rhs)
+    columns = [solver.solve(engine.operator, rhs[:, j])[0] for j in range(3)]
+    assert _rel(block, torch.stack(columns, dim=1)) < RTOL_SOLVE
+    assert report.method == "cg"
+    assert report.iterations == max(report.details["column_iterations"])
+    assert max(report.details["residuals"]) == report.relative_residual < 1e-9
+
+
+def test_preconditioned_cg_with_the_exact_inverse_takes_one_iteration() -> None:
+    engine = _tiny_engine()
+    inverse = torch.linalg.inv(engine.operator.dense())
+    rhs = engine.gradients(*tiny_data("classes3", 2, seed=2)).T
+    solution, report = CG(tol=1e-8, preconditioner=lambda r: inverse @ r).solve(
+        engine.operator, rhs
+    )
+    assert report.method == "pcg" and report.details["preconditioned"]
+    assert report.iterations == 1
+    assert report.relative_residual < 1e-8
+    assert _rel(solution, inverse @ rhs) < RTOL_SOLVE
+
+
+def test_cg_at_its_iteration_limit_warns_and_says_not_converged() -> None:
+    engine = _tiny_engine()
+    rhs = engine.gradients(*tiny_data("classes3", 2, seed=2)).T
+    with pytest.warns(ConvergenceWarning, match="max_iter=2"):
+        solution, report = CG(tol=1e-10, max_iter=2).solve(engine.operator, rhs)
+    assert not report.converged and report.iterations == 2
+    measured = (engine.operator.matmat(solution) - rhs).norm(dim=0) / rhs.norm(dim=0)
+    assert report.relative_residual == pytest.approx(float(measured.max()), rel=1e-12)
+    assert report.relative_residual > 1e-10
+
+
+@pytest.mark.parametrize(
+    ("make", "field"),
+    [
+        (lambda: CG(tol=-1), "tol"),
+        (lambda: CG(max_iter=0), "max_iter"),
+        (lambda: CG(preconditioner=3), "preconditioner"),
+        (lambda: LiSSA(depth=0), "depth"),
+        (lambda: LiSSA(scale=-1.0), "scale"),
+        (lambda: LiSSA(average=1.0), "average"),
+        (lambda: LiSSA(batch_size=0), "batch_size"),
+        (lambda: Exact(max_dim=0), "max_dim"),
+        (lambda: Lanczos(rank=0), "rank"),
+    ],
+)
+def test_solver_arguments_validate_and_name_the_field(make, field: str) -> None:
+    with pytest.raises(ValueError, match=field):
+        make()
+
+
+def test_exact_refuses_a_large_model_and_states_the_memory() -> None:
+    engine = _tiny_engine()
+    with pytest.raises(ValueError, match=r"d = 57 parameters exceeds max_dim = 10.*would need"):
+        Exact(max_dim=10).solve(engine.operator, torch.ones(57, dtype=torch.float64))
+
+
+def test_non_finite_right_hand_side_is_a_named_error() -> None:
+    engine = _tiny_engine()
+    rhs = torch.ones(engine.num_params, dtype=torch.float64)
+    rhs[3] = float("nan")
+    with pytest.raises(NonFiniteError, match="right-hand side"):
+        CG().solve(engine.operator, rhs)
+
+
+def test_lissa_with_too_small_a_scale_raises_diverged() -> None:
+    engine = _tiny_engine()
+    rhs = engine.gradients(*tiny_data("classes3", 2, seed=2)).T
+    lam_max = float(torch.linalg.eigvalsh(engine.operator.dense())[-1])
+    with pytest.raises(SolverDivergedError, match="scale"):
+        LiSSA(scale=0.3 * lam_max, batch_size=16).solve(engine.operator, rhs)
+
+
+def test_an_indefinite_damped_hessian_is_reported_by_every_solver() -> None:
+    torch.manual_seed(3)
+    model = tiny_mlp(3)
+    with torch.no_grad():  # large weights: a tanh net far from any minimum
+        for p in model.parameters():
+            p.mul_(4.0)
+    train = tiny_data("classes3", 40)
+    damping = 1e-6
+    dense = dense_hessian(model, "cross_entropy", *train, weight_decay=0.0)
+    lowest = float(torch.linalg.eigvalsh(dense)[0]) + damping
+    assert lowest < -1e-3  # really indefinite, checked on an independent dense Hessian
+    engine = InfluenceEngine(model, train=train, hessian="full", damping=damping)
+    rhs = engine.gradients(*tiny_data("classes3", 3, seed=1)).T
+    with pytest.raises(NegativeCurvatureError, match="smallest eigenvalue") as exact:
+        Exact().solve(engine.operator, rhs)
+    assert exact.value.value == pytest.approx(lowest, rel=1e-8)
+    with pytest.raises(NegativeCurvatureError, match="CG iteration") as cg:
+        CG(tol=1e-10).solve(engine.operator, rhs)
+    assert cg.value.iteration >= 1 and cg.value.value <= 0
+    for solver in (LiSSA(batch_size=16), Lanczos(rank=20)):
+        with pytest.raises(NegativeCurvatureError, match="not positive definite"):
+            solver.solve(engine.operator, rhs)
+
+
+def test_lanczos_at_full_rank_is_exact() -> None:
+    engine = _tiny_engine()
+    rhs = engine.gradients(*tiny_data("classes3", 2, seed=2)).T
+    d = engine.num_params
+    solution, report = Lanczos(rank=d, iterations=d).solve(engine.operator, rhs)
+    expected = torch.linalg.solve(engine.operator.dense(), rhs)
+    assert _rel(solution, expected) < 1e-8
+    assert report.relative_residual < 1e-8
+
+
+def test_lissa_defaults_reach_exact_quality_on_digits_and_report_an_honest_residual() -> None:
+    model, train, test = digits_mlp()
+    engine = InfluenceEngine(model, train=train, dtype=torch.float64)
+    queries = (test.inputs[:10], test.targets[:10])
+    exact = engine.scores(queries, Exact())
+    lissa = engine.scores(queries, LiSSA())
+    assert _pearson(lissa.scores, exact.scores) >= 0.99
+    # The residual brackets the true error: ‖r‖/λ_max ≤ ‖x − x*‖ ≤ ‖r‖/λ_min.
+    eigenvalues = torch.linalg.eigvalsh(engine.operator.dense())
+    grads = engine.gradients(*queries)
+    residual = torch.tensor(lissa.report.details["residuals"], dtype=torch.float64)
+    absolute = residual * grads.norm(dim=1)
+    error = (lissa.s_test - exact.s_test).norm(dim=1)
+    assert (absolute / eigenvalues[-1] <= error * (1 + 1e-9)).all()
+    assert (error <= absolute / eigenvalues[0] * (1 + 1e-9)).all()
+    assert lissa.report.details["scale"] > float(eigenvalues[-1])  # σ > λ_max(G) + λ
+    assert lissa.report.relative_residual < 0.2
