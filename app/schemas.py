@@ -8,12 +8,16 @@ in every influence response as ``meaning``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from torch import Tensor
 
 import models
+from influence.decomposition import DecompositionArguments
+from influence.experiments.config import CorrelationArguments
+from influence.response import ResponseArguments
 from worker.contract import (
     SCORE_MEANING,
     DecompositionPayload,
@@ -48,6 +52,10 @@ MAX_TEST_POINTS = 256
 """Most test points one influence request may carry (one job for all of them)."""
 MAX_LISSA_WORK = 1_000_000
 """Bound on LiSSA depth × repeats (each step is one minibatch curvature product)."""
+MAX_REMOVED_SETS = 200
+"""Most removed points (each one a set of retrainings) a decomposition job may sample."""
+MAX_RETRAIN_EPOCHS = 10_000
+MAX_LBFGS_STEPS = 1_000
 
 Finite = Annotated[float, Field(allow_inf_nan=False)]
 Damping = Annotated[
@@ -127,15 +135,70 @@ class VerifyRequest(BaseModel):
     top: int = Field(10, ge=1, le=50, description="top-k helpful and top-k harmful points")
     method: Literal["pbrf", "warm", "linearized"] = "pbrf"
     test: int | None = Field(None, ge=0, lt=MAX_TEST_POINTS, description="test row; None: all")
+    steps: int = Field(50, ge=1, le=MAX_LBFGS_STEPS, description="L-BFGS steps per retraining")
 
     def payload(self, job: str) -> VerifyPayload:
         return VerifyPayload(job=job, **self.model_dump())
 
 
+def _validated(build: Callable[[dict[str, Any]], Any], value: dict[str, Any], what: str) -> Any:
+    """Build the library's validated argument object from a JSON dict (errors → 422)."""
+    try:
+        return build(value)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"invalid {what}: {exc}") from None
+
+
+def _at_most(value: int | None, bound: int, name: str) -> None:
+    if value is not None and value > bound:
+        raise ValueError(f"{name} = {value} exceeds {bound}")
+
+
 class DecompositionRequest(DecompositionPayload):
-    """``POST /decompositions``: the paper's gap decomposition on a stored checkpoint."""
+    """``POST /decompositions``: the paper's gap decomposition on a stored checkpoint. The
+    nested settings are checked here with the library's own argument classes, and the
+    number of retrainings is bounded."""
 
     test: DatasetTest | None = None  # type: ignore[assignment]
+    damping: Damping = 1e-3
+
+    @field_validator("recipe")
+    @classmethod
+    def _recipe(cls, value: dict[str, Any]) -> dict[str, Any]:
+        recipe = _validated(models.Recipe.from_dict, value, "training recipe")
+        _at_most(recipe.epochs, MAX_RETRAIN_EPOCHS, "recipe.epochs")
+        return value
+
+    @field_validator("response")
+    @classmethod
+    def _response(cls, value: dict[str, Any]) -> dict[str, Any]:
+        if "damping" in value:
+            raise ValueError("give damping at the top level, not in response")
+        response = _validated(lambda v: ResponseArguments(**v), value, "response arguments")
+        _at_most(response.epochs, MAX_RETRAIN_EPOCHS, "response.epochs")
+        _at_most(response.lbfgs_steps, MAX_LBFGS_STEPS, "response.lbfgs_steps")
+        return value
+
+    @field_validator("arguments")
+    @classmethod
+    def _arguments(cls, value: dict[str, Any]) -> dict[str, Any]:
+        arguments = _validated(
+            lambda v: DecompositionArguments(**v), value, "decomposition arguments"
+        )
+        _at_most(arguments.num_points, MAX_REMOVED_SETS, "arguments.num_points")
+        return value
+
+    @field_validator("correlation")
+    @classmethod
+    def _correlation(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value is None:
+            return None
+        correlation = _validated(
+            lambda v: CorrelationArguments(**v), value, "correlation arguments"
+        )
+        _at_most(correlation.num_points, MAX_REMOVED_SETS, "correlation.num_points")
+        _at_most(correlation.num_test, MAX_TEST_POINTS, "correlation.num_test")
+        return value
 
 
 class BuiltinDatasetRequest(BaseModel):

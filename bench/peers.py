@@ -141,7 +141,9 @@ def _kronfluence(strategy: str):
 
 
 PEERS: list[PeerMethod] = [
-    PeerMethod("kronfluence EK-FAC", "kronfluence", "sampled Fisher, EK-FAC", _kronfluence("ekfac")),
+    PeerMethod(
+        "kronfluence EK-FAC", "kronfluence", "sampled Fisher, EK-FAC", _kronfluence("ekfac")
+    ),
     PeerMethod("kronfluence K-FAC", "kronfluence", "sampled Fisher, K-FAC", _kronfluence("kfac")),
     PeerMethod("captum Naive", "captum", "full Hessian", _captum_naive),
     PeerMethod("pyDVL Direct", "pydvl", "full Hessian", _pydvl("direct")),

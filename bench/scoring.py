@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from bench import peers, reference
 from influence import CG, Exact, InfluenceEngine, LiSSA, SolverError
@@ -76,30 +76,47 @@ def _synthetic_train(n: int) -> tuple[Tensor, Tensor]:
 # ------------------------------------------------------------------ (a) scoring cost
 
 
-def scoring_cost(problem: reference.ReferenceProblem, n: int) -> dict[str, Any]:
+def scoring_cost(problem: reference.ReferenceProblem, n: int, device: str) -> dict[str, Any]:
     """Scoring time ÷ forward time for one s_test at training-set size n."""
     train = problem.train if n == len(problem.train[0]) else _synthetic_train(n)
-    engine = InfluenceEngine(problem.model, train=train)
+    engine = InfluenceEngine(problem.model, train=train, device=device)
     direction = engine.gradients(*problem.queries)[:1]
-    batch = engine.operator.batch_size
+    batch, inputs = engine.operator.batch_size, engine.operator.inputs
 
     def forward() -> None:
         with torch.no_grad():
             for lo in range(0, n, batch):
-                engine.model(train[0][lo : lo + batch])
+                engine.model(inputs[lo : lo + batch])
+        _synchronize(device)
 
     row: dict[str, Any] = {"N": n, "forward_s": _best_of(forward, SCORING_REPEATS)}
     for path in ("jvp", "grad"):
         repeats = SCORING_REPEATS if path == "jvp" else 1
-        seconds = _best_of(lambda p=path: engine.scores_from_s_test(direction, method=p), repeats)
+
+        def score(p: str = path) -> None:
+            engine.scores_from_s_test(direction, method=p)
+            _synchronize(device)
+
+        seconds = _best_of(score, repeats)
         row[f"{path}_s"] = seconds
         row[f"{path}_ratio"] = seconds / row["forward_s"]
-        row[f"{path}_peak_mb"] = _memory_in_subprocess(problem.name, n, path)
+        if device == "cpu":
+            row[f"{path}_peak_mb"] = _memory_in_subprocess(problem.name, n, path)
+        else:
+            torch.cuda.reset_peak_memory_stats()
+            before = torch.cuda.memory_allocated()
+            score()
+            row[f"{path}_peak_mb"] = (torch.cuda.max_memory_allocated() - before) / 2**20
     return row
 
 
+def _synchronize(device: str) -> None:
+    if device != "cpu":
+        torch.cuda.synchronize()
+
+
 def _memory_in_subprocess(name: str, n: int, path: str) -> float:
-    """Peak RSS growth while scoring, measured in a fresh interpreter."""
+    """Peak RSS growth while scoring (CPU), measured in a fresh interpreter."""
     out = subprocess.run(
         [sys.executable, "-m", "bench.scoring", "--memory-probe", name, str(n), path],
         capture_output=True,
@@ -130,19 +147,21 @@ def _run_ours(
     problem: reference.ReferenceProblem,
     solver_for: Callable[[InfluenceEngine], Any],
     *,
+    device: str,
     dtype: torch.dtype = torch.float32,
     hessian: str = "gnh",
 ) -> dict[str, Any]:
     """s_test + scoring of every training point; time includes any preconditioner fit."""
     start = time.perf_counter()
     engine = InfluenceEngine(
-        problem.model, train=problem.train, hessian=hessian, damping=reference.DAMPING, dtype=dtype
-    )
+        problem.model, train=problem.train, hessian=hessian, damping=reference.DAMPING,
+        device=device, dtype=dtype,
+    )  # fmt: skip
     solver = solver_for(engine)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         s_test, report = engine.s_test(problem.queries, solver)
-    scores = engine.scores_from_s_test(s_test)
+    scores = engine.scores_from_s_test(s_test).cpu()
     total = time.perf_counter() - start
     return {"scores": scores, "seconds": total, "report": report.to_dict()}
 
@@ -165,17 +184,17 @@ def _our_methods(name: str) -> dict[str, tuple[str, Callable[[InfluenceEngine], 
     return methods
 
 
-def _reference(problem: reference.ReferenceProblem) -> dict[str, Any]:
+def _reference(problem: reference.ReferenceProblem, device: str) -> dict[str, Any]:
     if problem.name == "A":
         label, solver_for = "Exact (dense float64 Cholesky)", lambda _e: Exact()
     else:
         label, solver_for = f"PCG K-FAC float64 (tol {REFERENCE_TOL:g})", _kfac_cg(REFERENCE_TOL)
-    result = _run_ours(problem, solver_for, dtype=torch.float64)
+    result = _run_ours(problem, solver_for, device, dtype=torch.float64)
     result["label"] = label
     return result
 
 
-def _full_hessian_check(problem: reference.ReferenceProblem) -> dict[str, Any]:
+def _full_hessian_check(problem: reference.ReferenceProblem, device: str) -> dict[str, Any]:
     """The damped full Hessian through CG and LiSSA: indefiniteness must be reported."""
     rows = {}
     for label, solver_for in (
@@ -184,7 +203,7 @@ def _full_hessian_check(problem: reference.ReferenceProblem) -> dict[str, Any]:
     ):
         start = time.perf_counter()
         try:
-            result = _run_ours(problem, solver_for, hessian="full")
+            result = _run_ours(problem, solver_for, device, hessian="full")
             rows[label] = {"outcome": "answered", **result}
         except SolverError as error:
             rows[label] = {
@@ -196,22 +215,22 @@ def _full_hessian_check(problem: reference.ReferenceProblem) -> dict[str, Any]:
 
 
 def solver_table(
-    problem: reference.ReferenceProblem, run_peers: bool
+    problem: reference.ReferenceProblem, run_peers: bool, device: str
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    ref = _reference(problem)
+    ref = _reference(problem, device)
     rows = [
         {"method": f"ours: {ref['label']}", "curvature": "GNH", "seconds": ref["seconds"],
          "pearson": 1.0, "report": ref["report"]}
     ]  # fmt: skip
     for label, (curvature, solver_for) in _our_methods(problem.name).items():
-        result = _run_ours(problem, solver_for)
+        result = _run_ours(problem, solver_for, device)
         rows.append(
             {"method": f"ours: {label}", "curvature": curvature, "seconds": result["seconds"],
              "pearson": _pearson(result["scores"], ref["scores"]), "report": result["report"]}
         )  # fmt: skip
         print(f"  {problem.name} {rows[-1]['method']}: {rows[-1]['seconds']:.2f} s", flush=True)
     if problem.name == "B":
-        for label, outcome in _full_hessian_check(problem).items():
+        for label, outcome in _full_hessian_check(problem, device).items():
             row = {"method": f"ours: {label}", "curvature": "full Hessian",
                    "seconds": outcome["seconds"], "outcome": outcome["outcome"]}  # fmt: skip
             if "scores" in outcome:
@@ -311,7 +330,7 @@ def markdown(results: dict[str, Any]) -> str:
         for method in [r["method"]]
         if "skipped" in r or "message" in r
     ]
-    return "\n".join(lines + ([""] + notes if notes else []))
+    return "\n".join(lines + (["", *notes] if notes else []))
 
 
 def _jsonable(value: Any) -> Any:
@@ -327,7 +346,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--problems", nargs="+", default=["A", "B"], choices=["A", "B"])
     parser.add_argument("--no-peers", action="store_true", help="skip captum/pyDVL/kronfluence")
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
-    parser.add_argument("--device", default="cpu", help="'cpu' or 'cuda'")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="peers: CPU only")
     parser.add_argument("--memory-probe", nargs=3, metavar=("PROBLEM", "N", "PATH"))
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -338,16 +357,19 @@ def main(argv: list[str] | None = None) -> None:
     results: dict[str, Any] = {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "threads": args.threads,
+        "device": torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu",
         "torch": torch.__version__,
         "methods": {},
     }
     problems = {name: reference.load(name) for name in args.problems}
     scoring_problem = problems.get("B") or next(iter(problems.values()))
     results["scoring"] = [
-        scoring_cost(scoring_problem, n) for n in (len(scoring_problem.train[0]), LARGE_N)
+        scoring_cost(scoring_problem, n, args.device)
+        for n in (len(scoring_problem.train[0]), LARGE_N)
     ]
     for name, problem in problems.items():
-        _, rows = solver_table(problem, run_peers=not args.no_peers)
+        run_peers = not args.no_peers and args.device == "cpu"
+        _, rows = solver_table(problem, run_peers, args.device)
         results["methods"][name] = rows
     table = markdown(results)
     print(table)

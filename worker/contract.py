@@ -215,6 +215,11 @@ class DecompositionPayload(_Schema):
     train: _ID
     recipe: dict = Field(description="models.Recipe fields of the base training (validated there)")
     damping: float = Field(1e-3, ge=0, description="λ of G + λI and of the proximity term")
+    response: dict = Field(
+        default_factory=dict,
+        description="influence.response.ResponseArguments fields besides damping, e.g. "
+        '{"optimizer": "lbfgs", "lbfgs_steps": 25} (validated there)',
+    )
     arguments: dict = Field(
         default_factory=dict,
         description="influence.decomposition.DecompositionArguments fields (validated there)",

@@ -96,7 +96,9 @@ def _scaled(progress: Progress, start: float, share: float) -> Progress:
 class Context:
     """What a worker keeps between jobs: queue, registry, store, and warm LRU caches."""
 
-    def __init__(self, queue: JobQueue, registry: Registry, settings: Settings, device: str):
+    def __init__(
+        self, queue: JobQueue, registry: Registry, settings: Settings, device: str
+    ) -> None:
         self.queue = queue
         self.registry = registry
         self.store = registry.store
@@ -187,6 +189,7 @@ def _s_test(
 def _influence(ctx: Context, claim: Claim, progress: Progress) -> Outcome | None:
     tenant = claim.job.tenant
     payload = InfluencePayload.model_validate(claim.job.payload)
+    progress(0.0, "s_test")
     s_artifact, s_test, report = _s_test(ctx, tenant, payload, _scaled(progress, 0, S_TEST_SHARE))
     progress(S_TEST_SHARE, "scoring")
     n = len(ctx.dataset(tenant, payload.train))
@@ -220,6 +223,7 @@ def _score_shard(ctx: Context, claim: Claim, progress: Progress) -> Outcome:
     (idempotent: a retried last shard assembles the same artifact again)."""
     tenant = claim.job.tenant
     payload = ScoreShardPayload.model_validate(claim.job.payload)
+    progress(0.0, "scoring")  # raises at once if the parent was canceled meanwhile
     engine = ctx.engine(tenant, payload)
     s_test = ctx.store.get_tensors(payload.s_test)["s_test"]
     scores = engine.scores_from_s_test(s_test, payload.start, payload.stop, progress=progress)
@@ -306,7 +310,7 @@ def _decomposition(ctx: Context, claim: Claim, progress: Progress) -> Outcome:
         model.state_dict(),
         models.Recipe.from_dict(payload.recipe),
         ctx.dataset(tenant, payload.train),
-        ResponseArguments(damping=payload.damping),
+        ResponseArguments(**{**payload.response, "damping": payload.damping}),
     )
     share = 1.0 if payload.correlation is None else 0.5
     arguments = DecompositionArguments(**payload.arguments)

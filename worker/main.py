@@ -49,6 +49,23 @@ def _heartbeat(queue: JobQueue, claim: Claim, done: threading.Event, period: flo
             return
 
 
+def _settle(queue: JobQueue, ctx: Context, claim: Claim) -> None:
+    """Run the job and record how it ended (StaleAttemptError propagates: nothing to record)."""
+    try:
+        outcome = run_job(ctx, claim, queue.progress_callback(claim))
+        if outcome is not None:
+            queue.complete(claim, outcome.result, outcome.report)
+    except StaleAttemptError:
+        raise
+    except JobCanceledError:
+        queue.finish_canceled(claim)
+    except PERMANENT_ERRORS as exc:
+        queue.fail(claim, f"{type(exc).__name__}: {exc}", retry=False)
+    except Exception as exc:
+        log.error("job %s failed:\n%s", claim.job_id, traceback.format_exc())
+        queue.fail(claim, f"{type(exc).__name__}: {exc}", retry=True)
+
+
 def _run_one(queue: JobQueue, ctx: Context, claim: Claim) -> None:
     done = threading.Event()
     beat = threading.Thread(
@@ -58,18 +75,9 @@ def _run_one(queue: JobQueue, ctx: Context, claim: Claim) -> None:
     )
     beat.start()
     try:
-        outcome = run_job(ctx, claim, queue.progress_callback(claim))
-        if outcome is not None:
-            queue.complete(claim, outcome.result, outcome.report)
+        _settle(queue, ctx, claim)
     except StaleAttemptError:
         log.warning("job %s: attempt %d is stale; dropping its work", claim.job_id, claim.attempt)
-    except JobCanceledError:
-        queue.finish_canceled(claim)
-    except PERMANENT_ERRORS as exc:
-        queue.fail(claim, f"{type(exc).__name__}: {exc}", retry=False)
-    except Exception as exc:
-        log.error("job %s failed:\n%s", claim.job_id, traceback.format_exc())
-        queue.fail(claim, f"{type(exc).__name__}: {exc}", retry=True)
     finally:
         done.set()
         beat.join()
@@ -91,9 +99,13 @@ def run_worker(
     ctx = Context(queue, registry, settings, device or settings.device)
     log.info("worker %s serving %s on %s", name, settings.key_prefix, ctx.device)
     while not stop.is_set():
-        queue.seen(name)
-        claim = queue.claim(name, block_ms=1000)
-        if claim is not None:
-            log.info("job %s (%s) attempt %d", claim.job_id, claim.job.kind, claim.attempt)
-            _run_one(queue, ctx, claim)
+        try:
+            queue.seen(name)
+            claim = queue.claim(name, block_ms=1000)
+            if claim is not None:
+                log.info("job %s (%s) attempt %d", claim.job_id, claim.job.kind, claim.attempt)
+                _run_one(queue, ctx, claim)
+        except redis.ConnectionError as exc:
+            log.warning("Redis unreachable (%s); retrying in 1 s", exc)
+            stop.wait(1.0)
     log.info("worker %s stopped", name)

@@ -169,15 +169,22 @@ local function event()
     phase = h[3] or '', attempt = tonumber(h[4] or '0'), time = tonumber(ARGV[1])})
   redis.call('XADD', KEYS[3], 'MAXLEN', '~', EVENTS_MAXLEN, '*', 'data', data)
 end
+local function ack(group, id)
+  redis.call('XACK', KEYS[2], group, id)
+  redis.call('XDEL', KEYS[2], id)
+end
 local function is_terminal(s)
   return s == 'succeeded' or s == 'failed' or s == 'canceled'
 end
 """.replace("EVENTS_MAXLEN", str(EVENTS_MAXLEN))
 
-# ARGV: now, fields JSON (flat object), job id.
+# ARGV: now, fields JSON (flat object), job id; KEYS[6], KEYS[7] = tenant and global job
+# indexes (sorted sets by creation time).
 _SUBMIT = """
 local fields = cjson.decode(ARGV[2])
 for k, v in pairs(fields) do redis.call('HSET', KEYS[1], k, v) end
+redis.call('ZADD', KEYS[6], ARGV[1], ARGV[3])
+redis.call('ZADD', KEYS[7], ARGV[1], ARGV[3])
 set_status('queued')
 event()
 redis.call('XADD', KEYS[2], '*', 'job', ARGV[3])
@@ -189,17 +196,17 @@ return 1
 _CLAIM = """
 local st = redis.call('HGET', KEYS[1], 'status')
 if not st then
-  redis.call('XACK', KEYS[2], ARGV[3], ARGV[2])
+  ack(ARGV[3], ARGV[2])
   return {'missing'}
 end
 if is_terminal(st) then
-  redis.call('XACK', KEYS[2], ARGV[3], ARGV[2])
+  ack(ARGV[3], ARGV[2])
   return {'skip', st}
 end
 if redis.call('HGET', KEYS[1], 'cancel') == '1' then
   set_status('canceled')
   event()
-  redis.call('XACK', KEYS[2], ARGV[3], ARGV[2])
+  ack(ARGV[3], ARGV[2])
   return {'skip', 'canceled'}
 end
 local a = tonumber(redis.call('HGET', KEYS[1], 'attempts') or '0')
@@ -214,7 +221,7 @@ if a >= tonumber(ARGV[5]) then
     kind = redis.call('HGET', KEYS[1], 'kind'), error = err, attempts = a,
     time = tonumber(ARGV[1])}))
   redis.call('HINCRBY', KEYS[5], 'dead_lettered', 1)
-  redis.call('XACK', KEYS[2], ARGV[3], ARGV[2])
+  ack(ARGV[3], ARGV[2])
   return {'dead', a}
 end
 a = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
@@ -262,7 +269,7 @@ local outcome = ARGV[5]
 local st = redis.call('HGET', KEYS[1], 'status')
 if outcome == 'waiting' and st ~= 'running' then
   -- the shards finished (or the job was canceled) before the hand-over was recorded
-  redis.call('XACK', KEYS[2], ARGV[3], ARGV[4])
+  ack(ARGV[3], ARGV[4])
   return st
 end
 if st ~= 'running' then return '' end
@@ -292,7 +299,7 @@ else
   end
 end
 event()
-redis.call('XACK', KEYS[2], ARGV[3], ARGV[4])
+ack(ARGV[3], ARGV[4])
 return outcome
 """
 
@@ -350,6 +357,15 @@ event()
 return 1
 """
 
+# ARGV: now, error. Fails a sharded parent whose shard failed (0 when not running).
+_PARENT_FAIL = """
+if redis.call('HGET', KEYS[1], 'status') ~= 'running' then return 0 end
+redis.call('HSET', KEYS[1], 'error', ARGV[2])
+set_status('failed')
+event()
+return 1
+"""
+
 
 class JobQueue:
     """Submit, observe and cancel jobs (API side); claim and finish them (worker side)."""
@@ -370,6 +386,7 @@ class JobQueue:
                 "cancel": _CANCEL,
                 "shard_done": _SHARD_DONE,
                 "parent_complete": _PARENT_COMPLETE,
+                "parent_fail": _PARENT_FAIL,
                 "mark_sharded": _MARK_SHARDED,
             }.items()
         }
@@ -427,11 +444,8 @@ class JobQueue:
             "cache_key": cache_key or "",
             "ttl": str(self.settings.result_ttl_seconds),
         }
-        pipe = self.redis.pipeline(transaction=True)
-        pipe.zadd(self.keys.tenant_jobs(tenant), {job_id: now})
-        pipe.zadd(self.keys.all_jobs, {job_id: now})
-        pipe.execute()
-        self._run("submit", job_id, [json.dumps(fields), job_id])
+        indexes = (self.keys.tenant_jobs(tenant), self.keys.all_jobs)
+        self._run("submit", job_id, [json.dumps(fields), job_id], indexes)
         return job_id
 
     def get(self, job_id: str, tenant: str | None = None) -> JobRecord | None:
@@ -525,14 +539,20 @@ class JobQueue:
         came."""
         self.ensure_group()
         lease_ms = int(self.settings.lease_seconds * 1000)
-        _, messages, *_ = self.redis.xautoclaim(
-            self.keys.stream, GROUP, consumer, lease_ms, "0-0", count=1
-        )
-        if not messages:
-            reply = self.redis.xreadgroup(
-                GROUP, consumer, {self.keys.stream: ">"}, count=1, block=block_ms or None
+        try:
+            _, messages, *_ = self.redis.xautoclaim(
+                self.keys.stream, GROUP, consumer, lease_ms, "0-0", count=1
             )
-            messages = reply[0][1] if reply else []
+            if not messages:
+                reply = self.redis.xreadgroup(
+                    GROUP, consumer, {self.keys.stream: ">"}, count=1, block=block_ms or None
+                )
+                messages = reply[0][1] if reply else []
+        except redis.ResponseError as exc:
+            if "NOGROUP" not in str(exc):
+                raise
+            self._group_ready = False  # Redis lost its data: recreate the group next time
+            return None
         for message_id, fields in messages:
             if fields is None:  # entry trimmed from the stream: nothing to run
                 self.redis.xack(self.keys.stream, GROUP, message_id)
@@ -541,6 +561,8 @@ class JobQueue:
             outcome = self._run(
                 "claim", job_id, [message_id, GROUP, consumer, self.settings.max_attempts, job_id]
             )
+            if outcome[0] == "dead":
+                self._fail_parent(job_id)
             if outcome[0] != "run":
                 continue
             record = self.get(job_id)
@@ -637,7 +659,10 @@ class JobQueue:
         """Record a failed attempt. With ``retry`` and attempts left the job is queued again;
         with ``retry`` and none left it goes to the dead-letter list; without ``retry``
         (bad input, time limit) it fails at once. Returns the new status."""
-        return JobStatus(self._finish(claim, "failed", error=error, retry=retry))
+        status = JobStatus(self._finish(claim, "failed", error=error, retry=retry))
+        if status == JobStatus.FAILED:
+            self._fail_parent(claim.job_id)
+        return status
 
     def finish_canceled(self, claim: Claim) -> None:
         """Mark a job whose worker saw the cancel flag as ``canceled``."""
@@ -668,6 +693,13 @@ class JobQueue:
                 (self.keys.shards_done(parent),),
             )
         )
+
+    def _fail_parent(self, shard_id: str) -> None:
+        """A shard that failed for good fails its parent with the shard's error."""
+        shard = self.get(shard_id)
+        if shard is not None and shard.parent:
+            error = f"shard job {shard_id} failed: {shard.error}"
+            self._run("parent_fail", shard.parent, [error])
 
     def shards_total(self, parent: str) -> int:
         """Number of shard jobs ``parent`` was split into (0: not sharded)."""

@@ -1,6 +1,6 @@
-// Inline-SVG charts drawn by hand: bars (Figure 4 style), scatter with the y = x line
-// (Tables 6–8 style) and lines (Figure 6 style). Each chart is an <svg role="img"> with a
-// title and a description, so screen readers get the numbers too.
+// Inline-SVG charts drawn by hand: bars (Figure 4 style) and scatter with the y = x line
+// (Tables 6–8 style). Each chart is an <svg role="img"> with a title and a description, so
+// screen readers get the numbers too.
 
 import { fmt } from "./ui.js";
 
@@ -138,26 +138,5 @@ export function scatterChart({ title, points, xLabel, yLabel }) {
       ),
     );
   }
-  return root;
-}
-
-/** Lines series [{name, points: [{x, y}]}] on [0, 1] × [0, 1] axes, with a legend. */
-export function lineChart({ title, series, xLabel, yLabel }) {
-  const description = series.map((s) => `${s.name}: ${s.points.length} points`).join("; ");
-  const root = frame(title, description);
-  const x = scale(0, 1, PAD.left, WIDTH - PAD.right);
-  const y = scale(0, 1, HEIGHT - PAD.bottom, PAD.top);
-  const ticks = [0, 0.25, 0.5, 0.75, 1];
-  axes(root, x, y, ticks, ticks, xLabel, yLabel);
-  series.forEach((s, i) => {
-    const color = PALETTE[i % PALETTE.length];
-    const path = s.points.map((p, j) => `${j ? "L" : "M"}${x(Number(p.x)).toFixed(1)},${y(Number(p.y)).toFixed(1)}`).join(" ");
-    root.append(svg("path", { d: path, class: s.dashed ? "line dashed" : "line", stroke: color }));
-    const ly = PAD.top + 6 + i * 16;
-    root.append(
-      svg("line", { x1: PAD.left + 12, x2: PAD.left + 32, y1: ly, y2: ly, stroke: color, class: s.dashed ? "line dashed" : "line" }),
-      svg("text", { x: PAD.left + 38, y: ly + 4, class: "legend" }, s.name),
-    );
-  });
   return root;
 }

@@ -1,10 +1,10 @@
-// Decompositions: POST /decompositions (the paper's five-gap decomposition on a stored
-// checkpoint), then the gap table, a Figure 4 style bar chart, Tables 6–8 style scatter
-// plots of influence-predicted against actual test-loss change, and the Figure 6 mislabel
-// curve. Finished runs are listed from GET /jobs and open at #decompositions/<job>.
+// Decompositions: POST /decompositions (the paper's gap decomposition on a stored checkpoint
+// and its training recipe), then the gap table, a Figure 4 style bar chart and Tables 6–8
+// style scatter plots of influence-predicted against actual test-loss change. Finished runs
+// are listed from GET /jobs and open at #decompositions/<job>.
 
 import { TERMINAL, api, items } from "./api.js";
-import { barChart, lineChart, PALETTE, scatterChart } from "./charts.js";
+import { barChart, PALETTE, scatterChart } from "./charts.js";
 import {
   catalogueOptions,
   compact,
@@ -14,6 +14,7 @@ import {
   guarded,
   h,
   numberField,
+  reportList,
   runJob,
   shortId,
   showMessage,
@@ -33,21 +34,28 @@ let form;
 
 function requestBody() {
   const f = form.elements;
-  const test = f.test_dataset.value;
+  const seed = numberField(form, "seed");
+  const numPoints = numberField(form, "num_points");
+  const numTest = numberField(form, "num_test");
+  const correlate = f.correlate.checked;
+  const methods = [...form.querySelectorAll("input[name=methods]:checked")].map((box) => box.value);
   return compact({
     model: f.model.value,
     train: f.train.value,
-    test: test ? { dataset: test, indices: [...Array(numberField(form, "num_test") ?? 0).keys()] } : undefined,
     damping: numberField(form, "damping"),
-    recipe: compact({
+    recipe: {
       optimizer: f.optimizer.value,
       lr: numberField(form, "lr"),
       epochs: numberField(form, "epochs"),
-      batch_size: numberField(form, "batch_size"),
+      batch_size: numberField(form, "batch_size") ?? null,
       weight_decay: numberField(form, "weight_decay"),
-      seed: numberField(form, "seed"),
-    }),
-    arguments: compact({ num_points: numberField(form, "num_points"), seed: numberField(form, "seed") }),
+      seed: numberField(form, "recipe_seed"),
+    },
+    arguments: compact({ num_points: numPoints, seed }),
+    test: correlate
+      ? { dataset: f.test_dataset.value, indices: Number.isInteger(numTest) ? [...Array(numTest).keys()] : numTest }
+      : undefined,
+    correlation: correlate ? compact({ num_points: numPoints, num_test: numTest, seed, methods }) : undefined,
   });
 }
 
@@ -105,21 +113,6 @@ function correlationCharts(correlation) {
   });
 }
 
-/** Figure 6: fraction of corrupted labels found against the fraction of data inspected. */
-function mislabelChart(mislabel) {
-  const { inspected = [], ...curves } = mislabel.curves ?? {};
-  return lineChart({
-    title: "Mislabelled examples found (Figure 6 style)",
-    series: Object.entries(curves).map(([name, ys]) => ({
-      name,
-      points: inspected.map((x, i) => ({ x, y: ys[i] })),
-      dashed: name === "random",
-    })),
-    xLabel: "fraction of training data inspected",
-    yLabel: "fraction of mislabels found",
-  });
-}
-
 function renderResult(box, id, result) {
   const rows = gapRows(result);
   const charts = [
@@ -129,8 +122,7 @@ function renderResult(box, id, result) {
       yLabel: "L2 output distance",
     }),
     ...(result.correlation ? correlationCharts(result.correlation) : []),
-    result.mislabel ? mislabelChart(result.mislabel) : null,
-  ].filter(Boolean);
+  ];
   const removed = result.removed?.length;
   box.replaceChildren(
     h(
@@ -139,6 +131,7 @@ function renderResult(box, id, result) {
       h("h3", {}, `Decomposition ${shortId(id)}`),
       h("p", { class: "muted" }, `${removed ?? "?"} removed sets · N = ${result.num_train ?? "?"}`),
       gapTable(rows),
+      h("details", {}, h("summary", {}, "Solver report"), reportList(result.solver_report)),
       h("div", { class: "charts" }, charts.map((chart) => h("div", { class: "chart-box" }, chart))),
     ),
   );

@@ -78,7 +78,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     with tqdm(total=100, desc=args.command, unit="%") as bar:
 
         def progress(fraction: float, phase: str) -> None:
-            bar.set_postfix_str(phase)
+            if bar.postfix != phase:
+                bar.set_postfix_str(phase, refresh=False)
             bar.update(round(100 * fraction) - bar.n)
 
         run(args.command, config, args.out, progress)

@@ -111,6 +111,7 @@ def test_one_command_start_serves_the_demo(
             "model": model,
             "train": names["digits-train"],
             "test": {"dataset": names["digits-test"], "indices": [0]},
+            "solver": {"name": "cg", "tol": 1e-2},  # the service path, not solver accuracy
         }
         job = httpx.post(f"{api}/influence", json=query).json()["job"]
         while (state := httpx.get(f"{api}/jobs/{job}").json())["status"] in ("queued", "running"):

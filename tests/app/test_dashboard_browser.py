@@ -211,32 +211,36 @@ def test_mislabel_finder_ranks_by_self_influence(session: Session) -> None:
     session.assert_clean()
 
 
-def test_decomposition_result_opens_with_its_chart(session: Session) -> None:
+def test_decomposition_result_opens_with_its_charts(session: Session) -> None:
     page = session.page
     page.goto(f"{session.base}/#decompositions")
     page.wait_for_selector("#decomp-form select[name=model] option", state="attached")
     page.fill("#decomp-form input[name=num_points]", "2")
-    page.fill("#decomp-form input[name=epochs]", "1")
+    page.fill("#decomp-form input[name=num_test]", "2")
+    page.fill("#decomp-form input[name=epochs]", "20")  # cheaper retraining: K/2 = 10 epochs
     page.get_by_role("button", name="Run decomposition").click()
     wait_for_job(page, "#decomp-progress")
     page.get_by_role("link", name=re.compile(r"^Open ")).first.click()
     result = page.locator(".decomposition")
     result.wait_for()
     gaps = result.locator("table.gaps tbody tr")
-    assert gaps.count() >= 4
-    assert result.locator("svg.chart rect.bar").count() == gaps.count()
+    assert gaps.count() == 4  # a checkpoint has no recorded θ⁰: no warm-start gap
+    assert "non-convergence" in result.locator("table.gaps").inner_text()
+    assert result.locator("svg.chart rect.bar").count() == 4
+    scatters = result.locator("svg.chart", has=page.locator("circle.dot"))
+    assert scatters.count() == 2  # warm-start and PBRF against influence
+    assert all("Pearson" in scatters.nth(i).get_attribute("aria-label") for i in range(2))
     session.shot("06-decomposition")
     session.assert_clean()
 
 
 def test_jobs_page_cancels_a_running_job(session: Session) -> None:
     page = session.page
-    page.goto(f"{session.base}/")
-    page.check("#query-form input[name=solver][value=lissa]")
-    page.fill("#query-form input[name=depth]", "100000")
-    page.fill("#query-form input[name=repeats]", "10")
-    page.get_by_role("button", name="Find influential training points").click()
-    page.wait_for_selector("#query-progress .progress[data-status=running]")
+    page.goto(f"{session.base}/#decompositions")
+    page.wait_for_selector("#decomp-form select[name=model] option", state="attached")
+    page.fill("#decomp-form input[name=num_points]", "50")  # minutes of retraining
+    page.get_by_role("button", name="Run decomposition").click()
+    page.wait_for_selector("#decomp-progress .progress[data-status=running]")
     page.get_by_role("link", name="Jobs").click()
     running = page.locator("tr[data-status=running]")
     running.first.wait_for()
@@ -245,8 +249,8 @@ def test_jobs_page_cancels_a_running_job(session: Session) -> None:
     page.wait_for_selector("tr[data-status=canceled]", timeout=JOB_TIMEOUT_MS)
     assert page.locator("tr[data-status=running]").count() == 0
     session.shot("08-jobs-canceled")
-    page.get_by_role("link", name="Influence query").click()
-    assert "canceled" in page.inner_text("#query-form .message.error")
+    page.get_by_role("link", name="Decompositions").click()
+    assert "canceled" in page.inner_text("#decomp-form .message.error")
     session.assert_clean()
 
 

@@ -240,3 +240,39 @@ def test_client_raises_api_error_with_detail(live: LiveServer) -> None:
     with live.client() as client, pytest.raises(ApiError) as err:
         client.model("0" * 64)
     assert err.value.status == 404 and "not found" in err.value.detail
+
+
+@pytest.mark.parametrize(
+    ("changes", "loc", "fragment"),
+    [
+        ({"recipe": {"optimizer": "rmsprop"}}, ["body", "recipe"], "optimizer 'rmsprop'"),
+        ({"arguments": {"num_points": 10_000}}, ["body", "arguments"], "num_points = 10000"),
+        ({"response": {"lbfgs_steps": 10**6}}, ["body", "response"], "lbfgs_steps"),
+        ({"response": {"damping": 1.0}}, ["body", "response"], "top level"),
+        ({"correlation": {"num_test": 5}}, ["body"], "needs 'test'"),
+        ({"damping": 0.0}, ["body", "damping"], "greater than 0"),
+    ],
+)
+def test_decomposition_settings_are_checked_at_the_edge(
+    live: LiveServer, changes: dict[str, object], loc: list[str], fragment: str
+) -> None:
+    body = {"model": "a" * 64, "train": "b" * 64, "recipe": {"optimizer": "adam", "lr": 0.01}}
+    body.update(changes)
+    response = httpx.post(live.url + "/decompositions", headers=ALICE, json=body)
+    assert response.status_code == 422, response.text
+    errors = response.json()["detail"]
+    assert any(e["loc"] == loc and fragment in e["msg"] for e in errors), errors
+
+
+def test_event_stream_takes_the_key_as_a_query_parameter(
+    live: LiveServer, uploaded: dict[str, str]
+) -> None:
+    with live.client() as client:
+        job = client.influence(_query(uploaded))
+        client.cancel(job.job)
+    url = f"{live.url}/jobs/{job.job}/events"
+    assert httpx.get(url, params={"api_key": "nope"}).status_code == 401
+    assert httpx.get(url, params={"api_key": "key-bob"}).status_code == 404
+    stream = httpx.get(url, params={"api_key": "key-alice"})
+    assert stream.headers["content-type"].startswith("text/event-stream")
+    assert "event: done" in stream.text and '"status":"canceled"' in stream.text

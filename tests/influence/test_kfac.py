@@ -8,6 +8,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, hessian, jacrev
 
+import models
+from influence import CG, InfluenceEngine
 from influence.kfac import KFAC, KFACArguments
 from tests.conftest import RTOL_EXACT, RTOL_SOLVE
 
@@ -22,7 +24,7 @@ def _flat_params(model: nn.Module) -> tuple[list[str], list[torch.Size], Tensor]
     return names, shapes, flat
 
 
-def _dense_gnh(model: nn.Module, x: Tensor, t: Tensor, loss: str) -> Tensor:
+def dense_gnh(model: nn.Module, x: Tensor, t: Tensor, loss: str) -> Tensor:
     """(1/N) Σ_i J_iᵀ H_i J_i from jacrev/hessian, independent of models.losses."""
     names, shapes, flat = _flat_params(model)
 
@@ -62,7 +64,7 @@ def _mlp() -> nn.Module:
     return nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3)).double()
 
 
-def test_single_example_blocks_equal_dense_gnh() -> None:
+def test_single_example_blocks_equaldense_gnh() -> None:
     model = _mlp()
     x = torch.randn(1, 3, dtype=torch.float64)
     t = torch.tensor([2])
@@ -75,7 +77,7 @@ def test_single_example_blocks_equal_dense_gnh() -> None:
         weight_decay=0.01,
         arguments=KFACArguments(damping_split="eigen"),
     )
-    dense = _dense_gnh(model, x, t, "cross_entropy")
+    dense = dense_gnh(model, x, t, "cross_entropy")
     approx = kfac.to_dense() - (DAMPING + 0.01) * torch.eye(kfac.dim, dtype=torch.float64)
     for sl in _linear_slices(model):
         torch.testing.assert_close(approx[sl, sl], dense[sl, sl], rtol=RTOL_EXACT, atol=1e-14)
@@ -91,7 +93,7 @@ def test_single_linear_layer_under_mse_is_exact_for_many_examples() -> None:
     kfac = KFAC.fit(
         model, "mse", x, t, damping=DAMPING, arguments=KFACArguments(damping_split="eigen")
     )
-    dense = _dense_gnh(model, x, t, "mse") + DAMPING * torch.eye(kfac.dim, dtype=torch.float64)
+    dense = dense_gnh(model, x, t, "mse") + DAMPING * torch.eye(kfac.dim, dtype=torch.float64)
     torch.testing.assert_close(kfac.to_dense(), dense, rtol=RTOL_EXACT, atol=1e-14)
     v = torch.randn(kfac.dim, dtype=torch.float64)
     torch.testing.assert_close(kfac(v), torch.linalg.solve(dense, v), rtol=RTOL_SOLVE, atol=0)
@@ -126,7 +128,7 @@ def test_fallback_is_the_exact_gnh_diagonal() -> None:
     x = torch.randn(6, 3, dtype=torch.float64)
     t = torch.randint(0, 4, (6,))
     kfac = KFAC.fit(model, "cross_entropy", x, t, damping=DAMPING, weight_decay=0.1)
-    dense = _dense_gnh(model, x, t, "cross_entropy")
+    dense = dense_gnh(model, x, t, "cross_entropy")
     norm = slice(20, 30)  # Linear(3, 5) holds 20 parameters, then LayerNorm's 10
     expected = torch.diagonal(dense)[norm] + DAMPING + 0.1
     torch.testing.assert_close(kfac.diagonal, expected, rtol=RTOL_EXACT, atol=0)
@@ -156,3 +158,31 @@ def test_fit_rejects_bad_inputs() -> None:
     kfac = KFAC.fit(model, "cross_entropy", x, torch.zeros(4, dtype=torch.long), damping=DAMPING)
     with pytest.raises(ValueError, match=f"\\[{kfac.dim}\\]"):
         kfac(torch.zeros(kfac.dim + 1, dtype=torch.float64))
+
+
+@pytest.fixture(scope="module")
+def digits_mlp() -> tuple[nn.Module, Tensor, Tensor]:
+    """A trained 64-16-10 tanh MLP on 300 digits, in float64."""
+    train = models.builtin_dataset("digits").subset(list(range(300)))
+    config = {"architecture": "mlp", "in_features": 64, "out_features": 10, "hidden": [16]}
+    config["activation"] = "tanh"
+    recipe = models.Recipe(optimizer="adam", lr=1e-2, epochs=150, batch_size=None, seed=0)
+    model = models.train(config, train, recipe).model().double()
+    return model, train.inputs.double(), train.targets
+
+
+def test_pcg_matches_dense_solve_in_fewer_iterations(digits_mlp) -> None:
+    model, x, t = digits_mlp
+    engine = InfluenceEngine(model, train=(x, t), damping=DAMPING)
+    queries = (x[:3], t[:3])
+    dense = dense_gnh(model, x, t, "cross_entropy") + DAMPING * torch.eye(engine.num_params)
+    expected = torch.linalg.solve(dense, engine.gradients(*queries).T).T
+
+    kfac = KFAC.from_operator(engine.operator)
+    pcg, pcg_report = engine.s_test(queries, CG(tol=1e-10, max_iter=2000, preconditioner=kfac))
+    plain, plain_report = engine.s_test(queries, CG(tol=1e-10, max_iter=2000))
+
+    torch.testing.assert_close(pcg, expected, rtol=RTOL_SOLVE, atol=0)
+    torch.testing.assert_close(plain, expected, rtol=RTOL_SOLVE, atol=0)
+    assert pcg_report.method == "pcg" and pcg_report.converged
+    assert pcg_report.iterations < plain_report.iterations

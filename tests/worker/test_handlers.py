@@ -129,7 +129,8 @@ def test_lost_artifact_is_retried_then_dead_lettered_while_others_flow(
 
 @pytest.mark.parametrize("when", ["queued", "running"])
 def test_cancel(queue: JobQueue, tiny: dict, thread_worker, when: str) -> None:
-    slow = influence_payload(tiny, name="lissa", depth=6000, batch_size=8)
+    # LiSSA reports progress once per repeat here: a steady cadence of cancel checks
+    slow = influence_payload(tiny, name="lissa", depth=400, repeats=30, batch_size=8)
     job = queue.submit(JobKind.INFLUENCE, slow, tenant=TENANT)
     if when == "queued":
         assert queue.cancel(job, TENANT).status == JobStatus.CANCELED
@@ -181,6 +182,7 @@ def test_decomposition_job_on_a_checkpoint(queue: JobQueue, tiny: dict, thread_w
         "train": tiny["train_id"],
         "recipe": {"optimizer": "sgd", "lr": 0.1, "epochs": 2, "batch_size": 10},
         "damping": 1e-2,
+        "response": {"optimizer": "lbfgs", "lbfgs_steps": 5},
         "arguments": {"num_points": 2, "seed": 0},
     }
     thread_worker()

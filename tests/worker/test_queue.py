@@ -223,3 +223,65 @@ def test_finished_jobs_expire_after_the_result_ttl(client: redis.Redis, settings
     queue.complete(queue.claim("w", block_ms=50), {})
     assert 0 < client.ttl(queue.keys.job(job)) <= 60
     assert 0 < client.ttl(queue.keys.events(job)) <= 60
+
+
+def test_queue_recovers_when_redis_lost_its_stream(queue: JobQueue) -> None:
+    queue.submit(JobKind.SELF_INFLUENCE, PAYLOAD, tenant=TENANT)
+    queue.redis.delete(queue.keys.stream)  # e.g. a Redis restarted without persistence
+    assert queue.claim("w", block_ms=50) is None
+    job = queue.submit(JobKind.SELF_INFLUENCE, PAYLOAD, tenant=TENANT)
+    claim = queue.claim("w", block_ms=50)
+    assert claim is not None and claim.job_id == job
+
+
+def sharded_parent(queue: JobQueue, shards: int) -> tuple[str, list[str]]:
+    """A parent job handed over to ``shards`` score_shard jobs (as the influence handler does)."""
+    parent = queue.submit(JobKind.SELF_INFLUENCE, PAYLOAD, tenant=TENANT)
+    claim = queue.claim("w", block_ms=50)
+    queue.mark_sharded(claim, shards)
+    shard_payload = {**PAYLOAD, "parent": parent, "start": 0, "stop": 1, "s_test": "ef" * 32}
+    children = [
+        queue.submit(
+            JobKind.SCORE_SHARD, {**shard_payload, "index": i}, tenant=TENANT, parent=parent
+        )
+        for i in range(shards)
+    ]
+    queue.hand_over_to_shards(claim, {"method": "exact"})
+    return parent, children
+
+
+def test_shards_complete_the_parent_once(queue: JobQueue) -> None:
+    parent, _ = sharded_parent(queue, 2)
+    record = queue.get(parent)
+    assert record.status == JobStatus.RUNNING and record.phase == "scoring shards"
+    assert queue.shard_done(parent, 1, "b" * 64, base=0.5, share=0.5) == 1
+    assert queue.get(parent).progress == 0.75
+    assert queue.shard_done(parent, 1, "b" * 64, base=0.5, share=0.5) == 1  # a retried shard
+    assert queue.shard_done(parent, 0, "a" * 64, base=0.5, share=0.5) == 2
+    assert queue.shard_results(parent) == {0: "a" * 64, 1: "b" * 64}
+    assert queue.complete_parent(parent, {"scores": "c" * 64})
+    assert not queue.complete_parent(parent, {"scores": "other"})
+    record = queue.get(parent)
+    assert record.status == JobStatus.SUCCEEDED and record.result == {"scores": "c" * 64}
+    assert record.report == {"method": "exact"} and record.attempts == 1
+    assert queue.shard_done(parent, 0, "a" * 64, base=0.5, share=0.5) == -1
+
+
+def test_a_failed_shard_fails_its_parent(queue: JobQueue) -> None:
+    parent, children = sharded_parent(queue, 2)
+    claim = queue.claim("w", block_ms=50)
+    assert claim.job_id == children[0] and claim.job.parent == parent
+    queue.fail(claim, "ValueError: bad rows", retry=False)
+    record = queue.get(parent)
+    assert record.status == JobStatus.FAILED and "bad rows" in record.error
+    assert children[0] in record.error
+
+
+def test_canceling_a_sharded_parent_stops_its_shards(queue: JobQueue) -> None:
+    parent, children = sharded_parent(queue, 2)
+    claim = queue.claim("w", block_ms=50)
+    assert queue.cancel(parent, TENANT).status == JobStatus.CANCELED  # no worker holds it
+    with pytest.raises(JobCanceledError):
+        queue.report_progress(claim, 0.1, "scoring")
+    queue.finish_canceled(claim)
+    assert queue.get(children[0]).status == JobStatus.CANCELED

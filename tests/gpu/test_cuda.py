@@ -1,0 +1,56 @@
+"""The engine's exactness checks and the K-FAC preconditioner on CUDA (skipped without it).
+
+Run by ``bench/gpu_check.sh`` on a machine with a GPU; on CPU-only machines every test
+here is skipped with a reason.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from influence import CG, Exact, InfluenceEngine
+from influence.kfac import KFAC
+from tests.conftest import RTOL_F32, RTOL_SOLVE
+from tests.influence.test_kfac import dense_gnh
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
+]
+
+DAMPING = 1e-3
+
+
+def _problem(dtype: torch.dtype) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 4)).to(dtype)
+    return model, torch.randn(40, 6, dtype=dtype), torch.randint(0, 4, (40,))
+
+
+@pytest.mark.parametrize("solver", ["exact", "pcg"])
+def test_cuda_scores_match_dense_cpu_solve(solver: str) -> None:
+    model, x, t = _problem(torch.float64)
+    engine = InfluenceEngine(model, train=(x, t), damping=DAMPING, device="cuda")
+    assert engine.operator.device.type == "cuda"
+    if solver == "exact":
+        method = Exact()
+    else:
+        method = CG(tol=1e-11, max_iter=500, preconditioner=KFAC.from_operator(engine.operator))
+    result = engine.scores((x[:3], t[:3]), method)
+
+    dense = dense_gnh(model, x, t, "cross_entropy") + DAMPING * torch.eye(engine.num_params)
+    cpu = InfluenceEngine(model, train=(x, t), damping=DAMPING)
+    grads_q, grads_i = cpu.gradients(x[:3], t[:3]), cpu.gradients(x, t)
+    expected = grads_q @ torch.linalg.solve(dense, grads_i.T) / len(x)
+    torch.testing.assert_close(result.scores.cpu(), expected, rtol=RTOL_SOLVE, atol=0)
+
+
+def test_cuda_jvp_and_gradient_scoring_agree_in_float32() -> None:
+    model, x, t = _problem(torch.float32)
+    engine = InfluenceEngine(model, train=(x, t), device="cuda")
+    s_test = torch.randn(2, engine.num_params, device="cuda")
+    jvp = engine.scores_from_s_test(s_test, method="jvp")
+    grad = engine.scores_from_s_test(s_test, method="grad")
+    torch.testing.assert_close(jvp, grad, rtol=RTOL_F32, atol=RTOL_F32 * float(grad.abs().max()))

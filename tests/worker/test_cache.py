@@ -1,0 +1,49 @@
+"""Cache keys: every input of a result changes its key, nothing else does."""
+
+from __future__ import annotations
+
+import pydantic
+import pytest
+
+from worker.cache import query_content_id, result_key, s_test_key
+from worker.contract import JobKind, TestSpec
+
+QUERY = {
+    "model": "ab" * 32,
+    "train": "cd" * 32,
+    "test": {"artifact": "ef" * 32},
+    "solver": {"name": "cg", "tol": 1e-6},
+}
+
+
+def test_cache_keys_follow_every_input_and_nothing_else() -> None:
+    key = result_key(JobKind.INFLUENCE, QUERY)
+    reordered = dict(reversed(list(QUERY.items())))
+    assert result_key("influence", reordered) == key
+    defaults = {**QUERY, "loss": "cross_entropy", "hessian": "gnh", "damping": 1e-3}
+    assert result_key(JobKind.INFLUENCE, defaults) == key  # defaults spelled out: same query
+    changes = [
+        {"damping": 1e-2},
+        {"loss": "mse"},
+        {"hessian": "full"},
+        {"weight_decay": 1e-4},
+        {"solver": {"name": "cg", "tol": 1e-7}},
+        {"test": {"dataset": "ef" * 32, "indices": [0]}},
+        {"model": "aa" * 32},
+        {"train": "bb" * 32},
+    ]
+    keys = {result_key(JobKind.INFLUENCE, {**QUERY, **change}) for change in changes}
+    assert len(keys) == len(changes) and key not in keys
+    assert s_test_key(QUERY) not in keys | {key}
+    self_key = result_key(JobKind.SELF_INFLUENCE, {k: v for k, v in QUERY.items() if k != "test"})
+    assert self_key != key
+    with pytest.raises(ValueError, match="no result cache"):
+        result_key(JobKind.VERIFY, {"job": "x"})
+
+
+def test_query_content_id() -> None:
+    assert query_content_id(TestSpec(artifact="ef" * 32)) == "ef" * 32
+    one = query_content_id(TestSpec(dataset="ef" * 32, indices=[1, 2]))
+    assert one != query_content_id(TestSpec(dataset="ef" * 32, indices=[2, 1]))
+    with pytest.raises(pydantic.ValidationError, match="exactly one"):
+        TestSpec(artifact="ef" * 32, dataset="ef" * 32, indices=[0])

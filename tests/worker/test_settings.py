@@ -1,0 +1,40 @@
+"""Settings from the environment: names, parsing, validation, documentation."""
+
+from __future__ import annotations
+
+import pydantic
+import pytest
+
+from worker.settings import Settings
+
+
+def test_environment_names(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("REDIS_URL", "redis://example:6379/3")
+    monkeypatch.setenv("INFLUENCE_KEY_PREFIX", "mine:")
+    monkeypatch.setenv("INFLUENCE_API_KEYS", "k1:alice, k2:bob")
+    monkeypatch.setenv("INFLUENCE_LEASE_SECONDS", "12")
+    settings = Settings()
+    assert settings.redis_url == "redis://example:6379/3" and settings.key_prefix == "mine:"
+    assert settings.api_keys == {"k1": "alice", "k2": "bob"}
+    assert settings.lease_seconds == 12.0
+    monkeypatch.setenv("INFLUENCE_API_KEYS", '{"k3": "carol"}')
+    assert Settings().api_keys == {"k3": "carol"}
+
+
+@pytest.mark.parametrize(
+    ("env", "match"),
+    [
+        ({"INFLUENCE_API_KEYS": "no-tenant"}, "key:tenant"),
+        ({"INFLUENCE_HEARTBEAT_SECONDS": "40"}, "heartbeat_seconds"),
+        ({"INFLUENCE_MAX_ATTEMPTS": "0"}, "max_attempts"),
+    ],
+)
+def test_bad_settings_name_the_field(monkeypatch: pytest.MonkeyPatch, env: dict, match: str):
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(pydantic.ValidationError, match=match):
+        Settings()
+
+
+def test_every_setting_is_documented() -> None:
+    assert all(field.description for field in Settings.model_fields.values())
