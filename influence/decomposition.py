@@ -16,7 +16,7 @@ per-example RMS ``d/√N`` (comparable across dataset sizes). Without a recorded
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,7 +25,7 @@ from torch import Tensor
 from torch.func import jvp
 
 from influence.engine import InfluenceEngine
-from influence.response import Responder, output_distance
+from influence.response import Progress, Responder, output_distance
 
 __all__ = [
     "GAPS",
@@ -36,8 +36,6 @@ __all__ = [
     "first_order_proximity",
     "sample_removed",
 ]
-
-Progress = Callable[[float, str], None]
 
 GAPS: tuple[tuple[str, str, str], ...] = (
     ("warm_start", "cold", "warm"),

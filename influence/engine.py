@@ -187,7 +187,9 @@ class InfluenceEngine:
         quadratic forms in chunks; the others solve one chunk of gradients at a time.
         """
         op = self.operator
-        inverse = solver.factorize(op) if hasattr(solver, "factorize") else None
+        factorizes = hasattr(solver, "factorize")
+        inverse = solver.factorize(op, phase_progress(progress, 0.0, 0.5)) if factorizes else None
+        progress = phase_progress(progress, 0.5 if factorizes else 0.0, 1.0)
         out = torch.empty(self.num_train, dtype=self.dtype, device=self.device)
         for sl in batch_slices(self.num_train, op.batch_size):
             grads = per_example_grads(self.fmodel, self.loss, self.theta, *_rows(op, sl)).T

@@ -9,6 +9,7 @@ and, for small d, ``dense``.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -103,12 +104,17 @@ class DampedCurvature:
             raise ValueError(f"matvec takes a vector of shape [d], got {tuple(vector.shape)}")
         return self.matmat(vector)
 
-    def dense(self) -> Tensor:
-        """The explicit symmetric ``d × d`` matrix ``G + λI`` (computed once, then cached)."""
+    def dense(self, progress: Callable[[float, str], None] | None = None) -> Tensor:
+        """The explicit symmetric ``d × d`` matrix ``G + λI`` (computed once, then cached);
+        ``progress(fraction, "curvature")`` after each block of columns."""
         if self._dense is None:
             d = self.size
             eye = torch.eye(d, dtype=self.dtype, device=self.device)
-            columns = [self.matmat(eye[:, s : s + _DENSE_BLOCK]) for s in range(0, d, _DENSE_BLOCK)]
+            columns = []
+            for start in range(0, d, _DENSE_BLOCK):
+                columns.append(self.matmat(eye[:, start : start + _DENSE_BLOCK]))
+                if progress is not None:
+                    progress(min(1.0, (start + _DENSE_BLOCK) / d), "curvature")
             matrix = torch.cat(columns, dim=1)
             self._dense = (matrix + matrix.T) / 2
         return self._dense

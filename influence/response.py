@@ -19,7 +19,12 @@ Starting from the recorded run (θ⁰, θˢ, recipe, batch order) the response f
 Minibatch recipes optimise each objective's minibatch estimate: the data term (losses,
 Bregman divergences, Gauss-Newton quadratic) is averaged over the batch, while the removed
 points' term ``ε Σ_z L_z`` and the proximity terms are evaluated exactly at every step.
-Full-batch recipes (L-BFGS) therefore optimise the objectives exactly.
+Full-batch recipes (L-BFGS) therefore optimise the objectives exactly, as does
+``ResponseArguments(optimizer="lbfgs")`` for every response started from θˢ.
+
+PBRF can be unbounded below: with cross-entropy, z's own loss cancels inside it and leaves
+a term linear in z's logits, which a ReLU network can grow quadratically in θ faster than
+``(λ/2)‖θ−θˢ‖²`` grows; such runs stop with a ``models.TrainingError`` saying so.
 """
 
 from __future__ import annotations
@@ -38,12 +43,12 @@ from torch.func import grad, jvp
 from influence.engine import InfluenceEngine
 from influence.functional import FlatModel
 from influence.solvers import CG, Exact, LiSSA, Solver, SolverReport
-from models import Dataset, Recipe, TrainRun, build, load_checkpoint, train
+from models import Dataset, Recipe, TrainingError, TrainRun, build, load_checkpoint, train
 from models.losses import Loss, get_loss
 
 __all__ = [
-    "RESPONSE_METHODS",
     "RETRAIN_METHODS",
+    "VERIFY_METHODS",
     "Responder",
     "ResponseArguments",
     "ResponseProblem",
@@ -58,7 +63,8 @@ __all__ = [
 
 Progress = Callable[[float, str], None]
 
-RESPONSE_METHODS = ("cold", "warm", "proximal", "pbrf", "linearized", "influence", "two_stage")
+RETRAIN_METHODS = ("cold", "warm", "proximal", "pbrf", "linearized", "two_stage")
+VERIFY_METHODS = ("pbrf", "warm", "linearized")
 
 
 def live_parameters(model: nn.Module) -> Tensor:
@@ -357,11 +363,18 @@ class Responder:
                 lbfgs_tolerance_grad=1e-12, lbfgs_tolerance_change=1e-16,
             )  # fmt: skip
             epochs = self.arguments.lbfgs_steps
-        run = train(
-            self.config, self.dataset, recipe, init=init, batch_order=batch_order,
-            epochs=epochs, objective=lambda m, _x, _t, idx: objective(live_parameters(m), idx),
-            dtype=self.dtype,
-        )  # fmt: skip
+        try:
+            run = train(
+                self.config, self.dataset, recipe, init=init, batch_order=batch_order,
+                epochs=epochs, dtype=self.dtype,
+                objective=lambda m, _x, _t, idx: objective(live_parameters(m), idx),
+            )  # fmt: skip
+        except TrainingError as exc:
+            raise TrainingError(
+                f"{objective.__name__} response diverged ({exc}). Its objective can be unbounded "
+                "below, e.g. PBRF for a ReLU network with cross-entropy when the damping is "
+                "small: raise damping, lower the learning rate, or use the linearized response"
+            ) from exc
         return torch.cat([run.thetas[name].reshape(-1) for name in self.fmodel.names])
 
     def _state(self, theta: Tensor) -> dict[str, Tensor]:
@@ -434,9 +447,6 @@ class Responder:
         return self.loss.per_example(self.outputs(theta, inputs), t)
 
 
-RETRAIN_METHODS = ("cold", "warm", "proximal", "pbrf", "linearized", "two_stage")
-
-
 def pearson_spearman(predicted: Tensor, actual: Tensor) -> dict[str, float | None]:
     """Pearson and Spearman correlation of two equally shaped tensors, pooled over all
     entries (``None`` where undefined, e.g. a constant input)."""
@@ -497,9 +507,6 @@ class VerifyResult:
             **self.correlation,
             "solver_report": self.report,
         }
-
-
-VERIFY_METHODS = ("pbrf", "warm", "linearized")
 
 
 def verify(

@@ -211,7 +211,9 @@ class Exact:
     def __post_init__(self) -> None:
         _require(self.max_dim >= 1, "max_dim", "must be >= 1", self.max_dim)
 
-    def factorize(self, operator: DampedCurvature) -> CholeskyInverse | EigenInverse:
+    def factorize(
+        self, operator: DampedCurvature, progress: Progress | None = None
+    ) -> CholeskyInverse | EigenInverse:
         """Build and factor the dense matrix; refuse above ``max_dim`` with the memory needed."""
         d = operator.size
         if d > self.max_dim:
@@ -220,7 +222,7 @@ class Exact:
                 f"Exact solver: d = {d} parameters exceeds max_dim = {self.max_dim}; the dense "
                 f"float64 matrix would need {gib:.1f} GiB; use CG or LiSSA instead"
             )
-        matrix = operator.dense().to(torch.float64)
+        matrix = operator.dense(progress).to(torch.float64)
         factor, info = torch.linalg.cholesky_ex(matrix)
         if int(info) == 0:
             return CholeskyInverse(factor)
@@ -237,10 +239,8 @@ class Exact:
         """``(G + λI)⁻¹ V`` by a dense factorization."""
         started = time.perf_counter()
         columns = _as_columns(rhs, operator)
-        inverse = self.factorize(operator)
+        inverse = self.factorize(operator, progress)
         solution = inverse.solve(columns)
-        if progress is not None:
-            progress(1.0, "solve")
         return _finish(
             "exact", operator, solution, columns, iterations=1, started=started, converged=True,
             shape=rhs.shape, details={"factorization": type(inverse).__name__},
@@ -484,8 +484,8 @@ class LiSSA:
                     if float(change.max()) < self.tol:
                         return estimate, t, True
                 previous = estimate.clone()
-                if progress is not None:
-                    progress(t / self.depth, "solve")
+            if progress is not None and t % self.window == 0:
+                progress(t / self.depth, "solve")
         return tail_sum / (self.depth - average_from + 1), self.depth, False
 
 
@@ -574,7 +574,9 @@ class Lanczos:
         """Number of Lanczos steps (full-batch G products) for dimension d, at most."""
         return min(d, self.iterations or 2 * self.rank)
 
-    def factorize(self, operator: DampedCurvature) -> EigenInverse:
+    def factorize(
+        self, operator: DampedCurvature, progress: Progress | None = None
+    ) -> EigenInverse:
         """Top-r Ritz pairs of G as an approximate ``(G + λI)⁻¹``."""
         d = operator.size
         steps = self.steps(d)
@@ -589,6 +591,8 @@ class Lanczos:
             w = operator.curvature(q.to(operator.dtype)).to(torch.float64)
             _check_finite(w, f"Lanczos step {j}: G·q")
             alphas.append(float(q @ w))
+            if progress is not None:
+                progress((j + 1) / steps, "curvature")
             for _ in range(2):  # full reorthogonalization, twice for stability
                 w = w - basis[:, : j + 1] @ (basis[:, : j + 1].T @ w)
             beta = float(w.norm())
@@ -622,10 +626,8 @@ class Lanczos:
         """Approximate ``(G + λI)⁻¹ V`` from the low-rank eigendecomposition."""
         started = time.perf_counter()
         columns = _as_columns(rhs, operator)
-        inverse = self.factorize(operator)
+        inverse = self.factorize(operator, progress)
         solution = inverse.solve(columns)
-        if progress is not None:
-            progress(1.0, "solve")
         return _finish(
             "lanczos", operator, solution, columns, iterations=self.steps(operator.size),
             started=started, converged=True, shape=rhs.shape,

@@ -112,22 +112,16 @@ class Context:
     def checkpoint(self, tenant: str, model_id: str) -> tuple[nn.Module, dict[str, Any]]:
         """The tenant's model and its config (access checked every call; loaded once per
         content id)."""
-        record = self.registry.get_model(tenant, model_id)
-        if record is None:
+        if self.registry.get_model(tenant, model_id) is None:
             raise KeyError(f"model {model_id} not found")
-        return self._models.get(
-            model_id,
-            lambda: models.load_checkpoint_bytes(self.store.get_bytes(record["artifact"])),
-        )
+        return self._models.get(model_id, lambda: self.registry.load_model(tenant, model_id))
 
     def dataset(self, tenant: str, dataset_id: str) -> models.Dataset:
         """The tenant's dataset (access checked every call; loaded once per content id)."""
-        record = self.registry.get_dataset(tenant, dataset_id)
-        if record is None:
+        if self.registry.get_dataset(tenant, dataset_id) is None:
             raise KeyError(f"dataset {dataset_id} not found")
         return self._datasets.get(
-            dataset_id,
-            lambda: models.load_dataset_bytes(self.store.get_bytes(record["artifact"])),
+            dataset_id, lambda: self.registry.load_dataset(tenant, dataset_id)
         )
 
     def engine(self, tenant: str, spec: _EngineSpec) -> InfluenceEngine:

@@ -14,6 +14,7 @@ import json
 import os
 import re
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -134,13 +135,13 @@ class Registry:
         "name", "size", "artifact"}. Invalid input raises models.CheckpointError."""
         model, config = models.load_checkpoint_bytes(weights, config)
         model_id = models.checkpoint_id(model, config)
-        artifact = self._put_via_file(lambda path: models.save_checkpoint(path, model, config))
+        artifact, size = self._put_via_file(lambda p: models.save_checkpoint(p, model, config))
         record = {
             "id": model_id,
             "architecture": config["architecture"],
             "parameters": _count_parameters(model),
             "name": name,
-            "size": len(self.store.get_bytes(artifact)),
+            "size": size,
             "config": config,
             "artifact": artifact,
         }
@@ -186,7 +187,7 @@ class Registry:
             raise models.DatasetError(
                 f"dataset has {len(dataset)} examples, over the cap of {self.max_dataset_size}"
             )
-        artifact = self._put_via_file(lambda path: models.save_dataset(path, dataset))
+        artifact, _ = self._put_via_file(lambda path: models.save_dataset(path, dataset))
         meta = dataset.metadata
         record = {
             "id": dataset.id,
@@ -220,9 +221,11 @@ class Registry:
 
     # -- helpers -----------------------------------------------------------------------
 
-    def _put_via_file(self, write: Any) -> str:
-        """Serialise with a ``models`` writer (one format, one writer) and store the bytes."""
+    def _put_via_file(self, write: Callable[[Path], None]) -> tuple[str, int]:
+        """Serialise with a ``models`` writer (one format, one writer) and store the bytes:
+        (artifact id, size in bytes)."""
         with tempfile.TemporaryDirectory(dir=self.store.root) as tmp:
             path = Path(tmp) / "artifact.safetensors"
             write(path)
-            return self.store.put_bytes(path.read_bytes())
+            data = path.read_bytes()
+        return self.store.put_bytes(data), len(data)

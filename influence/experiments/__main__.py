@@ -7,7 +7,7 @@ import argparse
 import json
 import math
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,7 @@ from influence.experiments.plots import (
     plot_sweep,
 )
 from influence.experiments.sweep import run_decomposition, sweep
-from influence.response import Responder
+from influence.response import Progress, Responder
 
 COMMANDS = ("decomposition", "correlation", "mislabel", "sweep")
 
@@ -39,7 +39,7 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
-def run(command: str, config: ExperimentConfig, out: Path, progress: Callable) -> dict:
+def run(command: str, config: ExperimentConfig, out: Path, progress: Progress) -> dict:
     """Run one experiment and write ``<command>.json``, ``<command>.md`` and figures."""
     title = f"{config.name}: {command}"
     if command == "decomposition":

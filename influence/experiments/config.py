@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from influence.decomposition import DecompositionArguments
-from influence.response import ResponseArguments
+from influence.response import RETRAIN_METHODS, ResponseArguments
 from models import Dataset, Recipe, TrainRun, builtin_dataset, train
 
 __all__ = [
@@ -58,10 +58,11 @@ class CorrelationArguments:
             value = getattr(self, name)
             if not (isinstance(value, int) and value >= 2):
                 raise ValueError(f"{name} must be an integer >= 2, got {value!r}")
-        valid = ("cold", "warm", "proximal", "pbrf", "linearized", "two_stage")
-        bad = [m for m in self.methods if m not in valid]
+        bad = [m for m in self.methods if m not in RETRAIN_METHODS]
         if bad or not self.methods:
-            raise ValueError(f"methods must be a non-empty subset of {list(valid)}, got {bad}")
+            raise ValueError(
+                f"methods must be a non-empty subset of {list(RETRAIN_METHODS)}, got {bad}"
+            )
 
 
 @dataclass(frozen=True)

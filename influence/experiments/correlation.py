@@ -8,7 +8,6 @@ pooled over the M·T pairs, by Pearson and Spearman correlation.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,7 +16,7 @@ from torch import Tensor
 
 from influence.decomposition import compute_responses
 from influence.experiments.config import CorrelationArguments
-from influence.response import Responder, pearson_spearman
+from influence.response import Progress, Responder, pearson_spearman
 from models import Dataset
 
 __all__ = ["CorrelationResult", "correlate"]
@@ -67,7 +66,7 @@ def correlate(
     responder: Responder,
     test_set: Dataset,
     arguments: CorrelationArguments | None = None,
-    progress: Callable[[float, str], None] | None = None,
+    progress: Progress | None = None,
 ) -> CorrelationResult:
     """Influence-predicted vs actual test-loss changes for seeded removed/test points."""
     arguments = arguments or CorrelationArguments()

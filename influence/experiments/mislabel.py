@@ -11,7 +11,6 @@ top of the training-loss list, as one PBRF solve per point is costly.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,7 +18,7 @@ import torch
 from torch import Tensor
 
 from influence.experiments.config import ExperimentConfig, MislabelArguments
-from influence.response import Responder
+from influence.response import Progress, Responder
 from influence.solvers import Exact, Lanczos
 from models import Dataset
 
@@ -96,9 +95,7 @@ class MislabelResult:
         return "\n".join(lines) + "\n"
 
 
-def detect_mislabels(
-    config: ExperimentConfig, progress: Callable[[float, str], None] | None = None
-) -> MislabelResult:
+def detect_mislabels(config: ExperimentConfig, progress: Progress | None = None) -> MislabelResult:
     """Corrupt, train the base recipe, rank and score every ranking (config.mislabel)."""
     arguments: MislabelArguments = config.mislabel
     clean, _ = config.datasets()

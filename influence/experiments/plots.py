@@ -1,5 +1,6 @@
 """Figures of the experiments (matplotlib, Agg backend): Figure 4 bars, Figure 5 curves,
-test-loss scatter plots and Figure 6 detection curves. Each writes PNG and SVG."""
+test-loss scatter plots and Figure 6 detection curves, as PNG and (but for the scatter
+plots) SVG."""
 
 from __future__ import annotations
 
@@ -18,11 +19,11 @@ from influence.experiments.sweep import SweepResult
 __all__ = ["plot_correlation", "plot_decomposition", "plot_mislabel", "plot_sweep"]
 
 
-def _save(fig: plt.Figure, stem: Path) -> list[Path]:
+def _save(fig: plt.Figure, stem: Path, svg: bool = True) -> list[Path]:
     fig.tight_layout()
-    paths = [stem.with_suffix(".png"), stem.with_suffix(".svg")]
-    fig.savefig(paths[0], dpi=100)
-    fig.savefig(paths[1])
+    paths = [stem.with_suffix(".png"), stem.with_suffix(".svg")][: 2 if svg else 1]
+    for path in paths:
+        fig.savefig(path, dpi=100)
     plt.close(fig)
     return paths
 
@@ -59,7 +60,7 @@ def plot_correlation(result: CorrelationResult, stem: Path, title: str) -> list[
         ax.set_xlabel("influence prediction", fontsize=8)
     axes[0][0].set_ylabel("actual test-loss change", fontsize=8)
     fig.suptitle(title, fontsize=10)
-    return _save(fig, stem)
+    return _save(fig, stem, svg=False)  # M·T points: the SVG would be large
 
 
 def plot_mislabel(result: MislabelResult, stem: Path, title: str) -> list[Path]:
@@ -76,13 +77,15 @@ def plot_mislabel(result: MislabelResult, stem: Path, title: str) -> list[Path]:
 
 
 def plot_sweep(result: SweepResult, stem: Path, title: str) -> list[Path]:
-    """Each gap's mean against the swept factor (Figure 5), log-log where positive."""
+    """Each gap's mean ± std against the swept factor (Figure 5), log scale (zeros left out)."""
     fig, ax = plt.subplots(figsize=(5, 3.5))
     for name, curve in result.curves().items():
-        ax.errorbar(result.values, curve["mean"], yerr=curve["std"], label=name, capsize=2)
+        mean = [m if m > 0 else float("nan") for m in curve["mean"]]
+        lower = [min(s, 0.9 * m) for s, m in zip(curve["std"], curve["mean"], strict=True)]
+        ax.errorbar(result.values, mean, yerr=[lower, curve["std"]], label=name, capsize=2)
     if all(v > 0 for v in result.values):
         ax.set_xscale("log")
-    ax.set_yscale("symlog", linthresh=1e-4)
+    ax.set_yscale("log")
     ax.set_xlabel(result.parameter)
     ax.set_ylabel("L2 distance of training outputs")
     ax.set_title(title, fontsize=10)

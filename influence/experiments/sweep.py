@@ -3,17 +3,14 @@ with one factor (width, depth, epochs, weight decay, damping, removed fraction) 
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from influence.decomposition import DecompositionResult, decompose
 from influence.experiments.config import ExperimentConfig
-from influence.response import Responder
+from influence.response import Progress, Responder
 
 __all__ = ["SweepResult", "run_decomposition", "sweep"]
-
-Progress = Callable[[float, str], None]
 
 
 def run_decomposition(

@@ -30,7 +30,7 @@ CHROMIUM_ARGS = [
     "--disable-sync",
 ]
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts" / "dashboard"
-JOB_TIMEOUT_MS = 90_000
+JOB_TIMEOUT_MS = 240_000  # generous: the CI machine may be shared
 
 pytestmark = [
     pytest.mark.browser,
@@ -217,7 +217,7 @@ def test_decomposition_result_opens_with_its_charts(session: Session) -> None:
     page.wait_for_selector("#decomp-form select[name=model] option", state="attached")
     page.fill("#decomp-form input[name=num_points]", "2")
     page.fill("#decomp-form input[name=num_test]", "2")
-    page.fill("#decomp-form input[name=epochs]", "20")  # cheaper retraining: K/2 = 10 epochs
+    page.fill("#decomp-form input[name=epochs]", "4")  # cheap retraining: K/2 = 2 epochs
     page.get_by_role("button", name="Run decomposition").click()
     wait_for_job(page, "#decomp-progress")
     page.get_by_role("link", name=re.compile(r"^Open ")).first.click()

@@ -21,7 +21,7 @@ from influence.response import (
     output_distance,
     verify,
 )
-from models import Dataset, Recipe, save_checkpoint, train
+from models import Dataset, Recipe, TrainingError, build, save_checkpoint, train
 from tests.conftest import RTOL_SOLVE
 
 LR_CONFIG = {"architecture": "logistic_regression", "in_features": 3, "num_classes": 2}
@@ -168,3 +168,18 @@ def test_verify_pbrf_tracks_influence(tmp_path) -> None:
     assert json.loads(json.dumps(result.to_dict()))["method"] == "pbrf"
     with pytest.raises(ValueError, match="method"):
         verify(path, data, test, [0], method="cold")
+
+
+def test_unbounded_pbrf_is_reported_clearly() -> None:
+    # ReLU + cross-entropy: the removed point's loss terms cancel to a term linear in its
+    # logits, which grow quadratically in θ and can beat (λ/2)‖θ−θˢ‖² for small λ.
+    config = {"architecture": "mlp", "in_features": 4, "out_features": 3, "hidden": [6]}
+    torch.manual_seed(0)
+    model = build(config)
+    gen = torch.Generator().manual_seed(0)
+    x, t = torch.randn(41, 4, generator=gen), torch.randint(0, 3, (41,), generator=gen)
+    data = Dataset(x[:40], t[:40], {"task": "classification", "num_classes": 3})
+    test = Dataset(x[40:], t[40:])
+    with pytest.raises(TrainingError, match=r"pbrf response diverged.*raise damping"):
+        verify((model, config), data, test, [5], damping=1e-2, method="pbrf",
+               arguments=VerifyArguments(steps=20, solver="exact"))  # fmt: skip

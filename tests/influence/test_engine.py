@@ -1,0 +1,232 @@
+"""InfluenceEngine: scoring paths, shards, self/group influence, ranking, validation, and
+predicted vs actual leave-one-out retraining."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+
+import models
+from influence import CG, Exact, InfluenceEngine, Lanczos, top_k
+from influence.scoring import JVP_MAX_DIRECTIONS, resolve_method
+from tests.conftest import RTOL_F32, RTOL_SOLVE
+from tests.influence.problems import (
+    dense_gnh,
+    digits_mlp,
+    loop_grads,
+    reference_scores,
+    tiny_data,
+    tiny_mlp,
+)
+
+WEIGHT_DECAY = 0.01
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+def _pearson(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(torch.corrcoef(torch.stack([a.flatten(), b.flatten()]))[0, 1])
+
+
+def _tiny_engine(**kwargs) -> InfluenceEngine:
+    options = {"damping": 1e-3, "weight_decay": WEIGHT_DECAY, "batch_size": 16, **kwargs}
+    return InfluenceEngine(tiny_mlp(3), train=tiny_data("classes3", 40), **options)
+
+
+def test_jvp_and_per_example_gradient_scoring_agree_in_float32() -> None:
+    model, train, test = digits_mlp()
+    engine = InfluenceEngine(model, train=train, batch_size=256)
+    assert engine.dtype == torch.float32
+    s_test, _ = engine.s_test((test.inputs[:5], test.targets[:5]), CG(tol=1e-5))
+    jvp = engine.scores_from_s_test(s_test, method="jvp")
+    grad = engine.scores_from_s_test(s_test, method="grad")
+    assert jvp.shape == grad.shape == (5, len(train))
+    assert _rel(jvp, grad) < RTOL_F32
+
+
+def test_auto_scoring_switches_path_at_the_documented_threshold() -> None:
+    assert resolve_method("auto", JVP_MAX_DIRECTIONS) == "jvp"
+    assert resolve_method("auto", JVP_MAX_DIRECTIONS + 1) == "grad"
+    with pytest.raises(ValueError, match="method"):
+        resolve_method("fast", 1)  # type: ignore[arg-type]
+
+
+def test_score_shards_concatenate_to_the_full_matrix() -> None:
+    engine = _tiny_engine()
+    result = engine.scores(tiny_data("classes3", 3, seed=1), Exact())
+    shards = [
+        engine.scores_from_s_test(result.s_test, a, b) for a, b in ((0, 7), (7, 30), (30, 40))
+    ]
+    assert _rel(torch.cat(shards, dim=1), result.scores) < 1e-14
+    with pytest.raises(ValueError, match="shard"):
+        engine.scores_from_s_test(result.s_test, 30, 41)
+    with pytest.raises(ValueError, match="s_test must have shape"):
+        engine.scores_from_s_test(result.s_test[:, :5])
+
+
+@functools.cache
+def _tiny_reference() -> tuple[torch.Tensor, torch.Tensor]:
+    """Dense damped GNH and per-example gradients of the tiny problem (float64)."""
+    model, train = tiny_mlp(3), tiny_data("classes3", 40)
+    matrix = dense_gnh(model, "cross_entropy", *train, weight_decay=WEIGHT_DECAY)
+    matrix += 1e-3 * torch.eye(matrix.shape[0], dtype=torch.float64)
+    return matrix, loop_grads(model, "cross_entropy", *train)
+
+
+@pytest.mark.parametrize("solver", [Exact(), CG(tol=1e-12)], ids=["exact", "cg"])
+def test_self_influence_matches_a_dense_solve(solver) -> None:
+    matrix, grads = _tiny_reference()
+    expected = (grads * torch.linalg.solve(matrix, grads.T).T).sum(dim=1) / 40
+    assert _rel(_tiny_engine().self_influence(solver), expected) < RTOL_SOLVE
+    assert (expected > 0).all()
+
+
+def test_lanczos_self_influence_error_against_exact_is_small_at_moderate_rank() -> None:
+    model, train, _ = digits_mlp()
+    engine = InfluenceEngine(model, train=train, dtype=torch.float64, weight_decay=WEIGHT_DECAY)
+    exact = engine.self_influence(Exact())
+    errors = {
+        rank: _rel(engine.self_influence(Lanczos(rank=rank, iterations=2 * rank)), exact)
+        for rank in (32, 128)
+    }
+    print(f"Lanczos self-influence relative error vs exact (d = {engine.num_params}): {errors}")
+    assert errors[128] < errors[32]
+    assert errors[128] < 0.05
+    assert _pearson(engine.self_influence(Lanczos(rank=128)), exact) > 0.99
+
+
+def test_group_influence_is_the_summed_loss_removal() -> None:
+    engine = _tiny_engine()
+    test = tiny_data("classes3", 3, seed=1)
+    group = [2, 5, 11, 30]
+    value, report = engine.group_influence(group, test, Exact())
+    matrix, _ = _tiny_reference()
+    expected = reference_scores(
+        engine.model, "cross_entropy", tiny_data("classes3", 40), test, matrix
+    )
+    assert value.shape == (3,)
+    assert _rel(value, expected[:, group].sum(dim=1)) < RTOL_SOLVE
+    assert report.relative_residual < 1e-10
+    for bad, message in (([], "at least one"), ([1, 1], "repeat"), ([40], r"\[0, 40\)")):
+        with pytest.raises(ValueError, match=message):
+            engine.group_influence(bad, test, Exact())
+
+
+def test_top_k_ranks_helpful_and_harmful() -> None:
+    scores = torch.tensor([[0.5, -2.0, 3.0, 0.0, -0.1], [1.0, 2.0, -3.0, 4.0, -5.0]])
+    ranked = top_k(scores, 2)
+    assert ranked.helpful.tolist() == [[2, 0], [3, 1]]
+    assert ranked.harmful.tolist() == [[1, 4], [4, 2]]
+    assert ranked.helpful_scores.tolist() == [[3.0, 0.5], [4.0, 2.0]]
+    assert top_k(scores, 10).helpful.shape == (2, 5)
+    with pytest.raises(ValueError, match="k must be"):
+        top_k(scores, 0)
+
+
+def test_engine_accepts_a_dataset_and_leaves_the_model_untouched() -> None:
+    model, train, test = digits_mlp()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    engine = InfluenceEngine(model, train=train, dtype=torch.float64)
+    assert engine.num_train == len(train) and engine.dtype == torch.float64
+    assert next(model.parameters()).dtype == torch.float32
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    result = engine.scores(test.subset([0, 1]), Exact())
+    assert result.scores.dtype == torch.float64 and result.scores.shape == (2, len(train))
+    helpful = result.top_k(3).helpful
+    assert (result.scores.gather(1, helpful) >= result.scores.median(dim=1).values[:, None]).all()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"train": None}, "train is required"),
+        (
+            {"train": (torch.zeros(4, 5), torch.zeros(3, dtype=torch.long))},
+            "4 inputs and 3 targets",
+        ),
+        ({"train": (torch.full((4, 5), float("nan")), torch.zeros(4, dtype=torch.long))}, "NaN"),
+        ({"train": [1, 2, 3]}, "pair or a Dataset"),
+        ({"loss": "hinge"}, "unknown loss"),
+        ({"hessian": "diag"}, "hessian"),
+        ({"damping": -1.0}, "damping"),
+        ({"dtype": torch.int32}, "dtype"),
+    ],
+)
+def test_bad_engine_arguments_name_the_problem(kwargs: dict, message: str) -> None:
+    options = {"train": tiny_data("classes3", 4), **kwargs}
+    with pytest.raises(ValueError, match=message):
+        InfluenceEngine(tiny_mlp(3), **options)
+
+
+def test_progress_reaches_one_and_a_raising_callback_aborts() -> None:
+    engine = _tiny_engine()
+    seen: list[tuple[float, str]] = []
+    engine.scores(
+        tiny_data("classes3", 2, seed=1), CG(tol=1e-8), progress=lambda f, p: seen.append((f, p))
+    )
+    fractions = [f for f, _ in seen]
+    assert fractions == sorted(fractions) and fractions[-1] == pytest.approx(1.0)
+    assert {p for _, p in seen} == {"solve", "score"}
+
+    class Cancelled(Exception):
+        pass
+
+    def cancel(fraction: float, phase: str) -> None:
+        raise Cancelled
+
+    with pytest.raises(Cancelled):
+        engine.self_influence(Exact(), progress=cancel)
+
+
+# ----------------------------------------------------------------------------- LOO
+
+
+def _fit(train: models.Dataset, recipe: models.Recipe, config: dict, **kwargs) -> torch.nn.Module:
+    run = models.train(config, train, recipe, dtype=torch.float64, **kwargs)
+    return run.model()
+
+
+def test_predicted_test_loss_changes_match_leave_one_out_retraining() -> None:
+    """Logistic regression on breast cancer, wd 0.01: influence vs actual LOO retraining."""
+    train = models.builtin_dataset("breast_cancer", "train")
+    test = models.builtin_dataset("breast_cancer", "test")
+    config = {"architecture": "logistic_regression", "in_features": 30, "num_classes": 2}
+    recipe = models.Recipe(
+        optimizer="lbfgs", lr=1.0, epochs=30, weight_decay=WEIGHT_DECAY, loss="bce",
+        lbfgs_max_iter=100, lbfgs_tolerance_grad=1e-14, lbfgs_tolerance_change=1e-20,
+    )  # fmt: skip
+    base = _fit(train, recipe, config)
+    engine = InfluenceEngine(
+        base, loss="bce", train=train, weight_decay=WEIGHT_DECAY, damping=0.0, dtype=torch.float64
+    )
+
+    def gradient_norm(model: torch.nn.Module, weights: torch.Tensor) -> float:
+        probe = InfluenceEngine(model, loss="bce", train=train, dtype=torch.float64)
+        grads = probe.gradients(train.inputs, train.targets)
+        return float((weights @ grads / len(train) + WEIGHT_DECAY * probe.theta).norm())
+
+    n = len(train)
+    norms = [gradient_norm(base, torch.ones(n, dtype=torch.float64))]
+    queries = (test.inputs[:10], test.targets[:10])
+    predicted = engine.scores(queries, Exact()).scores  # [10 test, N]
+    removed = torch.randperm(n, generator=torch.Generator().manual_seed(0))[:20]
+    loss = engine.loss
+    base_test_loss = loss.per_example(engine.model(queries[0].double()), queries[1])
+    actual = torch.empty(10, len(removed), dtype=torch.float64)
+    for j, i in enumerate(removed.tolist()):
+        weights = torch.ones(n, dtype=torch.float64)
+        weights[i] = 0.0
+        retrained = _fit(train, recipe, config, example_weights=weights, init=base.state_dict())
+        norms.append(gradient_norm(retrained, weights))
+        with torch.no_grad():
+            test_loss = loss.per_example(retrained(queries[0].double()), queries[1])
+        actual[:, j] = test_loss - base_test_loss
+    pearson = _pearson(predicted[:, removed], actual)
+    print(f"LOO vs influence (breast cancer, 20 x 10): Pearson {pearson:.5f}, ", end="")
+    print(f"largest objective gradient norm {max(norms):.1e}")
+    assert max(norms) < 1e-8  # converged to float64's floor: the retraining is not noise
+    assert pearson >= 0.99
