@@ -21,11 +21,18 @@ import sys
 from pathlib import Path
 from typing import Any, NoReturn
 
+import uvicorn
 from tqdm import tqdm
 
+import models
 from app.client import InfluenceClient
+from app.embedded import EmbeddedRedis, EmbeddedRedisError
+from app.main import create_app
 from app.schemas import JobView, Ranking
+from worker.__main__ import main as worker_main
+from worker.main import connect
 from worker.settings import Settings
+from worker.store import ArtifactStore, Registry
 
 __all__ = ["bootstrap_demo", "main"]
 
@@ -51,10 +58,6 @@ def _is_loopback(host: str) -> bool:
 def bootstrap_demo(settings: Settings) -> dict[str, str]:
     """Register the demo checkpoint and the digits splits for the default tenant
     (idempotent: records are keyed by content id, and the demo is trained only once)."""
-    import models
-    from worker.main import connect
-    from worker.store import ArtifactStore, Registry
-
     checkpoint, _, _ = models.demo_checkpoint(settings.data_dir / "demo")
     registry = Registry(connect(settings), settings, ArtifactStore.for_settings(settings))
     tenant = settings.default_tenant
@@ -88,11 +91,6 @@ def _stop_workers(processes: list[subprocess.Popen[bytes]]) -> None:
 
 
 def serve(args: argparse.Namespace) -> None:
-    import uvicorn
-
-    from app.embedded import EmbeddedRedis
-    from app.main import create_app
-
     overrides: dict[str, Any] = {"data_dir": args.data_dir} if args.data_dir else {}
     settings = Settings(**overrides)
     if not settings.api_keys and not _is_loopback(args.host):
@@ -104,7 +102,10 @@ def serve(args: argparse.Namespace) -> None:
     embedded = None
     if not settings.redis_url:
         embedded = EmbeddedRedis(settings.data_dir / "redis")
-        settings = settings.model_copy(update={"redis_url": embedded.start()})
+        try:
+            settings = settings.model_copy(update={"redis_url": embedded.start()})
+        except EmbeddedRedisError as exc:
+            _fail(str(exc))
         print(f"embedded Redis at {embedded.url} (append-only, {embedded.directory})")
     workers = args.workers if args.workers is not None else (1 if embedded else 0)
     demo = args.demo if args.demo is not None else embedded is not None
@@ -114,6 +115,7 @@ def serve(args: argparse.Namespace) -> None:
             ids = bootstrap_demo(settings)
             print(f"demo for tenant {settings.default_tenant!r}: {ids}")
         processes = _start_workers(workers, settings)
+        print(f"serving on http://{args.host}:{args.port} (OpenAPI at /docs)")
         uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="warning")
     finally:
         _stop_workers(processes)
@@ -122,8 +124,6 @@ def serve(args: argparse.Namespace) -> None:
 
 
 def worker(args: argparse.Namespace) -> None:
-    from worker.__main__ import main as worker_main
-
     worker_main(["--device", args.device] if args.device else [])
 
 

@@ -176,9 +176,16 @@ class InfluenceClient:
         return self._submit("/self-influence", request)
 
     def verify(
-        self, job: str, *, top: int = 10, method: str = "pbrf", test: int | None = None
+        self,
+        job: str,
+        *,
+        top: int = 10,
+        method: str = "pbrf",
+        test: int | None = None,
+        steps: int = 50,
     ) -> JobAccepted:
-        body = {"top": top, "method": method, "test": test}
+        """Retrain for the job's top-k helpful and harmful points; predicted vs actual."""
+        body = {"top": top, "method": method, "test": test, "steps": steps}
         response = self._request("POST", f"/influence/{job}/verify", json=body)
         return JobAccepted.model_validate(response.json())
 

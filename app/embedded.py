@@ -53,7 +53,12 @@ class EmbeddedRedis:
         if self._process is not None:
             return self.url
         self.directory.mkdir(parents=True, exist_ok=True)
-        self.socket.unlink(missing_ok=True)
+        if self._answers():
+            raise EmbeddedRedisError(
+                f"a Redis server already listens on {self.socket}: is another "
+                "influence-service running with this data directory?"
+            )
+        self.socket.unlink(missing_ok=True)  # left over from a server that was killed
         args = {
             "port": "0",
             "unixsocket": str(self.socket),
@@ -76,16 +81,21 @@ class EmbeddedRedis:
                     f"redis-server exited with code {self._process.returncode}; "
                     f"see {self.directory / 'redis.log'}"
                 )
-            if self.socket.exists():
-                try:
-                    with redis.Redis(unix_socket_path=str(self.socket)) as client:
-                        client.ping()
-                    return self.url
-                except (redis.BusyLoadingError, redis.ConnectionError):
-                    pass  # still loading the append-only file, or not listening yet
+            if self._answers():
+                return self.url
             time.sleep(0.05)
         self.stop()
         raise EmbeddedRedisError(f"redis-server did not answer within {self.start_timeout_s} s")
+
+    def _answers(self) -> bool:
+        """Whether a server on our socket answers PING (False while it loads its AOF)."""
+        if not self.socket.exists():
+            return False
+        try:
+            with redis.Redis(unix_socket_path=str(self.socket)) as client:
+                return bool(client.ping())
+        except (redis.BusyLoadingError, redis.ConnectionError):
+            return False
 
     def stop(self) -> None:
         """Shut the server down, flushing the append-only file."""

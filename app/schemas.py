@@ -49,7 +49,8 @@ __all__ = [
 ]
 
 MAX_TEST_POINTS = 256
-"""Most test points one influence request may carry (one job for all of them)."""
+"""Hard ceiling on test points per request; a deployment may set a lower
+``INFLUENCE_MAX_TEST_POINTS``, which the routes enforce."""
 MAX_LISSA_WORK = 1_000_000
 """Bound on LiSSA depth × repeats (each step is one minibatch curvature product)."""
 MAX_REMOVED_SETS = 200

@@ -2,13 +2,14 @@
 
 Built once per app by :func:`Services.connect` and reached from routes through the typed
 dependencies in ``app.deps``. Artifacts are immutable (named by content), so the small
-in-process LRU of loaded score matrices and dataset targets can never serve stale data:
-a cached ranking read costs two Redis round-trips (rate limit, job record) and a sort
-that is itself memoised.
+in-process LRU of loaded score matrices, sorted rows and datasets can never serve stale
+data: a cached ranking read costs three Redis round-trips on the async client (rate
+limit, job record, dataset record) and no sort.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -21,7 +22,7 @@ import models
 from app.auth import ApiKeys
 from app.limits import RateLimiter
 from worker.main import connect
-from worker.queue import JobQueue
+from worker.queue import JobQueue, JobRecord
 from worker.settings import Settings
 from worker.store import ArtifactStore, Registry
 
@@ -55,7 +56,7 @@ class Services:
         aclient = redis.asyncio.Redis.from_url(
             str(settings.redis_url), decode_responses=True, socket_timeout=SSE_SOCKET_TIMEOUT_S
         )
-        services = cls(
+        return cls(
             settings=settings,
             redis=client,
             aredis=aclient,
@@ -70,16 +71,24 @@ class Services:
                 burst=settings.rate_limit_burst,
             ),
         )
-        return services
 
     def __post_init__(self) -> None:
         self._tensors = lru_cache(maxsize=_LOADED_ARTIFACTS)(self.store.get_tensors)
         self._ranked = lru_cache(maxsize=_LOADED_ARTIFACTS)(self._rank)
         self._datasets = lru_cache(maxsize=_LOADED_ARTIFACTS)(self._load_dataset)
 
-    def tensors(self, artifact_id: str) -> dict[str, Tensor]:
-        """The tensors of an artifact, memoised (artifacts are immutable)."""
-        return self._tensors(artifact_id)
+    async def job(self, job_id: str, tenant: str) -> JobRecord | None:
+        """The tenant's job, read without a thread hop (the hot path of cached rankings and
+        of SSE streams); None for a missing job or another tenant's."""
+        fields = await self.aredis.hgetall(self.queue.keys.job(job_id))
+        if not fields or fields.get("tenant") != tenant:
+            return None
+        return JobRecord.from_hash(job_id, fields)
+
+    async def dataset_record(self, tenant: str, dataset_id: str) -> dict[str, Any] | None:
+        """The tenant's registry record of a dataset (async twin of Registry.get_dataset)."""
+        raw = await self.aredis.hget(self.queue.keys.datasets(tenant), dataset_id)
+        return json.loads(raw) if raw else None
 
     def dataset(self, record: dict[str, Any]) -> models.Dataset:
         """The dataset a registry record points to, memoised by its artifact id."""
@@ -93,7 +102,7 @@ class Services:
         return self._ranked(scores_artifact, row, descending)
 
     def _rank(self, scores_artifact: str, row: int, descending: bool) -> tuple[Tensor, Tensor]:
-        scores = self.tensors(scores_artifact)["scores"]
+        scores = self._tensors(scores_artifact)["scores"]
         values = scores if scores.dim() == 1 else scores[row]
         return values.sort(descending=descending, stable=True)
 

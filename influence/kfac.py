@@ -15,11 +15,18 @@ The factorisation of ``H_y`` is exact, not sampled: each example's ``H_y`` is bu
 the Kronecker factorisation exact; it costs one ``vjp`` per output dimension per batch.
 
 Damping adds ``γ = weight_decay + λ`` (the curvature is ``G + λI`` with ``G`` holding
-``wd·I``). ``damping_split="pi"`` damps each factor (π-correction):
-``(S + π√γ I) ⊗ (A + √γ/π I)`` with ``π² = (tr A / dim A) / (tr S / dim S)``;
-``damping_split="eigen"`` inverts ``S ⊗ A + γI`` exactly in the factors' eigenbases.
-Each factor is eigendecomposed once; applying the inverse costs two small matrix
-products per layer.
+``wd·I``). All three approximations work in the Kronecker eigenbasis ``Q_S ⊗ Q_A``
+(each factor is eigendecomposed once) and differ in the eigenvalues they put there:
+
+- ``"kfac-pi"``: ``(S + π√γ I) ⊗ (A + √γ/π I)``, damping split between the factors with
+  the π-correction, ``π² = (tr A / dim A) / (tr S / dim S)`` (Martens & Grosse 2015);
+- ``"kfac"``: ``S ⊗ A + γI`` inverted exactly (eigenvalues ``s_i a_j + γ``);
+- ``"ekfac"`` (default): the eigenvalues are replaced by the exact diagonal of ``G``'s
+  layer block in that basis, ``(1/N) Σ_i Σ_c ((Q_Sᵀ g_ic)_s (Q_Aᵀ ā_i)_a)²``, plus ``γ``
+  (George et al. 2018); one more pass over the data. Layers applied per position
+  (sequence inputs) keep the K-FAC eigenvalues.
+
+Applying the inverse costs four small matrix products per layer.
 
 Parameters outside fully trainable ``nn.Linear`` layers (convolutions, embeddings,
 norms, a Linear whose bias is frozen, ...) get a Jacobi block: the exact diagonal of
@@ -51,11 +58,11 @@ __all__ = ["KFAC", "KFACArguments"]
 class KFACArguments:
     """How the Kronecker factors are estimated and damped."""
 
-    damping_split: Literal["pi", "eigen"] = field(
-        default="pi",
+    approximation: Literal["ekfac", "kfac", "kfac-pi"] = field(
+        default="ekfac",
         metadata={
-            "help": "'pi': damp each factor with the π-correction, (S+π√γI)⊗(A+√γ/πI); "
-            "'eigen': invert S⊗A+γI exactly in the factors' eigenbases."
+            "help": "'ekfac': Kronecker eigenbasis with exact per-direction curvature; "
+            "'kfac': S⊗A+γI inverted exactly; 'kfac-pi': (S+π√γI)⊗(A+√γ/πI)."
         },
     )
     batch_size: int = field(
@@ -71,8 +78,10 @@ class KFACArguments:
     )
 
     def __post_init__(self) -> None:
-        if self.damping_split not in ("pi", "eigen"):
-            raise ValueError(f"damping_split must be 'pi' or 'eigen', got {self.damping_split!r}")
+        if self.approximation not in ("ekfac", "kfac", "kfac-pi"):
+            raise ValueError(
+                f"approximation must be 'ekfac', 'kfac' or 'kfac-pi', got {self.approximation!r}"
+            )
         for name in ("batch_size", "max_output_dim"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -81,15 +90,13 @@ class KFACArguments:
 
 @dataclass
 class _LinearBlock:
-    """One Linear layer's factors and where its parameters sit in the flat vector."""
+    """One Linear layer's factors, their eigenbases, and where its parameters sit."""
 
     name: str
     index: Tensor  # [out, in(+1)] flat positions of [W | b]
-    a_factor: Tensor
-    s_factor: Tensor
-    a_basis: Tensor | None = None
-    s_basis: Tensor | None = None
-    inv_denominator: Tensor | None = None
+    s_basis: Tensor
+    a_basis: Tensor
+    eigenvalues: Tensor  # [out, in(+1)] damped eigenvalues of M's block in Q_S ⊗ Q_A
 
 
 class KFAC:
@@ -115,8 +122,6 @@ class KFAC:
         self.gamma = gamma
         self.arguments = arguments
         self.seconds = seconds
-        for block in blocks:
-            self._factorise(block)
 
     @classmethod
     def fit(
@@ -166,12 +171,15 @@ class KFAC:
         diag_sums = {n: torch.zeros_like(params[n]) for n in fallback}
 
         n_total = len(inputs)
-        for lo in range(0, n_total, arguments.batch_size):
-            x = inputs[lo : lo + arguments.batch_size].to(first.device)
-            t = targets[lo : lo + arguments.batch_size].to(first.device)
-            if x.is_floating_point():
-                x = x.to(first.dtype)
-            roots, acts, pre_grads = _linear_statistics(model, linears, loss, x, t, arguments)
+
+        def batches():
+            for lo in range(0, n_total, arguments.batch_size):
+                x = inputs[lo : lo + arguments.batch_size].to(first.device)
+                t = targets[lo : lo + arguments.batch_size].to(first.device)
+                x = x.to(first.dtype) if x.is_floating_point() else x
+                yield x, _linear_statistics(model, linears, loss, x, t, arguments)
+
+        for x, (roots, acts, pre_grads) in batches():
             for j, (a, g) in enumerate(zip(acts, pre_grads, strict=True)):
                 a_sums[j] += a.T @ a
                 s_sums[j] += torch.einsum("cbo,cbp->op", g, g)
@@ -179,16 +187,28 @@ class KFAC:
                 _accumulate_diagonal(model, params, fallback, x, roots, diag_sums)
 
         gamma = float(damping + weight_decay)
-        blocks = []
-        for (prefix, module), a_sum, s_sum in zip(linears, a_sums, s_sums, strict=True):
-            blocks.append(
-                _LinearBlock(
-                    name=prefix,
-                    index=_block_index(prefix, module, offsets),
-                    a_factor=a_sum / n_total,
-                    s_factor=s_sum / n_total,
-                )
-            )
+        bases = [
+            _eigenbasis(a_sum / n_total, s_sum / n_total, gamma, arguments.approximation)
+            for a_sum, s_sum in zip(a_sums, s_sums, strict=True)
+        ]
+        if arguments.approximation == "ekfac":
+            corrected = [torch.zeros_like(eigenvalues) for _, _, eigenvalues in bases]
+            for x, (_, acts, pre_grads) in batches():
+                for j, (a, g) in enumerate(zip(acts, pre_grads, strict=True)):
+                    if len(a) == len(x):  # one input vector per example
+                        s_basis, a_basis, _ = bases[j]
+                        g_rot, a_rot = (g @ s_basis).square(), (a @ a_basis).square()
+                        corrected[j] += torch.einsum("cbs,ba->sa", g_rot, a_rot)
+                    else:
+                        corrected[j] = None
+            bases = [
+                (s_basis, a_basis, eigenvalues if fix is None else fix / n_total + gamma)
+                for (s_basis, a_basis, eigenvalues), fix in zip(bases, corrected, strict=True)
+            ]
+        blocks = [
+            _LinearBlock(prefix, _block_index(prefix, module, offsets), *basis)
+            for (prefix, module), basis in zip(linears, bases, strict=True)
+        ]
         if fallback:
             diagonal_index = torch.cat(
                 [
@@ -219,18 +239,6 @@ class KFAC:
             arguments=arguments,
         )
 
-    def _factorise(self, block: _LinearBlock) -> None:
-        a_eig, block.a_basis = torch.linalg.eigh(block.a_factor)
-        s_eig, block.s_basis = torch.linalg.eigh(block.s_factor)
-        a_eig, s_eig = a_eig.clamp_min(0), s_eig.clamp_min(0)
-        if self.arguments.damping_split == "eigen":
-            denominator = torch.outer(s_eig, a_eig) + self.gamma
-        else:
-            pi = _pi_correction(block.a_factor, block.s_factor)
-            root = math.sqrt(self.gamma)
-            denominator = torch.outer(s_eig + pi * root, a_eig + root / pi)
-        block.inv_denominator = denominator.reciprocal()
-
     def __call__(self, v: Tensor) -> Tensor:
         """``M⁻¹ v`` for ``v`` of shape ``[d]`` or ``[d, k]``."""
         if v.shape[0] != self.dim or v.dim() not in (1, 2):
@@ -240,11 +248,10 @@ class KFAC:
         columns = v if v.dim() == 2 else v.unsqueeze(1)
         out = torch.empty_like(columns)
         for block in self.blocks:
-            basis_s = block.s_basis.to(v.dtype)
-            basis_a = block.a_basis.to(v.dtype)
-            rotated = torch.einsum("so,ojk,ja->sak", basis_s.T, columns[block.index], basis_a)
-            rotated = rotated * block.inv_denominator.to(v.dtype).unsqueeze(-1)
-            out[block.index] = torch.einsum("os,sak,ja->ojk", basis_s, rotated, basis_a)
+            s_basis, a_basis = block.s_basis.to(v.dtype), block.a_basis.to(v.dtype)
+            rotated = torch.einsum("os,ojk,ja->sak", s_basis, columns[block.index], a_basis)
+            rotated = rotated / block.eigenvalues.to(v.dtype).unsqueeze(-1)
+            out[block.index] = torch.einsum("os,sak,ja->ojk", s_basis, rotated, a_basis)
         if self.diagonal_index.numel():
             out[self.diagonal_index] = columns[self.diagonal_index] / self.diagonal.to(
                 v.dtype
@@ -257,17 +264,9 @@ class KFAC:
             self.dim, self.dim, dtype=self.diagonal.dtype, device=self.diagonal.device
         )
         for block in self.blocks:
-            a, s = block.a_factor, block.s_factor
-            if self.arguments.damping_split == "eigen":
-                m = torch.kron(s, a)
-                m = m + self.gamma * torch.eye(len(m), dtype=m.dtype, device=m.device)
-            else:
-                pi, root = _pi_correction(a, s), math.sqrt(self.gamma)
-                m = torch.kron(
-                    s + pi * root * torch.eye(len(s), dtype=s.dtype, device=s.device),
-                    a + root / pi * torch.eye(len(a), dtype=a.dtype, device=a.device),
-                )
+            basis = torch.kron(block.s_basis, block.a_basis)
             flat = block.index.reshape(-1)
+            m = basis @ torch.diag(block.eigenvalues.reshape(-1)) @ basis.T
             dense[flat.unsqueeze(1), flat.unsqueeze(0)] = m.to(dense.dtype)
         dense[self.diagonal_index, self.diagonal_index] = self.diagonal
         return dense
@@ -277,7 +276,7 @@ class KFAC:
         return {
             "kronecker_layers": [b.name for b in self.blocks],
             "diagonal_parameters": int(self.diagonal_index.numel()),
-            "damping_split": self.arguments.damping_split,
+            "approximation": self.arguments.approximation,
             "fit_seconds": self.seconds,
         }
 
@@ -321,6 +320,20 @@ def _pi_correction(a: Tensor, s: Tensor) -> float:
     if a_norm <= 0 or s_norm <= 0:
         return 1.0
     return math.sqrt(a_norm / s_norm)
+
+
+def _eigenbasis(
+    a_factor: Tensor, s_factor: Tensor, gamma: float, approximation: str
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(Q_S, Q_A, damped eigenvalues [out, in(+1)])`` of the K-FAC block ``S ⊗ A``;
+    ``"ekfac"`` starts from the K-FAC eigenvalues and corrects them in a second pass."""
+    a_eig, a_basis = torch.linalg.eigh(a_factor)
+    s_eig, s_basis = torch.linalg.eigh(s_factor)
+    a_eig, s_eig = a_eig.clamp_min(0), s_eig.clamp_min(0)
+    if approximation == "kfac-pi":
+        pi, root = _pi_correction(a_factor, s_factor), math.sqrt(gamma)
+        return s_basis, a_basis, torch.outer(s_eig + pi * root, a_eig + root / pi)
+    return s_basis, a_basis, torch.outer(s_eig, a_eig) + gamma
 
 
 def _output_hessian_roots(loss: Loss, outputs: Tensor, targets: Tensor) -> Tensor:

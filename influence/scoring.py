@@ -31,7 +31,15 @@ from influence.functional import (
 from influence.solvers import Progress, SolverReport
 from models.losses import Loss
 
-__all__ = ["JVP_MAX_DIRECTIONS", "ScoreResult", "ScoringMethod", "TopK", "stream_scores", "top_k"]
+__all__ = [
+    "JVP_MAX_DIRECTIONS",
+    "ScoreResult",
+    "ScoringMethod",
+    "TopK",
+    "resolve_method",
+    "stream_scores",
+    "top_k",
+]
 
 ScoringMethod = Literal["auto", "jvp", "grad"]
 

@@ -299,6 +299,7 @@ class CG:
         rel = torch.ones(k, dtype=b.dtype, device=b.device)
         rel[b_norm == 0] = 0
         iterations = torch.zeros(k, dtype=torch.long)
+        reported = 0.0
         for it in range(1, self.max_iter + 1):
             active = (rel > self.tol).nonzero().squeeze(1)
             if active.numel() == 0:
@@ -328,9 +329,10 @@ class CG:
             p[:, active] = z_a + (rz_new / rz[active]) * p_a
             rz[active] = rz_new
             iterations[active] += 1
-            if progress is not None:
+            if progress is not None:  # log-residual progress, kept monotone
                 done = math.log(1 / max(float(rel.max()), 1e-300)) / math.log(1 / self.tol)
-                progress(min(1.0, max(done, it / self.max_iter)), "solve")
+                reported = min(1.0, max(reported, done, it / self.max_iter))
+                progress(reported, "solve")
         converged = bool((rel <= self.tol).all())
         if not converged:
             warnings.warn(

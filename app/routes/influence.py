@@ -16,8 +16,9 @@ from fastapi import APIRouter, HTTPException, Path, Query, Response
 from fastapi.responses import JSONResponse
 
 from app.deps import Caller, Svc
-from app.routes.jobs import job_view, owned_job
+from app.routes.jobs import job_view, visible
 from app.schemas import (
+    MAX_TEST_POINTS,
     SCORE_MEANING,
     DatasetTest,
     DecompositionRequest,
@@ -114,6 +115,15 @@ def _cached_or_submit(
 @router.post("/influence", status_code=202, responses=_QUEUED_OR_CACHED)
 def post_influence(services: Svc, caller: Caller, request: InfluenceRequest) -> JSONResponse:
     """Scores of every training point for each test point (one job for all of them)."""
+    count = len(
+        request.test.targets if isinstance(request.test, InlineTest) else request.test.indices
+    )
+    if count > services.settings.max_test_points:
+        raise _unprocessable(
+            ["test"],
+            f"{count} test points; this deployment allows at most "
+            f"{services.settings.max_test_points} per request",
+        )
     train = _check_engine_inputs(services, caller.tenant, request.model, request.train)
     if isinstance(request.test, InlineTest):
         test = _inline_test(services, train, request.test)
@@ -135,8 +145,10 @@ def post_self_influence(
     return _cached_or_submit(services, caller.tenant, JobKind.SELF_INFLUENCE, payload)
 
 
-def _scored_job(services: Svc, tenant: str, job_id: str) -> JobRecord:
-    record = owned_job(services, tenant, job_id)
+def _scored(record: JobRecord | None, job_id: str) -> JobRecord:
+    """404 unless ``record`` is the caller's influence/self-influence job, 409 until it has
+    succeeded."""
+    record = visible(record, job_id)
     if record.kind not in (JobKind.INFLUENCE, JobKind.SELF_INFLUENCE):
         raise HTTPException(404, f"job {job_id} is a {record.kind.value} job, not an influence job")
     if record.status != JobStatus.SUCCEEDED:
@@ -152,11 +164,13 @@ JobId = Annotated[str, Path(description="id of an influence or self-influence jo
 
 
 @router.get("/influence/{job_id}/ranking", response_model=Ranking)
-def ranking(
+async def ranking(
     services: Svc,
     caller: Caller,
     job_id: JobId,
-    test: Annotated[int, Query(ge=0, lt=1024, description="row of the query's test points")] = 0,
+    test: Annotated[
+        int, Query(ge=0, lt=MAX_TEST_POINTS, description="row of the query's test points")
+    ] = 0,
     direction: Literal["helpful", "harmful"] = "helpful",
     limit: Annotated[int, Query(ge=1, le=1000)] = 10,
     offset: Annotated[int, Query(ge=0, le=10**9)] = 0,
@@ -164,7 +178,7 @@ def ranking(
     """Training points ordered by score: ``helpful`` = largest first (removing them would
     raise the test loss most), ``harmful`` = most negative first. Read from the stored
     score matrix; no worker is involved."""
-    record = _scored_job(services, caller.tenant, job_id)
+    record = _scored(await services.job(job_id, caller.tenant), job_id)
     result = record.result or {}
     num_test = result.get("num_test", 1)
     if test >= num_test:
@@ -181,7 +195,7 @@ def ranking(
     values, order = services.ranked(result["scores"], test, direction == "helpful")
     page_values = values[offset : offset + limit].tolist()
     page_index = order[offset : offset + limit].tolist()
-    train_record = services.registry.get_dataset(caller.tenant, record.payload["train"])
+    train_record = await services.dataset_record(caller.tenant, record.payload["train"])
     targets = services.dataset(train_record).targets if train_record is not None else None
     items = [
         Item(index=i, score=s, target=target_value(targets[i]) if targets is not None else None)
@@ -207,7 +221,7 @@ def ranking(
 def scores(services: Svc, caller: Caller, job_id: JobId) -> Response:
     """The full score matrix as safetensors: tensor ``scores`` of shape [k, N] (self-
     influence: [N])."""
-    record = _scored_job(services, caller.tenant, job_id)
+    record = _scored(services.queue.get(job_id, caller.tenant), job_id)
     data = services.store.get_bytes((record.result or {})["scores"])
     disposition = f'attachment; filename="{job_id}-scores.safetensors"'
     return Response(
@@ -221,7 +235,7 @@ def verify(
 ) -> JobAccepted:
     """Ground truth for one query: for its top-k helpful and harmful training points, solve
     the PBRF (or warm-start retraining) and compare predicted with actual test-loss change."""
-    record = _scored_job(services, caller.tenant, job_id)
+    record = _scored(services.queue.get(job_id, caller.tenant), job_id)
     if record.kind != JobKind.INFLUENCE:
         raise HTTPException(404, f"job {job_id} is not an influence job")
     request = request or VerifyRequest()

@@ -32,12 +32,17 @@ def job_view(record: JobRecord, *, cached: bool = False) -> JobView:
     return JobView(**view, cached=cached)
 
 
-def owned_job(services: Svc, tenant: str, job_id: str) -> JobRecord:
-    """The caller's job, or 404 (another tenant's job is indistinguishable from none)."""
-    record = services.queue.get(job_id, tenant)
+def visible(record: JobRecord | None, job_id: str) -> JobRecord:
+    """``record`` (already filtered by tenant), or 404: a missing job, another tenant's and
+    an internal shard job look alike."""
     if record is None or record.kind == JobKind.SCORE_SHARD:
         raise HTTPException(404, f"job {job_id} not found")
     return record
+
+
+def owned_job(services: Svc, tenant: str, job_id: str) -> JobRecord:
+    """The caller's job, or 404."""
+    return visible(services.queue.get(job_id, tenant), job_id)
 
 
 @router.get("", response_model=JobList)
@@ -100,10 +105,9 @@ def job_events(
                 yield ": keep-alive\n\n"
                 continue
             after = reply[0][1][-1][0]
-            fields = await services.aredis.hgetall(keys.job(job_id))
-            if not fields:  # expired (result_ttl_seconds) while we watched
+            record = await services.job(job_id, caller.tenant)
+            if record is None:  # expired (result_ttl_seconds) while we watched
                 return
-            record = JobRecord.from_hash(job_id, fields)
             done = record.status.terminal
             yield _frame("done" if done else "progress", after, job_view(record))
             if done:

@@ -35,8 +35,8 @@ function fieldName(loc) {
 }
 
 /** Turn an error body (FastAPI's {"detail": ...} or anything else) into one readable line. */
-export function describeError(status, body) {
-  const detail = body && typeof body === "object" ? body.detail ?? body.error ?? body.message : body;
+function describeError(status, body) {
+  const detail = body && typeof body === "object" ? body.detail : body;
   if (Array.isArray(detail)) {
     return detail
       .map((item) => {
@@ -45,7 +45,7 @@ export function describeError(status, body) {
       })
       .join("; ");
   }
-  if (typeof detail === "string" && detail.trim()) return detail;
+  if (typeof detail === "string" && detail.trim() && !detail.includes("<")) return detail.slice(0, 300);
   if (detail && typeof detail === "object") return JSON.stringify(detail);
   return `the server answered ${status}`;
 }
@@ -78,8 +78,8 @@ async function send(path, init) {
 }
 
 /** Call the API and return its JSON (null for an empty answer). `json` or `form` is the body. */
-export async function api(path, { method = "GET", json, form, signal } = {}) {
-  const init = { method, signal, headers: {} };
+export async function api(path, { method = "GET", json, form } = {}) {
+  const init = { method, headers: {} };
   if (json !== undefined) {
     init.body = JSON.stringify(json);
     init.headers["Content-Type"] = "application/json";
@@ -92,25 +92,19 @@ export async function api(path, { method = "GET", json, form, signal } = {}) {
 }
 
 /** Fetch a binary resource (with the key) and return it as a Blob. */
-export async function apiBlob(path, { signal } = {}) {
-  const response = await send(path, { method: "GET", signal, headers: { Accept: "*/*" } });
+export async function apiBlob(path) {
+  const response = await send(path, { method: "GET", headers: { Accept: "*/*" } });
   return response.blob();
 }
 
-/** Lists may come bare or wrapped ({"items": [...]}); always give an array. */
+/** Lists come bare (models, datasets) or wrapped as {"items": [...]} (jobs). */
 export function items(answer) {
-  if (Array.isArray(answer)) return answer;
-  if (answer && typeof answer === "object") {
-    for (const name of ["items", "models", "datasets", "jobs", "results"]) {
-      if (Array.isArray(answer[name])) return answer[name];
-    }
-  }
-  return [];
+  return Array.isArray(answer) ? answer : answer?.items ?? [];
 }
 
-/** The id of a job from a POST answer or a job record. */
+/** The id of a job from a 202 answer ({"job"}) or a job record ({"id"}, a cached 200). */
 export function jobId(answer) {
-  return answer?.job ?? answer?.id ?? answer?.job_id ?? null;
+  return answer.job ?? answer.id;
 }
 
 const imageCache = new Map();
@@ -145,10 +139,9 @@ function parseEvents(buffer, onEvent) {
   return rest;
 }
 
-async function streamJob(id, onUpdate, signal) {
+async function streamJob(id, onUpdate) {
   const response = await send(`/jobs/${encodeURIComponent(id)}/events`, {
     method: "GET",
-    signal,
     headers: { Accept: "text/event-stream" },
   });
   const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
@@ -175,16 +168,15 @@ const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
  * the API key can travel in a header), then the final record from GET /jobs/{id}. If the
  * stream is unavailable the job is polled instead. Resolves with the final job record.
  */
-export async function followJob(id, onUpdate, { signal } = {}) {
+export async function followJob(id, onUpdate) {
   try {
-    await streamJob(id, onUpdate, signal);
+    await streamJob(id, onUpdate);
   } catch (error) {
-    if (signal?.aborted || (error instanceof ApiError && error.status !== 404 && error.status < 500)) {
-      throw error;
-    }
+    // A refused stream (bad key, unknown job) is final; a dropped one falls back to polling.
+    if (error instanceof ApiError && error.status < 500) throw error;
   }
   for (;;) {
-    const job = await api(`/jobs/${encodeURIComponent(id)}`, { signal });
+    const job = await api(`/jobs/${encodeURIComponent(id)}`);
     onUpdate(job);
     if (TERMINAL.has(job.status)) return job;
     await sleep(700);

@@ -111,24 +111,29 @@ export function barChart({ title, bars, yLabel }) {
   return root;
 }
 
+function padded(values) {
+  const finite = values.map(Number).filter(Number.isFinite);
+  const lo = Math.min(...finite);
+  const hi = Math.max(...finite);
+  const margin = (hi - lo) * 0.08 || Math.abs(hi) * 0.1 || 1;
+  return [lo - margin, hi + margin];
+}
+
 /**
- * Points {x, y, label} with the y = x line; the title carries Pearson/Spearman when given.
+ * Points {x, y, label} on independent x and y scales (predicted and actual changes may
+ * differ by orders of magnitude), with the y = x line where the two ranges overlap.
  */
 export function scatterChart({ title, points, xLabel, yLabel }) {
-  const description = `${points.length} points. ${title}`;
-  const root = frame(title, description);
-  const values = points.flatMap((p) => [Number(p.x), Number(p.y)]).filter(Number.isFinite);
-  if (!values.length) return root;
-  let lo = Math.min(...values);
-  let hi = Math.max(...values);
-  const margin = (hi - lo) * 0.05 || Math.abs(hi) * 0.1 || 1;
-  lo -= margin;
-  hi += margin;
-  const x = scale(lo, hi, PAD.left, WIDTH - PAD.right);
-  const y = scale(lo, hi, HEIGHT - PAD.bottom, PAD.top);
-  const ticks = niceTicks(lo, hi, 4);
-  axes(root, x, y, ticks, ticks, xLabel, yLabel);
-  root.append(svg("line", { x1: x(lo), y1: y(lo), x2: x(hi), y2: y(hi), class: "diagonal" }));
+  const root = frame(title, `${points.length} points. ${title}`);
+  if (!points.length) return root;
+  const [xlo, xhi] = padded(points.map((p) => p.x));
+  const [ylo, yhi] = padded(points.map((p) => p.y));
+  const x = scale(xlo, xhi, PAD.left, WIDTH - PAD.right);
+  const y = scale(ylo, yhi, HEIGHT - PAD.bottom, PAD.top);
+  axes(root, x, y, niceTicks(xlo, xhi, 4), niceTicks(ylo, yhi, 4), xLabel, yLabel);
+  const from = Math.max(xlo, ylo);
+  const to = Math.min(xhi, yhi);
+  if (from < to) root.append(svg("line", { x1: x(from), y1: y(from), x2: x(to), y2: y(to), class: "diagonal" }));
   for (const p of points) {
     root.append(
       svg(

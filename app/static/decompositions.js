@@ -52,6 +52,7 @@ function requestBody() {
       seed: numberField(form, "recipe_seed"),
     },
     arguments: compact({ num_points: numPoints, seed }),
+    response: f.response.value === "lbfgs" ? { optimizer: "lbfgs", lbfgs_steps: 25 } : undefined,
     test: correlate
       ? { dataset: f.test_dataset.value, indices: Number.isInteger(numTest) ? [...Array(numTest).keys()] : numTest }
       : undefined,
@@ -201,7 +202,7 @@ export const decompositionsView = {
     const options = await catalogueOptions();
     fillSelect(form.elements.model, options.models);
     fillSelect(form.elements.train, options.datasets, options.train);
-    fillSelect(form.elements.test_dataset, [{ value: "", label: "none" }, ...options.datasets], options.test);
+    fillSelect(form.elements.test_dataset, options.datasets, options.test);
     await listRuns();
     if (jobId) await openResult(jobId);
   },

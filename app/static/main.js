@@ -57,10 +57,9 @@ async function checkHealth() {
   const badge = document.getElementById("health");
   try {
     const health = await api("/healthz");
-    const ok = health?.status === "ok" || health?.ok === true;
-    const workers = health?.workers ?? health?.workers_seen;
-    const count = Array.isArray(workers) ? workers.length : workers;
-    badge.textContent = `${ok ? "service ok" : "service degraded"}${count !== undefined ? ` · workers: ${count}` : ""}`;
+    const ok = health.status === "ok";
+    const workers = Array.isArray(health.workers) ? ` · workers: ${health.workers.length}` : "";
+    badge.textContent = `${ok ? "service ok" : "service degraded"}${workers}`;
     badge.dataset.state = ok ? "ok" : "warn";
   } catch (error) {
     badge.textContent = "service unreachable";

@@ -99,6 +99,11 @@ function requireFile(form, name) {
   return file;
 }
 
+function appendName(data, form) {
+  const name = form.elements.name.value.trim();
+  if (name) data.append("name", name);
+}
+
 export const modelsView = {
   init(root) {
     section = root;
@@ -107,8 +112,10 @@ export const modelsView = {
       modelForm,
       async () => {
         const data = new FormData();
-        data.append("config", await requireFile(modelForm, "config").text());
         data.append("weights", requireFile(modelForm, "weights"));
+        const config = modelForm.elements.config.files[0];
+        if (config) data.append("config", await config.text());
+        appendName(data, modelForm);
         return api("/models", { method: "POST", form: data });
       },
       (m) => `Stored model ${shortId(m.id)} (${m.architecture}, ${m.parameters} parameters).`,
@@ -119,6 +126,7 @@ export const modelsView = {
       () => {
         const data = new FormData();
         data.append("file", requireFile(datasetForm, "file"));
+        appendName(data, datasetForm);
         return api("/datasets", { method: "POST", form: data });
       },
       (d) => `Stored dataset ${shortId(d.id)} (${d.size} items).`,

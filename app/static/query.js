@@ -25,7 +25,6 @@ import {
 
 let section;
 let form;
-let controller = null;
 
 function selected(name) {
   return form.querySelector(`input[name="${name}"]:checked`).value;
@@ -92,13 +91,10 @@ async function submit(event) {
   const message = form.querySelector(".form-message");
   const progressBox = section.querySelector("#query-progress");
   const resultBox = section.querySelector("#query-result");
-  controller?.abort();
-  controller = new AbortController();
-  const { signal } = controller;
   await guarded(message, form.querySelector("button[type=submit]"), async () => {
     const body = requestBody();
     resultBox.replaceChildren();
-    const { id, job } = await runJob("/influence", body, progressBox, "Influence job progress", { signal });
+    const { id, job } = await runJob("/influence", body, progressBox, "Influence job progress");
     await renderResult(resultBox, id, body, job);
   });
 }

@@ -27,7 +27,6 @@ export function showMessage(box, text, kind = "error") {
 /** The sentence a user sees for any failure. */
 export function errorText(error) {
   if (error instanceof ApiError) return `Error ${error.status}: ${error.message}`;
-  if (error?.name === "AbortError") return "Canceled.";
   return `Error: ${error?.message || error}`;
 }
 
@@ -49,7 +48,7 @@ export function fmt(value, digits = 4) {
   if (value === null || value === undefined || value === "") return "–";
   const number = Number(value);
   if (!Number.isFinite(number)) return String(value);
-  if (number !== 0 && (Math.abs(number) < 1e-3 || Math.abs(number) >= 1e5)) {
+  if (number !== 0 && (Math.abs(number) < 1e-2 || Math.abs(number) >= 1e5)) {
     return number.toExponential(digits - 1).replace(/\.?0+e/, "e");
   }
   return number.toPrecision(digits).replace(/\.?0+$/, "");
@@ -213,13 +212,13 @@ export function compact(object) {
  * succeeded (a cached answer with status "succeeded" needs no job). Failure or cancellation
  * throws an Error whose message is the job's error.
  */
-export async function runJob(path, body, progressBox, label, { signal } = {}) {
-  const answer = await api(path, { method: "POST", json: body, signal });
+export async function runJob(path, body, progressBox, label) {
+  const answer = await api(path, { method: "POST", json: body });
   const id = jobId(answer);
   const bar = progressBar(label);
   progressBox.replaceChildren(h("p", { class: "muted" }, `Job ${shortId(id)}`), bar.element);
   bar.set(answer.status ? answer : { status: "queued" });
-  const job = answer.status === "succeeded" ? answer : await followJob(id, bar.set, { signal });
+  const job = answer.status === "succeeded" ? answer : await followJob(id, bar.set);
   bar.set(job);
   if (job.status !== "succeeded") {
     throw new Error(`the job ${job.status}${job.error ? `: ${job.error}` : ""}`);

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+import models
 from app.cli import bootstrap_demo
 from tests.app.conftest import LiveServer, WorkerThreads, delete_keys, make_settings
 
@@ -112,13 +113,13 @@ def session(browser: object, server: LiveServer) -> Iterator[Session]:
     context.close()
 
 
-def wait_for_job(page: object, box: str) -> None:
-    """Wait until the progress bar in ``box`` reports a finished job; it must have succeeded."""
-    page.wait_for_selector(
-        f"{box} .progress[data-status=succeeded], {box} .progress[data-status=failed], "
-        f"{box} .progress[data-status=canceled]",
-        timeout=JOB_TIMEOUT_MS,
+def wait_for_job(page: object, box: str, form: str) -> None:
+    """Wait until the progress bar in ``box`` reports a finished job (or ``form`` shows an
+    error); the job must have succeeded."""
+    finished = ", ".join(
+        f"{box} .progress[data-status={status}]" for status in ("succeeded", "failed", "canceled")
     )
+    page.wait_for_selector(f"{finished}, {form} .message.error", timeout=JOB_TIMEOUT_MS)
     bar = page.locator(f"{box} .progress")
     assert bar.get_attribute("data-status") == "succeeded", page.inner_text("main")
     assert bar.locator("progress").evaluate("p => p.value") == 1
@@ -149,7 +150,7 @@ def test_influence_query_shows_helpful_and_harmful_points(session: Session) -> N
     session.shot("01-query-form")
 
     page.get_by_role("button", name="Find influential training points").click()
-    wait_for_job(page, "#query-progress")
+    wait_for_job(page, "#query-progress", "#query-form")
     helpful = ranked_points(page, "helpful")
     harmful = ranked_points(page, "harmful")
     assert len(helpful) >= 5 and len(harmful) >= 5
@@ -187,10 +188,10 @@ def test_verify_with_pbrf_plots_predicted_against_actual(session: Session) -> No
     page = session.page
     page.goto(f"{session.base}/")
     page.get_by_role("button", name="Find influential training points").click()
-    wait_for_job(page, "#query-progress")
+    wait_for_job(page, "#query-progress", "#query-form")
     page.fill(".verify input[name=top]", "3")
     page.get_by_role("button", name="Verify with PBRF").click()
-    wait_for_job(page, ".verify")
+    wait_for_job(page, ".verify", ".verify")
     chart = page.locator(".verify svg.chart")
     assert "Pearson" in chart.get_attribute("aria-label")
     assert chart.locator("circle.dot").count() >= 3
@@ -203,7 +204,7 @@ def test_mislabel_finder_ranks_by_self_influence(session: Session) -> None:
     page.goto(f"{session.base}/#mislabel")
     page.wait_for_selector("#mislabel-form select[name=model] option", state="attached")
     page.get_by_role("button", name="Rank by self-influence").click()
-    wait_for_job(page, "#mislabel-progress")
+    wait_for_job(page, "#mislabel-progress", "#mislabel-form")
     points = ranked_points(page, "helpful")
     assert len(points) >= 5 and all(score > 0 for score, _ in points)
     assert [s for s, _ in points] == sorted((s for s, _ in points), reverse=True)
@@ -219,7 +220,7 @@ def test_decomposition_result_opens_with_its_charts(session: Session) -> None:
     page.fill("#decomp-form input[name=num_test]", "2")
     page.fill("#decomp-form input[name=epochs]", "4")  # cheap retraining: K/2 = 2 epochs
     page.get_by_role("button", name="Run decomposition").click()
-    wait_for_job(page, "#decomp-progress")
+    wait_for_job(page, "#decomp-progress", "#decomp-form")
     page.get_by_role("link", name=re.compile(r"^Open ")).first.click()
     result = page.locator(".decomposition")
     result.wait_for()
@@ -254,15 +255,38 @@ def test_jobs_page_cancels_a_running_job(session: Session) -> None:
     session.assert_clean()
 
 
-def test_models_page_lists_the_demo_and_is_usable_on_a_narrow_screen(session: Session) -> None:
+def test_models_page_lists_uploads_and_deletes(session: Session, server: LiveServer) -> None:
+    """Runs last on the shared server: deleting the re-uploaded demo checkpoint removes it."""
     page = session.page
-    page.set_viewport_size({"width": 420, "height": 900})
+    page.on("dialog", lambda dialog: dialog.accept())  # the "Delete …?" confirmation
     page.goto(f"{session.base}/#models")
-    page.locator("#models-table th", has_text="demo-digits-mlp").wait_for()
+    models_table = page.locator("#models-table")
+    models_table.locator("th", has_text="demo-digits-mlp").wait_for()
     assert "digits-train" in page.inner_text("#datasets-table")
-    width = page.evaluate("() => document.documentElement.scrollWidth")
-    assert width <= 420
-    session.shot("09-models-narrow")
+
+    datasets = page.locator("#datasets-table tbody tr")
+    before = datasets.count()
+    page.select_option("#dataset-builtin select[name=builtin]", "breast_cancer")
+    page.get_by_role("button", name="Add dataset").click()
+    page.locator("#dataset-builtin .message.ok").wait_for()
+    assert datasets.count() == before + 1
+
+    checkpoint, _, _ = models.demo_checkpoint(server.settings.data_dir / "demo")
+    page.set_input_files("#model-upload input[name=weights]", str(checkpoint))
+    page.fill("#model-upload input[name=name]", "uploaded-mlp")
+    page.get_by_role("button", name="Upload model").click()
+    page.locator("#model-upload .message.ok").wait_for()
+    assert "3466 parameters" in page.inner_text("#model-upload .message.ok")
+    models_table.locator("th", has_text="uploaded-mlp").wait_for()
+    session.shot("09-models")
+
+    page.get_by_role("button", name="Delete model uploaded-mlp").click()
+    page.get_by_text("Deleted model uploaded-mlp.").wait_for()
+    assert "uploaded-mlp" not in models_table.inner_text()
+
+    page.set_viewport_size({"width": 420, "height": 900})
+    assert page.evaluate("() => document.documentElement.scrollWidth") <= 420
+    session.shot("10-models-narrow")
     session.assert_clean()
 
 
@@ -290,7 +314,7 @@ def test_api_key_is_asked_for_after_a_401_and_kept_for_the_session(
         page.reload()
         page.get_by_text("No models yet.").wait_for()
         assert not page.get_by_role("dialog").is_visible()
-        state.shot("10-api-key")
+        state.shot("11-api-key")
         state.assert_clean(expected_statuses=(401,))
     finally:
         context.close()

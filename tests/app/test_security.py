@@ -84,7 +84,9 @@ def test_another_tenants_ids_are_404(live: LiveServer, uploaded: dict[str, str])
 @pytest.fixture
 def small_caps(settings_factory: Callable[..., Settings]) -> Iterator[LiveServer]:
     server = LiveServer(
-        settings_factory(api_keys=API_KEYS, max_upload_bytes=4096, max_body_bytes=2048)
+        settings_factory(
+            api_keys=API_KEYS, max_upload_bytes=4096, max_body_bytes=2048, max_test_points=2
+        )
     ).start()
     yield server
     server.stop()
@@ -115,6 +117,18 @@ def test_oversize_bodies_are_413_with_and_without_content_length(small_caps: Liv
     assert big_json.status_code == 413
     assert _artifacts(small_caps.settings) == []
     assert httpx.get(small_caps.url + "/models", headers=ALICE).json() == []
+
+
+def test_deployment_cap_on_test_points_is_422(small_caps: LiveServer) -> None:
+    body = {
+        "model": "a" * 64,
+        "train": "b" * 64,
+        "test": {"dataset": "c" * 64, "indices": [0, 1, 2]},
+    }
+    response = httpx.post(small_caps.url + "/influence", headers=ALICE, json=body)
+    assert response.status_code == 422
+    assert response.json()["detail"][0]["loc"] == ["body", "test"]
+    assert "at most 2" in response.json()["detail"][0]["msg"]
 
 
 def test_bad_checkpoint_corpus_is_rejected_and_nothing_stored(

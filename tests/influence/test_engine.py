@@ -17,6 +17,7 @@ from tests.influence.problems import (
     digits_mlp,
     loop_grads,
     reference_scores,
+    single_thread,
     tiny_data,
     tiny_mlp,
 )
@@ -39,7 +40,8 @@ def _tiny_engine(**kwargs) -> InfluenceEngine:
 
 def test_jvp_and_per_example_gradient_scoring_agree_in_float32() -> None:
     model, train, test = digits_mlp()
-    engine = InfluenceEngine(model, train=train, batch_size=256)
+    # Weight decay bounds ‖s_test‖, which bounds float32 cancellation in ∇L_i · s_test.
+    engine = InfluenceEngine(model, train=train, batch_size=256, weight_decay=WEIGHT_DECAY)
     assert engine.dtype == torch.float32
     s_test, _ = engine.s_test((test.inputs[:5], test.targets[:5]), CG(tol=1e-5))
     jvp = engine.scores_from_s_test(s_test, method="jvp")
@@ -89,14 +91,13 @@ def test_lanczos_self_influence_error_against_exact_is_small_at_moderate_rank() 
     model, train, _ = digits_mlp()
     engine = InfluenceEngine(model, train=train, dtype=torch.float64, weight_decay=WEIGHT_DECAY)
     exact = engine.self_influence(Exact())
-    errors = {
-        rank: _rel(engine.self_influence(Lanczos(rank=rank, iterations=2 * rank)), exact)
-        for rank in (32, 128)
-    }
+    with single_thread():
+        approx = {rank: engine.self_influence(Lanczos(rank=rank)) for rank in (32, 128)}
+    errors = {rank: _rel(values, exact) for rank, values in approx.items()}
     print(f"Lanczos self-influence relative error vs exact (d = {engine.num_params}): {errors}")
     assert errors[128] < errors[32]
     assert errors[128] < 0.05
-    assert _pearson(engine.self_influence(Lanczos(rank=128)), exact) > 0.99
+    assert _pearson(approx[128], exact) > 0.99
 
 
 def test_group_influence_is_the_summed_loss_removal() -> None:

@@ -182,4 +182,4 @@ def test_unbounded_pbrf_is_reported_clearly() -> None:
     test = Dataset(x[40:], t[40:])
     with pytest.raises(TrainingError, match=r"pbrf response diverged.*raise damping"):
         verify((model, config), data, test, [5], damping=1e-2, method="pbrf",
-               arguments=VerifyArguments(steps=20, solver="exact"))  # fmt: skip
+               arguments=VerifyArguments(epsilon=0.5, steps=20, solver="exact"))  # fmt: skip
