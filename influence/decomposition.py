@@ -108,14 +108,11 @@ def first_order_proximity(
     solver = responder.arguments.make_solver()
     plain, _ = solver.solve(undamped.operator, rhs)
     damped, _ = solver.solve(engine.operator, rhs)
-    return [
-        float(
-            jvp(lambda th: responder.fmodel(th, responder.inputs), (responder.theta_s,), (v,))[
-                1
-            ].norm()
-        )
-        for v in (plain - damped).T
-    ]
+
+    def outputs(theta: Tensor) -> Tensor:
+        return responder.fmodel(theta, responder.inputs)
+
+    return [float(jvp(outputs, (responder.theta_s,), (v,))[1].norm()) for v in (plain - damped).T]
 
 
 def compute_responses(

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from scipy.stats import pearsonr, spearmanr
 from torch import Tensor, nn
 from torch.func import grad, jvp
 
@@ -308,10 +309,7 @@ class Responder:
         self.model.eval()
         self.fmodel, self.theta_s = FlatModel.of(self.model)
         self.loss = get_loss(recipe.loss)
-        x = dataset.inputs
-        self.inputs = x.to(self.dtype) if x.is_floating_point() else x
-        t = dataset.targets
-        self.targets = t.to(self.dtype) if t.is_floating_point() else t
+        self.inputs, self.targets = self._cast(dataset.inputs), self._cast(dataset.targets)
         self.n = len(dataset)
         self.retrain_epochs = self.arguments.epochs or max(1, recipe.epochs // 2)
         self.engine = InfluenceEngine(
@@ -357,7 +355,7 @@ class Responder:
         batch_order: Sequence[Tensor] | None = None,
     ) -> Tensor:
         recipe = replace(self.recipe, weight_decay=0.0, lr=self.recipe.lr * lr_factor)
-        if self.arguments.optimizer == "lbfgs" and batch_order is None:
+        if self.arguments.optimizer == "lbfgs" and batch_order is None:  # not a cold replay
             recipe = replace(
                 recipe, optimizer="lbfgs", lr=1.0, batch_size=None, schedule="none",
                 lbfgs_tolerance_grad=1e-12, lbfgs_tolerance_change=1e-16,
@@ -376,6 +374,9 @@ class Responder:
                 "small: raise damping, lower the learning rate, or use the linearized response"
             ) from exc
         return torch.cat([run.thetas[name].reshape(-1) for name in self.fmodel.names])
+
+    def _cast(self, tensor: Tensor) -> Tensor:
+        return tensor.to(self.dtype) if tensor.is_floating_point() else tensor
 
     def _state(self, theta: Tensor) -> dict[str, Tensor]:
         return {k: v.detach().clone() for k, v in self.fmodel.unflatten(theta).items()}
@@ -418,23 +419,22 @@ class Responder:
     ) -> tuple[Tensor, SolverReport]:
         """``θˢ + ε (G+λI)⁻¹ Σ_z ∇L_z`` for each removed set (Eqn 6), one solve for all;
         returns ``[M, d]`` parameters and the solver's report."""
-        rhs = torch.stack([self.problem(z).removed_gradient for z in removed_sets], dim=1)
-        eps = [self.problem(z).epsilon for z in removed_sets]
+        problems = [self.problem(z) for z in removed_sets]
+        rhs = torch.stack([p.removed_gradient for p in problems], dim=1)
+        eps = [p.epsilon for p in problems]
         solution, report = self.arguments.make_solver().solve(self.engine.operator, rhs, progress)
         deltas = solution.T * torch.tensor(eps, dtype=solution.dtype)[:, None]
         return self.theta_s + deltas.to(self.theta_s.dtype), report
 
     def outputs(self, theta: Tensor, inputs: Tensor | None = None) -> Tensor:
         """Raw outputs ``f(θ, x)`` on ``inputs`` (default: the training set)."""
-        x = self.inputs if inputs is None else inputs
         with torch.no_grad():
-            return self.fmodel(theta, x.to(self.dtype) if x.is_floating_point() else x)
+            return self.fmodel(theta, self.inputs if inputs is None else self._cast(inputs))
 
     def predicted_changes(self, influence: Tensor, inputs: Tensor, targets: Tensor) -> Tensor:
         """``∇L_q(θˢ)ᵀ (θ_influence − θˢ)``: influence-predicted test-loss changes ``[M, T]``."""
-        t = targets.to(self.dtype) if targets.is_floating_point() else targets
-        x = inputs.to(self.dtype) if inputs.is_floating_point() else inputs
-        return (influence - self.theta_s) @ self.engine.gradients(x, t).T
+        grads = self.engine.gradients(self._cast(inputs), self._cast(targets))
+        return (influence - self.theta_s) @ grads.T
 
     def actual_changes(self, thetas: Tensor, inputs: Tensor, targets: Tensor) -> Tensor:
         """``L_q(θ_m) − L_q(θˢ)`` for each row θ_m of ``thetas``, shape ``[M, T]``."""
@@ -443,15 +443,12 @@ class Responder:
 
     def losses(self, theta: Tensor, inputs: Tensor, targets: Tensor) -> Tensor:
         """Per-example losses ``L(f(θ, x), t)``."""
-        t = targets.to(self.dtype) if targets.is_floating_point() else targets
-        return self.loss.per_example(self.outputs(theta, inputs), t)
+        return self.loss.per_example(self.outputs(theta, inputs), self._cast(targets))
 
 
 def pearson_spearman(predicted: Tensor, actual: Tensor) -> dict[str, float | None]:
     """Pearson and Spearman correlation of two equally shaped tensors, pooled over all
     entries (``None`` where undefined, e.g. a constant input)."""
-    from scipy.stats import pearsonr, spearmanr
-
     a = predicted.detach().reshape(-1).double().cpu().numpy()
     b = actual.detach().reshape(-1).double().cpu().numpy()
     if a.size < 2 or a.std() == 0 or b.std() == 0:
@@ -480,6 +477,8 @@ class VerifyArguments:
     def __post_init__(self) -> None:
         if not (isinstance(self.steps, int) and self.steps >= 1):
             raise ValueError(f"steps must be an integer >= 1, got {self.steps!r}")
+        if self.solver not in ("exact", "cg", "lissa"):
+            raise ValueError(f"solver must be 'exact', 'cg' or 'lissa', got {self.solver!r}")
 
 
 @dataclass

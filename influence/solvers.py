@@ -76,12 +76,6 @@ class Solver(Protocol):
     ) -> tuple[Tensor, SolverReport]: ...
 
 
-class InverseOperator(Protocol):
-    def solve(self, rhs: Tensor) -> Tensor: ...
-
-    def quadratic(self, rhs: Tensor) -> Tensor: ...
-
-
 def _require(condition: bool, name: str, message: str, value: object) -> None:
     if not condition:
         raise ValueError(f"{name} {message}, got {value!r}")
@@ -197,7 +191,8 @@ def _negative_curvature(operator: DampedCurvature, value: float, count: int, how
 
 @dataclass(frozen=True)
 class Exact:
-    """Dense solve: build ``G + λI`` (d matrix-vector products) and factor it.
+    """Dense solve of ``(G + λI) x = v`` (the exact iHVP of appendix Eqns 20 and 46):
+    build ``G + λI`` (d matrix-vector products) and factor it.
 
     Cholesky in float64; if that fails, an eigendecomposition tells a numerically
     singular matrix (still solved) from an indefinite one (``NegativeCurvatureError``).
@@ -252,7 +247,8 @@ class Exact:
 
 @dataclass(frozen=True)
 class CG:
-    """Conjugate gradients on the full-batch ``G + λI``, k right-hand sides at once.
+    """Conjugate gradients on the full-batch ``G + λI``, k right-hand sides at once:
+    minimises ``½ xᵀ(G + λI)x − vᵀx`` (appendix Eqn 47) along conjugate directions.
 
     Each column runs its own CG recursion; all active columns share one operator pass
     per iteration. With a preconditioner ``M⁻¹`` this is PCG.
@@ -298,7 +294,7 @@ class CG:
         b_norm = b.norm(dim=0)
         rel = torch.ones(k, dtype=b.dtype, device=b.device)
         rel[b_norm == 0] = 0
-        iterations = torch.zeros(k, dtype=torch.long)
+        iterations = torch.zeros(k, dtype=torch.long, device=b.device)
         reported = 0.0
         for it in range(1, self.max_iter + 1):
             active = (rel > self.tol).nonzero().squeeze(1)

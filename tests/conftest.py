@@ -29,4 +29,6 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 @pytest.fixture(autouse=True)
 def _deterministic_torch() -> None:
     torch.manual_seed(0)
-    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    # One thread: the suite is dominated by small torch.func ops, which run several
+    # times faster single-threaded on a 2-core machine (workers run as subprocesses).
+    torch.set_num_threads(1)

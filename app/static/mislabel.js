@@ -33,7 +33,13 @@ async function submit(event) {
     const progressBox = section.querySelector("#mislabel-progress");
     const { id, job } = await runJob("/self-influence", body, progressBox, "Self-influence job progress");
     const trainRecord = await datasetInfo(body.train);
-    const reportBox = h("div", { class: "card report-card" }, h("h3", {}, "Solver report"), reportList(job.report));
+    const reportBox = h("div", { class: "card report-card", hidden: !job.report });
+    const showReport = (report) => {
+      if (!report) return;
+      reportBox.replaceChildren(h("h3", {}, "Solver report"), reportList(report));
+      reportBox.hidden = false;
+    };
+    showReport(job.report);
     const ranking = rankingColumn({
       id,
       direction: "helpful",
@@ -41,9 +47,7 @@ async function submit(event) {
       note: "inspect these for wrong labels first",
       trainId: body.train,
       trainRecord,
-      onReport: (report) => {
-        if (report) reportBox.replaceChildren(h("h3", {}, "Solver report"), reportList(report));
-      },
+      onReport: showReport,
     });
     resultBox.replaceChildren(h("div", { class: "result-grid mislabel" }, ranking.column, reportBox));
     await ranking.load();

@@ -35,8 +35,8 @@ function deleteButton(kind, record, label) {
     await guarded(box, button, async () => {
       await api(`/${kind}/${encodeURIComponent(record.id)}`, { method: "DELETE" });
       if (kind === "datasets") forgetDataset(record.id);
-      showMessage(box, `Deleted ${label}.`, "ok");
       await refresh();
+      showMessage(box, `Deleted ${label}.`, "ok");
     });
   });
   return button;
@@ -87,8 +87,8 @@ function onSubmit(form, build, done) {
     await guarded(box, form.querySelector("button[type=submit]"), async () => {
       const answer = await build();
       form.reset();
-      showMessage(box, done(answer), "ok");
       await refresh();
+      showMessage(box, done(answer), "ok");
     });
   });
 }

@@ -4,7 +4,7 @@
 import { api } from "./api.js";
 import { fmt, guarded, h, labelText, thumbnail } from "./ui.js";
 
-export const PAGE = 10;
+const PAGE = 10;
 
 /**
  * A column for `direction` ("helpful" = highest score first, "harmful" = lowest first) of

@@ -123,18 +123,15 @@ export function forgetDataset(id) {
 }
 
 function metadataOf(record) {
-  return record?.metadata ?? record ?? {};
+  return record?.metadata ?? {};
 }
 
 export function datasetName(record) {
-  const meta = metadataOf(record);
-  const name = record?.name ?? meta.name;
-  const split = record?.split ?? meta.split;
-  return [name, split].filter(Boolean).join(" / ") || shortId(record?.id);
+  return record.name ?? shortId(record.id);
 }
 
 /** True when the API draws items as images: input_shape [H, W], [1, H, W] or [3, H, W]. */
-export function isImageData(record) {
+function isImageData(record) {
   const shape = metadataOf(record).input_shape;
   if (!Array.isArray(shape)) return false;
   return shape.length === 2 || (shape.length === 3 && (shape[0] === 1 || shape[0] === 3));

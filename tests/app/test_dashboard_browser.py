@@ -184,6 +184,22 @@ def test_influence_query_shows_helpful_and_harmful_points(session: Session) -> N
     session.assert_clean(expected_statuses=(422,))
 
 
+def test_a_test_example_can_be_entered_by_value(session: Session) -> None:
+    page = session.page
+    page.goto(f"{session.base}/")
+    page.get_by_label("enter values").check()
+    digit = [0.0] * 64
+    for i in (4, 11, 12, 19, 20, 27, 28, 35, 36, 43, 44, 51, 52, 59):
+        digit[i] = 16.0  # a vertical stroke: a "1"
+    page.get_by_label("Inputs (JSON, one row per example)").fill(f"[{digit}]")
+    page.get_by_label("Targets (JSON)").fill("[1]")
+    page.get_by_role("button", name="Find influential training points").click()
+    wait_for_job(page, "#query-progress", "#query-form")
+    assert len(ranked_points(page, "helpful")) >= 5
+    assert "target 1" in page.inner_text(".test-example")
+    session.assert_clean()
+
+
 def test_verify_with_pbrf_plots_predicted_against_actual(session: Session) -> None:
     page = session.page
     page.goto(f"{session.base}/")
@@ -241,7 +257,9 @@ def test_jobs_page_cancels_a_running_job(session: Session) -> None:
     page.wait_for_selector("#decomp-form select[name=model] option", state="attached")
     page.fill("#decomp-form input[name=num_points]", "50")  # minutes of retraining
     page.get_by_role("button", name="Run decomposition").click()
-    page.wait_for_selector("#decomp-progress .progress[data-status=running]")
+    page.wait_for_selector(
+        "#decomp-progress .progress[data-status=running]", timeout=JOB_TIMEOUT_MS
+    )
     page.get_by_role("link", name="Jobs").click()
     running = page.locator("tr[data-status=running]")
     running.first.wait_for()
@@ -259,7 +277,10 @@ def test_models_page_lists_uploads_and_deletes(session: Session, server: LiveSer
     """Runs last on the shared server: deleting the re-uploaded demo checkpoint removes it."""
     page = session.page
     page.on("dialog", lambda dialog: dialog.accept())  # the "Delete …?" confirmation
-    page.goto(f"{session.base}/#models")
+    page.goto(f"{session.base}/")
+    page.get_by_role("link", name="Models & data").focus()
+    page.keyboard.press("Enter")  # the navigation works from the keyboard
+    assert page.get_by_role("link", name="Models & data").get_attribute("aria-current") == "page"
     models_table = page.locator("#models-table")
     models_table.locator("th", has_text="demo-digits-mlp").wait_for()
     assert "digits-train" in page.inner_text("#datasets-table")

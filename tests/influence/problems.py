@@ -7,9 +7,7 @@ compares the engine against them checks the engine, not the engine against itsel
 
 from __future__ import annotations
 
-import contextlib
 import functools
-from collections.abc import Iterator
 
 import torch
 from torch import Tensor, nn
@@ -84,18 +82,6 @@ def reference_scores(
     g_train = loop_grads(model, loss_name, *train).double()
     g_test = loop_grads(model, loss_name, *test).double()
     return g_test @ torch.linalg.solve(matrix.double(), g_train.T) / len(train[0])
-
-
-@contextlib.contextmanager
-def single_thread() -> Iterator[None]:
-    """Run torch on one thread: long loops of tiny products (LiSSA steps, Lanczos steps)
-    only pay for thread synchronisation, ~13x on a loaded 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 # ----------------------------------------------------------------------------- problems

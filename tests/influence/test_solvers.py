@@ -24,7 +24,6 @@ from tests.influence.problems import (
     dense_hessian,
     digits_mlp,
     reference_scores,
-    single_thread,
     tiny_data,
     tiny_mlp,
 )
@@ -184,8 +183,7 @@ def test_lissa_defaults_reach_exact_quality_on_digits_and_report_an_honest_resid
     engine = InfluenceEngine(model, train=train, dtype=torch.float64)
     queries = (test.inputs[:10], test.targets[:10])
     exact = engine.scores(queries, Exact())
-    with single_thread():
-        lissa = engine.scores(queries, LiSSA())
+    lissa = engine.scores(queries, LiSSA())
     assert _pearson(lissa.scores, exact.scores) >= 0.99
     # The residual brackets the true error: ‖r‖/λ_max ≤ ‖x − x*‖ ≤ ‖r‖/λ_min.
     eigenvalues = torch.linalg.eigvalsh(engine.operator.dense())
