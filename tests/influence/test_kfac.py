@@ -64,7 +64,8 @@ def _mlp() -> nn.Module:
     return nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3)).double()
 
 
-def test_single_example_blocks_equaldense_gnh() -> None:
+@pytest.mark.parametrize("approximation", ["kfac", "ekfac"])
+def test_single_example_blocks_equal_dense_gnh(approximation: str) -> None:
     model = _mlp()
     x = torch.randn(1, 3, dtype=torch.float64)
     t = torch.tensor([2])
@@ -75,7 +76,7 @@ def test_single_example_blocks_equaldense_gnh() -> None:
         t,
         damping=DAMPING,
         weight_decay=0.01,
-        arguments=KFACArguments(damping_split="eigen"),
+        arguments=KFACArguments(approximation=approximation),
     )
     dense = dense_gnh(model, x, t, "cross_entropy")
     approx = kfac.to_dense() - (DAMPING + 0.01) * torch.eye(kfac.dim, dtype=torch.float64)
@@ -85,13 +86,17 @@ def test_single_example_blocks_equaldense_gnh() -> None:
     assert torch.count_nonzero(approx[first, second]) == 0
 
 
-def test_single_linear_layer_under_mse_is_exact_for_many_examples() -> None:
+def _linear_regression() -> tuple[nn.Module, Tensor, Tensor]:
     torch.manual_seed(1)
     model = nn.Linear(4, 2).double()
-    x = torch.randn(7, 4, dtype=torch.float64)
-    t = torch.randn(7, 2, dtype=torch.float64)
+    return model, torch.randn(7, 4, dtype=torch.float64), torch.randn(7, 2, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("approximation", ["kfac", "ekfac"])
+def test_single_linear_layer_under_mse_is_exact_for_many_examples(approximation: str) -> None:
+    model, x, t = _linear_regression()
     kfac = KFAC.fit(
-        model, "mse", x, t, damping=DAMPING, arguments=KFACArguments(damping_split="eigen")
+        model, "mse", x, t, damping=DAMPING, arguments=KFACArguments(approximation=approximation)
     )
     dense = dense_gnh(model, x, t, "mse") + DAMPING * torch.eye(kfac.dim, dtype=torch.float64)
     torch.testing.assert_close(kfac.to_dense(), dense, rtol=RTOL_EXACT, atol=1e-14)
@@ -99,8 +104,25 @@ def test_single_linear_layer_under_mse_is_exact_for_many_examples() -> None:
     torch.testing.assert_close(kfac(v), torch.linalg.solve(dense, v), rtol=RTOL_SOLVE, atol=0)
 
 
-@pytest.mark.parametrize("split", ["pi", "eigen"])
-def test_inverse_matches_dense_approximation_with_fallback(split: str) -> None:
+def test_pi_correction_damps_each_factor() -> None:
+    model, x, t = _linear_regression()
+    gamma = DAMPING + 0.01
+    kfac = KFAC.fit(
+        model, "mse", x, t, damping=DAMPING, weight_decay=0.01,
+        arguments=KFACArguments(approximation="kfac-pi"),
+    )  # fmt: skip
+    a_bar = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], dim=1)
+    a = a_bar.T @ a_bar / len(x)  # S = I for ½‖y − t‖² on a single layer
+    pi = (torch.trace(a) / 5 / (2 / 2)).sqrt()
+    eye_s, eye_a = torch.eye(2, dtype=x.dtype), torch.eye(5, dtype=x.dtype)
+    expected = torch.kron((1 + pi * gamma**0.5) * eye_s, a + gamma**0.5 / pi * eye_a)
+    order = torch.tensor([0, 1, 2, 3, 8, 4, 5, 6, 7, 9])  # [W | b] rows -> weight, then bias
+    dense = kfac.to_dense()[order][:, order]
+    torch.testing.assert_close(dense, expected, rtol=RTOL_EXACT, atol=0)
+
+
+@pytest.mark.parametrize("approximation", ["ekfac", "kfac", "kfac-pi"])
+def test_inverse_matches_dense_approximation_with_fallback(approximation: str) -> None:
     torch.manual_seed(2)
     model = nn.Sequential(
         nn.Linear(3, 5), nn.LayerNorm(5), nn.Tanh(), nn.Linear(5, 4, bias=False)
@@ -113,7 +135,7 @@ def test_inverse_matches_dense_approximation_with_fallback(split: str) -> None:
         x,
         t,
         damping=DAMPING,
-        arguments=KFACArguments(damping_split=split, batch_size=4),
+        arguments=KFACArguments(approximation=approximation, batch_size=4),
     )
     assert kfac.summary()["diagonal_parameters"] == 10  # LayerNorm weight + bias
     m = kfac.to_dense()
@@ -138,7 +160,7 @@ def test_fallback_is_the_exact_gnh_diagonal() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"damping_split": "none"}, "damping_split"),
+        ({"approximation": "kfac-exact"}, "approximation"),
         ({"batch_size": 0}, "batch_size"),
         ({"max_output_dim": 2.5}, "max_output_dim"),
     ],
