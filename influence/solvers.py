@@ -251,7 +251,9 @@ class CG:
     minimises ``½ xᵀ(G + λI)x − vᵀx`` (appendix Eqn 47) along conjugate directions.
 
     Each column runs its own CG recursion; all active columns share one operator pass
-    per iteration. With a preconditioner ``M⁻¹`` this is PCG.
+    per iteration. With a preconditioner ``M⁻¹`` this is PCG. ``converged`` means the
+    recursion's residual met ``tol``; the reported residual is recomputed from x and can
+    sit above a tol near float32 rounding (both are in the report).
     """
 
     tol: float = field(
@@ -342,6 +344,7 @@ class CG:
             method, operator, x, b, iterations=int(iterations.max()), started=started,
             converged=converged, shape=rhs.shape,
             details={"column_iterations": iterations.tolist(), "tol": self.tol,
+                     "recursive_residuals": rel.tolist(),
                      "preconditioned": self.preconditioner is not None},
         )  # fmt: skip
 
