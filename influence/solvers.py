@@ -542,8 +542,9 @@ def _diverged(
             _negative_curvature(operator, damped, 1, "LiSSA's growing iterate has uᵀ(G+λI)u/‖u‖² =")
     raise SolverDivergedError(
         f"LiSSA diverged at step {step}: iterate norm {norm:.3g} exceeds the bound {bound:.3g} "
-        f"(or is not finite); the scale σ = {scale:.4g} is too small (it must exceed "
-        f"λ_max(G) + λ); use scale=None to estimate it"
+        f"(or is not finite); the scale σ = {scale:.4g} is too small: it must exceed "
+        f"λ_max(G) + λ, and minibatch curvature can be larger than the full-batch one "
+        f"(use scale=None, or raise safety or batch_size)"
     )
 
 

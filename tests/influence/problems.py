@@ -1,13 +1,15 @@
 """Tiny seeded problems and independent dense references for the engine's tests.
 
-The references are built from ``torch.func.jacrev`` / ``hessian`` of the loss *values*
-(never from ``models.losses.output_hvp`` or the engine's own products), so a test that
-compares the engine against them checks the engine, not the engine against itself.
+The references are built from ``torch.func.jacrev``, ``torch.func.hessian`` of the loss
+*values* in output space, and row-by-row autograd Hessians (never from
+``models.losses.output_hvp`` or the engine's own products), so a test that compares the
+engine against them checks the engine, not the engine against itself.
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
@@ -18,7 +20,7 @@ from influence.functional import FlatModel
 from models.losses import get_loss
 
 
-def _loss_of(loss_name: str):
+def _loss_of(loss_name: str) -> Callable[[Tensor, Tensor], Tensor]:
     return get_loss(loss_name).per_example
 
 

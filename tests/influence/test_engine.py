@@ -226,7 +226,8 @@ def test_predicted_test_loss_changes_match_leave_one_out_retraining() -> None:
     predicted = engine.scores(queries, Exact()).scores  # [10 test, N]
     removed = torch.randperm(n, generator=torch.Generator().manual_seed(0))[:20]
     loss = engine.loss
-    base_test_loss = loss.per_example(engine.model(queries[0].double()), queries[1])
+    with torch.no_grad():
+        base_test_loss = loss.per_example(engine.model(queries[0].double()), queries[1])
     actual = torch.empty(10, len(removed), dtype=torch.float64)
     for j, i in enumerate(removed.tolist()):
         weights = torch.ones(n, dtype=torch.float64)
