@@ -18,14 +18,18 @@ from __future__ import annotations
 import copy
 import importlib.util
 import logging
+import subprocess
+import sys
 import tempfile
 import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -167,3 +171,34 @@ def run_peer(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return _timed(lambda: peer.run(model, train, test, damping), sign)()
+
+
+def run_isolated(problem_name: str, peer: PeerMethod, damping: float) -> tuple[Tensor, float]:
+    """:func:`run_peer` in a fresh interpreter, so that a peer's crash is a result."""
+    with tempfile.TemporaryDirectory() as out:
+        path = Path(out) / "scores.safetensors"
+        proc = subprocess.run(
+            [sys.executable, "-m", "bench.peers", problem_name, peer.name, str(path), str(damping)],
+            capture_output=True,
+            text=True,
+            cwd=Path(__file__).parent.parent,
+        )
+        if proc.returncode != 0:
+            last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+            raise RuntimeError(f"exit code {proc.returncode}: {last[:200]}")
+        tensors = load_file(path)
+        return tensors["scores"], float(tensors["seconds"])
+
+
+def _main() -> None:
+    from bench import reference
+
+    name, peer_name, path, damping = sys.argv[1:5]
+    problem = reference.load(name)
+    peer = next(p for p in PEERS if p.name == peer_name)
+    scores, seconds = run_peer(peer, problem.model, problem.train, problem.queries, float(damping))
+    save_file({"scores": scores.contiguous(), "seconds": torch.tensor(seconds)}, path)
+
+
+if __name__ == "__main__":
+    _main()

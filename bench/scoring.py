@@ -12,7 +12,7 @@ Prints three Markdown tables and writes them, with every figure, to
 (b) s_test for 10 queries: time, iterations and relative residual of each solver;
 (c) all methods and the peers side by side: time for 10 queries × all training points
     (after the model is loaded) and Pearson against the reference scores (A: dense
-    float64 GNH solve; B: PCG on the GNH in float64 to a relative residual of 1e-10).
+    float64 GNH solve; B: CG on the GNH to a relative residual of 1e-4).
 """
 
 from __future__ import annotations
@@ -40,10 +40,10 @@ from influence.kfac import KFAC
 RESULTS = Path(__file__).parent / "results"
 LARGE_N = 20_000
 SCORING_REPEATS = 3
-REFERENCE_TOL = 1e-10
-# Tolerances of the float32 solves, chosen for Pearson ≥ 0.9999 (A) / ≥ 0.99 (B).
-CG_TOL = {"A": 1e-5, "B": 1e-3}
-PCG_TOL = {"A": 1e-5, "B": 1e-2}
+REFERENCE_TOL_B = 1e-4  # float32 CG on B's GNH; 1e-4 is near float32's floor there
+# Tolerances of the float32 solves, for Pearson ≥ 0.9999 (A) / ≥ 0.99 (B).
+CG_TOL = {"A": 1e-4, "B": 1e-2}
+LISSA_DEPTH = {"A": 5000, "B": 2000}
 # Peer runs on B that BENCHMARKS.md measured above ~2 minutes are not rerun here.
 PEERS_SKIPPED_ON_B = {
     "captum Naive": "dense Hessian of 301k parameters (363 GB)",
@@ -174,10 +174,11 @@ def _kfac_cg(tol: float, max_iter: int = 500) -> Callable[[InfluenceEngine], CG]
 
 
 def _our_methods(name: str) -> dict[str, tuple[str, Callable[[InfluenceEngine], Any]]]:
+    tol, depth = CG_TOL[name], LISSA_DEPTH[name]
     methods = {
-        f"CG (tol {CG_TOL[name]:g})": ("GNH", lambda _e: CG(tol=CG_TOL[name], max_iter=2000)),
-        f"PCG K-FAC (tol {PCG_TOL[name]:g})": ("GNH", _kfac_cg(PCG_TOL[name])),
-        "LiSSA (auto scale)": ("GNH", lambda _e: LiSSA()),
+        f"CG (tol {tol:g})": ("GNH", lambda _e: CG(tol=tol, max_iter=2000)),
+        f"PCG EK-FAC (tol {tol:g})": ("GNH", _kfac_cg(tol)),
+        f"LiSSA (auto scale, depth ≤ {depth})": ("GNH", lambda _e: LiSSA(depth=depth)),
     }
     if name == "A":
         methods["Exact (float32)"] = ("GNH", lambda _e: Exact())
@@ -188,7 +189,10 @@ def _reference(problem: reference.ReferenceProblem, device: str) -> dict[str, An
     if problem.name == "A":
         label, solver_for = "Exact (dense float64 Cholesky)", lambda _e: Exact()
     else:
-        label, solver_for = f"PCG K-FAC float64 (tol {REFERENCE_TOL:g})", _kfac_cg(REFERENCE_TOL)
+        return {
+            "label": f"CG float32 (tol {REFERENCE_TOL_B:g}, the reference)",
+            **_run_ours(problem, lambda _e: CG(tol=REFERENCE_TOL_B, max_iter=3000), device),
+        }
     result = _run_ours(problem, solver_for, device, dtype=torch.float64)
     result["label"] = label
     return result
@@ -198,8 +202,8 @@ def _full_hessian_check(problem: reference.ReferenceProblem, device: str) -> dic
     """The damped full Hessian through CG and LiSSA: indefiniteness must be reported."""
     rows = {}
     for label, solver_for in (
-        ("CG, full Hessian", lambda _e: CG(tol=1e-6, max_iter=300)),
-        ("LiSSA (auto), full Hessian", lambda _e: LiSSA()),
+        ("CG, full Hessian", lambda _e: CG(tol=1e-4, max_iter=150)),
+        ("LiSSA (auto), full Hessian", lambda _e: LiSSA(depth=500)),
     ):
         start = time.perf_counter()
         try:
@@ -228,7 +232,9 @@ def solver_table(
             {"method": f"ours: {label}", "curvature": curvature, "seconds": result["seconds"],
              "pearson": _pearson(result["scores"], ref["scores"]), "report": result["report"]}
         )  # fmt: skip
-        print(f"  {problem.name} {rows[-1]['method']}: {rows[-1]['seconds']:.2f} s", flush=True)
+        print(
+            f"  {problem.name} {rows[-1]['method']}: {rows[-1]['seconds']:.2f} s", file=sys.stderr
+        )
     if problem.name == "B":
         for label, outcome in _full_hessian_check(problem, device).items():
             row = {"method": f"ours: {label}", "curvature": "full Hessian",
@@ -247,13 +253,14 @@ def solver_table(
             row["skipped"] = f"{peer.package} not installed (bench/requirements-peers.txt)"
         else:
             try:
-                scores, seconds = peers.run_peer(
-                    peer, problem.model, problem.train, problem.queries, reference.DAMPING
-                )
+                scores, seconds = peers.run_isolated(problem.name, peer, reference.DAMPING)
                 row.update(seconds=seconds, pearson=_pearson(scores, ref["scores"]))
             except Exception as error:  # a peer's failure is a result, not a crash
                 row["skipped"] = f"failed: {type(error).__name__}: {str(error)[:200]}"
-        print(f"  {problem.name} {peer.name}: {row.get('seconds', row.get('skipped'))}", flush=True)
+        print(
+            f"  {problem.name} {peer.name}: {row.get('seconds', row.get('skipped'))}",
+            file=sys.stderr,
+        )
         rows.append(row)
     return ref, rows
 
@@ -363,10 +370,10 @@ def main(argv: list[str] | None = None) -> None:
     }
     problems = {name: reference.load(name) for name in args.problems}
     scoring_problem = problems.get("B") or next(iter(problems.values()))
-    results["scoring"] = [
-        scoring_cost(scoring_problem, n, args.device)
-        for n in (len(scoring_problem.train[0]), LARGE_N)
-    ]
+    results["scoring"] = []
+    for n in (len(scoring_problem.train[0]), LARGE_N):
+        results["scoring"].append(scoring_cost(scoring_problem, n, args.device))
+        print(f"  scoring N={n}: {results['scoring'][-1]}", file=sys.stderr)
     for name, problem in problems.items():
         run_peers = not args.no_peers and args.device == "cpu"
         _, rows = solver_table(problem, run_peers, args.device)
