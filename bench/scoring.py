@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import resource
 import subprocess
 import sys
 import time
@@ -116,7 +115,7 @@ def _synchronize(device: str) -> None:
 
 
 def _memory_in_subprocess(name: str, n: int, path: str) -> float:
-    """Peak RSS growth while scoring (CPU), measured in a fresh interpreter."""
+    """Peak RSS growth while scoring (CPU, Linux), measured in a fresh interpreter."""
     out = subprocess.run(
         [sys.executable, "-m", "bench.scoring", "--memory-probe", name, str(n), path],
         capture_output=True,
@@ -132,12 +131,17 @@ def _memory_probe(name: str, n: int, path: str) -> None:
     train = problem.train if n == len(problem.train[0]) else _synthetic_train(n)
     engine = InfluenceEngine(problem.model, train=train)
     direction = engine.gradients(*problem.queries)[:1]
-    engine.scores_from_s_test(direction[:, :], 0, min(n, 8), method=path)  # warm-up
-    with open("/proc/self/status") as status:
-        rss_kb = next(int(line.split()[1]) for line in status if line.startswith("VmRSS"))
+    engine.scores_from_s_test(direction, 0, min(n, 8), method=path)  # warm-up
+    before_kb = _status_kb("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")  # reset the peak (VmHWM) to the current RSS
     engine.scores_from_s_test(direction, method=path)
-    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(max(0, peak_kb - rss_kb) / 1024)
+    peak_kb = _status_kb("VmHWM")
+    print(max(0, peak_kb - before_kb) / 1024)
+
+
+def _status_kb(field: str) -> int:
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith(field + ":"))
 
 
 # ------------------------------------------------------------- (b, c) solvers, peers
@@ -146,8 +150,8 @@ def _memory_probe(name: str, n: int, path: str) -> None:
 def _run_ours(
     problem: reference.ReferenceProblem,
     solver_for: Callable[[InfluenceEngine], Any],
-    *,
     device: str,
+    *,
     dtype: torch.dtype = torch.float32,
     hessian: str = "gnh",
 ) -> dict[str, Any]:

@@ -40,7 +40,9 @@ def test_cuda_scores_match_dense_cpu_solve(solver: str) -> None:
         method = CG(tol=1e-11, max_iter=500, preconditioner=KFAC.from_operator(engine.operator))
     result = engine.scores((x[:3], t[:3]), method)
 
-    dense = dense_gnh(model, x, t, "cross_entropy") + DAMPING * torch.eye(engine.num_params)
+    dense = dense_gnh(model, x, t, "cross_entropy") + DAMPING * torch.eye(
+        engine.num_params, dtype=torch.float64
+    )
     cpu = InfluenceEngine(model, train=(x, t), damping=DAMPING)
     grads_q, grads_i = cpu.gradients(x[:3], t[:3]), cpu.gradients(x, t)
     expected = grads_q @ torch.linalg.solve(dense, grads_i.T) / len(x)

