@@ -90,6 +90,10 @@ def _stop_workers(processes: list[subprocess.Popen[bytes]]) -> None:
             process.wait()
 
 
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
 def serve(args: argparse.Namespace) -> None:
     overrides: dict[str, Any] = {"data_dir": args.data_dir} if args.data_dir else {}
     settings = Settings(**overrides)
@@ -116,6 +120,9 @@ def serve(args: argparse.Namespace) -> None:
             print(f"demo for tenant {settings.default_tenant!r}: {ids}")
         processes = _start_workers(workers, settings)
         print(f"serving on http://{args.host}:{args.port} (OpenAPI at /docs)")
+        # uvicorn re-raises SIGTERM after its graceful shutdown; with the default handler
+        # that would kill this process before the workers and embedded Redis are stopped.
+        signal.signal(signal.SIGTERM, _exit_on_sigterm)
         uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="warning")
     finally:
         _stop_workers(processes)

@@ -6,17 +6,23 @@ For a trained model θˢ and its training set, answers (DESIGN.md, appendix Eqns
   test loss q when training point i is removed (positive = helpful);
 - ``self_influence``: ``(1/N) ∇L_iᵀ (G + λI)⁻¹ ∇L_i`` (appendix D.3);
 - ``group_influence``: the same for removing a set S whose loss is ``Σ_{i∈S} L_i``.
+
+After every solve ``engine.last_report`` holds its :class:`SolverReport` (for
+``self_influence``, one report aggregated over all its solves).
 """
 
 from __future__ import annotations
 
 import copy
+import time
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from influence.errors import ConvergenceWarning
 from influence.functional import (
     CurvatureKind,
     FlatModel,
@@ -26,10 +32,21 @@ from influence.functional import (
 )
 from influence.operators import DampedCurvature
 from influence.scoring import ScoreResult, ScoringMethod, stream_scores
-from influence.solvers import Progress, Solver, SolverReport, phase_progress
+from influence.solvers import (
+    Solver,
+    SolverReport,
+    merge_reports,
+    phase_progress,
+    relative_residuals,
+)
+from models.datasets import Dataset
 from models.losses import Loss, get_loss
+from models.training import Progress
 
 __all__ = ["InfluenceEngine"]
+
+_RESIDUAL_SAMPLE = 64
+"""Columns on which ``self_influence`` measures a factorizing solver's residual."""
 
 
 def _as_pair(
@@ -71,13 +88,18 @@ class InfluenceEngine:
         batch_size: examples per vectorised pass (memory vs speed).
         device: where to compute (default: the model's device).
         dtype: computation dtype (default: the model's; float64 for exact checks).
+
+    Attributes:
+        last_report: the :class:`SolverReport` of the latest ``s_test``, ``scores``,
+            ``group_influence`` or ``self_influence`` call (None before any solve).
     """
 
     def __init__(
         self,
         model: nn.Module,
         loss: str | Loss = "cross_entropy",
-        train: Any = None,
+        *,
+        train: tuple[Tensor, Tensor] | Dataset,
         hessian: CurvatureKind = "gnh",
         damping: float = 1e-3,
         weight_decay: float = 0.0,
@@ -102,6 +124,7 @@ class InfluenceEngine:
             self.fmodel, self.theta, self.loss, inputs, targets,
             kind=hessian, weight_decay=weight_decay, damping=damping, batch_size=batch_size,
         )  # fmt: skip
+        self.last_report: SolverReport | None = None
 
     @property
     def num_train(self) -> int:
@@ -134,6 +157,7 @@ class InfluenceEngine:
         x, t = self._pair(test, "test")
         grads = self.gradients(x, t)
         solution, report = solver.solve(self.operator, grads.T, progress)
+        self.last_report = report
         return solution.T.contiguous(), report
 
     def scores_from_s_test(
@@ -184,22 +208,61 @@ class InfluenceEngine:
         """``(1/N) ∇L_iᵀ (G + λI)⁻¹ ∇L_i`` for every training point, shape ``[N]``.
 
         Solvers that factorize (``Exact``, ``Lanczos``) factor once and evaluate the
-        quadratic forms in chunks; the others solve one chunk of gradients at a time.
+        quadratic forms in chunks; the others solve one chunk of ``batch_size`` gradients
+        at a time (LiSSA estimates its scale σ once, not per chunk).
+
+        ``self.last_report`` then holds one report for the whole call: the largest
+        relative residual (for a factorization, measured on the first
+        ``_RESIDUAL_SAMPLE`` gradients), ``converged`` only if every chunk converged,
+        the largest per-chunk iteration count, and the total seconds. Unconverged chunks
+        give one ``ConvergenceWarning`` for the call, not one per chunk.
         """
+        started = time.perf_counter()
         op = self.operator
         factorizes = hasattr(solver, "factorize")
         inverse = solver.factorize(op, phase_progress(progress, 0.0, 0.5)) if factorizes else None
+        if hasattr(solver, "calibrated"):
+            solver = solver.calibrated(op)
         progress = phase_progress(progress, 0.5 if factorizes else 0.0, 1.0)
         out = torch.empty(self.num_train, dtype=self.dtype, device=self.device)
-        for sl in batch_slices(self.num_train, op.batch_size):
-            grads = per_example_grads(self.fmodel, self.loss, self.theta, *_rows(op, sl)).T
-            if inverse is not None:
-                out[sl] = inverse.quadratic(grads)
-            else:
-                solution, _ = solver.solve(op, grads)
-                out[sl] = (grads * solution).sum(dim=0)
-            if progress is not None:
-                progress(sl.stop / self.num_train, "self_influence")
+        n = self.num_train
+        reports: list[SolverReport] = []
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            for sl in batch_slices(n, op.batch_size):
+                grads = per_example_grads(self.fmodel, self.loss, self.theta, *_rows(op, sl)).T
+                if inverse is not None:
+                    out[sl] = inverse.quadratic(grads)
+                else:
+                    chunk = phase_progress(progress, sl.start / n, sl.stop / n)
+                    solution, chunk_report = solver.solve(op, grads, chunk)
+                    out[sl] = (grads * solution).sum(dim=0)
+                    reports.append(chunk_report)
+                if progress is not None:
+                    progress(sl.stop / n, "self_influence")
+        if inverse is not None:
+            sample = self.gradients(*_rows(op, slice(0, _RESIDUAL_SAMPLE))).T
+            residual = relative_residuals(op, inverse.solve(sample), sample)
+            report = SolverReport(
+                method=type(solver).__name__.lower(),
+                iterations=inverse.iterations,
+                seconds=time.perf_counter() - started,
+                relative_residual=float(residual.max()),
+                converged=True,
+                details={"factorization": type(inverse).__name__, "residual_columns": len(residual)},
+            )
+        else:
+            report = merge_reports(reports, time.perf_counter() - started)
+        self.last_report = report
+        if not report.converged:
+            failed = report.details["solve_converged"].count(False)
+            warnings.warn(
+                f"self_influence: {failed} of {len(reports)} chunk solves did not converge "
+                f"(largest relative residual {report.relative_residual:.3g}); see "
+                "engine.last_report",
+                ConvergenceWarning,
+                stacklevel=2,
+            )
         return out / self.num_train
 
     def group_influence(
@@ -223,6 +286,7 @@ class InfluenceEngine:
         )
         x, t = self._pair(test, "test")
         solution, report = solver.solve(op, group_grad)
+        self.last_report = report
         return self.gradients(x, t) @ solution / self.num_train, report
 
 

@@ -21,8 +21,8 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Protocol
 
 import torch
@@ -35,6 +35,7 @@ from influence.errors import (
     SolverDivergedError,
 )
 from influence.operators import DampedCurvature
+from models.training import Progress
 
 __all__ = [
     "CG",
@@ -46,11 +47,11 @@ __all__ = [
     "Progress",
     "Solver",
     "SolverReport",
+    "merge_reports",
     "phase_progress",
     "relative_residuals",
 ]
 
-Progress = Callable[[float, str], None]
 Preconditioner = Callable[[Tensor], Tensor]
 
 
@@ -70,7 +71,36 @@ class SolverReport:
         return asdict(self)
 
 
+def merge_reports(reports: Sequence[SolverReport], seconds: float) -> SolverReport:
+    """One report for several solves of the same system with different right-hand sides
+    (e.g. self-influence chunk by chunk): worst relative residual, converged only if
+    every solve converged, the largest iteration count, and ``seconds`` in total.
+    ``details`` keeps the first solve's scalar settings and lists per solve."""
+    if not reports:
+        raise ValueError("merge_reports needs at least one report")
+    first = reports[0]
+    settings = {
+        k: v for k, v in first.details.items() if isinstance(v, str | int | float | bool | None)
+    }
+    return SolverReport(
+        method=first.method,
+        iterations=max(r.iterations for r in reports),
+        seconds=seconds,
+        relative_residual=max(r.relative_residual for r in reports),
+        converged=all(r.converged for r in reports),
+        details={
+            **settings,
+            "solves": len(reports),
+            "solve_iterations": [r.iterations for r in reports],
+            "solve_residuals": [r.relative_residual for r in reports],
+            "solve_converged": [r.converged for r in reports],
+        },
+    )
+
+
 class Solver(Protocol):
+    """Anything with ``solve(operator, rhs, progress) -> (X, SolverReport)``."""
+
     def solve(
         self, operator: DampedCurvature, rhs: Tensor, progress: Progress | None = None
     ) -> tuple[Tensor, SolverReport]: ...
@@ -135,6 +165,7 @@ class CholeskyInverse:
     """``(G+λI)⁻¹ = L⁻ᵀ L⁻¹`` from a lower Cholesky factor (float64)."""
 
     factor: Tensor
+    iterations: int = 1
 
     def solve(self, rhs: Tensor) -> Tensor:
         """``(G+λI)⁻¹ V`` for ``V[d, k]``."""
@@ -151,12 +182,14 @@ class EigenInverse:
     """``(G+λI)⁻¹ ≈ U diag(1/μ) Uᵀ + (I − UUᵀ)/μ_rest`` from r eigenpairs (float64).
 
     ``values`` are the damped eigenvalues μ; ``rest`` is the value assumed for the
-    orthogonal complement of U (None when U spans the whole space).
+    orthogonal complement of U (None when U spans the whole space); ``iterations`` the
+    Lanczos steps that built it (1 for a dense eigendecomposition).
     """
 
     vectors: Tensor
     values: Tensor
     rest: float | None
+    iterations: int = 1
 
     def solve(self, rhs: Tensor) -> Tensor:
         """``(G+λI)⁻¹ V`` for ``V[d, k]`` under this eigen-approximation."""
@@ -423,11 +456,8 @@ class LiSSA:
             "average": self.average,
         }
         if self.scale is None:
-            lam_max = _power_iteration(operator, generator, self.power_iters)
-            scale = self.safety * (lam_max + operator.damping)
+            scale, lam_max = self._estimate_scale(operator, generator)
             details["lambda_max"] = lam_max
-            if operator.kind == "full":
-                _check_lowest_curvature(operator, generator, self.power_iters, lam_max)
         else:
             scale = self.scale
         details["scale"] = scale
@@ -452,6 +482,24 @@ class LiSSA:
             "lissa", operator, total / self.repeats, v, iterations=sum(steps), started=started,
             converged=settled, shape=rhs.shape, details=details,
         )  # fmt: skip
+
+    def _estimate_scale(
+        self, operator: DampedCurvature, generator: torch.Generator
+    ) -> tuple[float, float]:
+        """σ = safety · (λ_max + λ) and λ_max, by power iteration (for ``hessian="full"``
+        also a check that ``G + λI`` has no negative direction)."""
+        lam_max = _power_iteration(operator, generator, self.power_iters)
+        if operator.kind == "full":
+            _check_lowest_curvature(operator, generator, self.power_iters, lam_max)
+        return self.safety * (lam_max + operator.damping), lam_max
+
+    def calibrated(self, operator: DampedCurvature) -> LiSSA:
+        """This solver with σ fixed for ``operator`` (power iteration run once here when
+        ``scale`` is None), for many solves on the same operator."""
+        if self.scale is not None:
+            return self
+        generator = torch.Generator().manual_seed(self.seed)
+        return replace(self, scale=self._estimate_scale(operator, generator)[0])
 
     def _recursion(
         self,
@@ -620,7 +668,7 @@ class Lanczos:
                 "Lanczos treats the spectrum beyond its rank as weight_decay + damping, "
                 "which is 0 here: set damping > 0"
             )
-        return EigenInverse(vectors, values, rest)
+        return EigenInverse(vectors, values, rest, iterations=m)
 
     def solve(
         self, operator: DampedCurvature, rhs: Tensor, progress: Progress | None = None
@@ -631,7 +679,7 @@ class Lanczos:
         inverse = self.factorize(operator, progress)
         solution = inverse.solve(columns)
         return _finish(
-            "lanczos", operator, solution, columns, iterations=self.steps(operator.size),
+            "lanczos", operator, solution, columns, iterations=inverse.iterations,
             started=started, converged=True, shape=rhs.shape,
             details={"rank": len(inverse.values), "top_eigenvalue": float(inverse.values[-1])},
         )  # fmt: skip

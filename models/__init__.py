@@ -21,7 +21,7 @@ from models.datasets import (
 )
 from models.demo import DEMO_CONFIG, DEMO_RECIPE, demo_checkpoint, demo_run
 from models.errors import CheckpointError, ConfigError, DatasetError, TrainingError
-from models.training import Recipe, TrainRun, train
+from models.training import Progress, Recipe, TrainRun, train
 
 __all__ = [
     "ARCHITECTURES",
@@ -33,6 +33,7 @@ __all__ = [
     "ConfigError",
     "Dataset",
     "DatasetError",
+    "Progress",
     "Recipe",
     "TrainRun",
     "TrainingError",

@@ -34,6 +34,10 @@ class _LossFn(Protocol):
     def __call__(self, outputs: Tensor, targets: Tensor) -> Tensor: ...
 
 
+class _OutputHvp(Protocol):
+    def __call__(self, outputs: Tensor, targets: Tensor, v: Tensor) -> Tensor: ...
+
+
 def _flat_positions(outputs: Tensor) -> int:
     """Number of positions averaged per example (1 for plain [B, C] outputs)."""
     return 1 if outputs.dim() <= 2 else int(outputs[0, ..., 0].numel())
@@ -80,12 +84,11 @@ class Loss:
 
     name: str
     per_example: _LossFn
-    _hvp: object
-    target_dtype: str  # "long" (class indices) or "float"
+    _hvp: _OutputHvp
 
     def output_hvp(self, outputs: Tensor, targets: Tensor, v: Tensor) -> Tensor:
         """``H_y v`` for each example, ``H_y = ∇²_y L(y, t)`` at ``outputs``."""
-        return self._hvp(outputs, targets, v)  # type: ignore[operator]
+        return self._hvp(outputs, targets, v)
 
     def mean(self, outputs: Tensor, targets: Tensor, weights: Tensor | None = None) -> Tensor:
         """``(1/B) Σ_i w_i L(y_i, t_i)`` (weights default to 1)."""
@@ -96,9 +99,9 @@ class Loss:
 
 
 LOSSES: dict[str, Loss] = {
-    "cross_entropy": Loss("cross_entropy", _ce_per_example, _ce_output_hvp, "long"),
-    "mse": Loss("mse", _mse_per_example, _mse_output_hvp, "float"),
-    "bce": Loss("bce", _bce_per_example, _bce_output_hvp, "float"),
+    "cross_entropy": Loss("cross_entropy", _ce_per_example, _ce_output_hvp),
+    "mse": Loss("mse", _mse_per_example, _mse_output_hvp),
+    "bce": Loss("bce", _bce_per_example, _bce_output_hvp),
 }
 
 

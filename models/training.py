@@ -37,6 +37,9 @@ __all__ = ["Objective", "Progress", "Recipe", "TrainRun", "train"]
 
 Objective = Callable[[nn.Module, Tensor, Tensor, Tensor], Tensor]
 Progress = Callable[[float, str], None]
+"""``progress(fraction, phase)``: fraction done in [0, 1] and a phase name (``"train"``,
+``"solve"``, ...); it may raise to abort the work. The one definition shared by
+``models``, ``influence`` and ``worker``."""
 
 OPTIMIZERS = ("sgd", "sgdm", "adam", "lbfgs")
 SCHEDULES = ("none", "step", "cosine")
@@ -66,7 +69,8 @@ class Recipe:
     )
     schedule: str = _help(
         "Per-epoch learning-rate schedule: 'none'; 'step' (multiply by gamma at each epoch "
-        "in milestones); 'cosine' (lr·½(1+cos(π e/E)) over the E epochs of the call).",
+        "in milestones); 'cosine' (lr·½(1+cos(π e/E)) with E = the call's epochs or "
+        "train()'s schedule_epochs; epochs past E keep the last rate).",
         "none",
     )
     milestones: tuple[int, ...] = _help("Epochs at which 'step' multiplies lr by gamma.", ())
@@ -135,7 +139,9 @@ class Recipe:
         return {f.name: f.metadata["help"] for f in fields(cls)}
 
     def lr_at(self, epoch: int, total_epochs: int) -> float:
-        """Learning rate of ``epoch`` (0-based) in a call running ``total_epochs``."""
+        """Learning rate of ``epoch`` (0-based) of a schedule spanning ``total_epochs``;
+        epochs past the span keep the rate of its last epoch."""
+        epoch = min(epoch, max(total_epochs - 1, 0))
         if self.schedule == "step":
             return self.lr * self.gamma ** sum(epoch >= m for m in self.milestones)
         if self.schedule == "cosine":
@@ -273,6 +279,7 @@ def train(
     example_weights: Tensor | None = None,
     batch_order: Sequence[Tensor] | None = None,
     epochs: int | None = None,
+    schedule_epochs: int | None = None,
     objective: Objective | None = None,
     progress: Progress | None = None,
     dtype: torch.dtype | None = None,
@@ -290,6 +297,10 @@ def train(
       continues as a ``K + K/2``-epoch base run would. Full-batch training uses the
       identity order.
     - ``epochs``: overrides ``recipe.epochs`` (e.g. ``K/2`` for warm starts).
+    - ``schedule_epochs``: the horizon E of the learning-rate schedule (default: the
+      epochs of this call). Epochs past it keep the rate of epoch ``E − 1``, so a
+      ``K + K/2``-epoch cold-start retrain with ``schedule_epochs=K`` replays the base
+      run's K rates exactly and then holds the last one.
     - ``objective(model, inputs, targets, idx) -> scalar``: replaces the data term
       ``(1/B) Σ w_i L_i`` for the minibatch ``idx`` (indices into ``dataset``; inputs and
       targets are ``dataset[idx]`` in the model's dtype). ``train`` still adds
@@ -313,6 +324,9 @@ def train(
     total = recipe.epochs if epochs is None else epochs
     if not (_is_int(total) and total >= 0):
         raise TrainingError(f"epochs must be an integer >= 0, got {total!r}")
+    if schedule_epochs is not None and not (_is_int(schedule_epochs) and schedule_epochs >= 1):
+        raise TrainingError(f"schedule_epochs must be an integer >= 1, got {schedule_epochs!r}")
+    horizon = total if schedule_epochs is None else schedule_epochs
     if objective is not None and example_weights is not None:
         raise TrainingError("pass example_weights or objective, not both (objective gets idx)")
     replay = [_check_order(o, n, e) for e, o in enumerate(batch_order or [])]
@@ -372,7 +386,7 @@ def train(
         order = replay[epoch] if epoch < len(replay) else fresh
         orders.append(order)
         for group in optimizer.param_groups:
-            group["lr"] = recipe.lr_at(epoch, total)
+            group["lr"] = recipe.lr_at(epoch, horizon)
         epoch_loss = 0.0
         for step, start in enumerate(range(0, n, batch)):
             idx = order[start : start + batch]

@@ -18,6 +18,7 @@ from typing import Any
 
 import redis
 
+from models.checkpoints import canonical_json
 from worker.contract import (
     ENGINE_VERSION,
     InfluencePayload,
@@ -33,8 +34,8 @@ __all__ = ["STestCache", "query_content_id", "result_key", "s_test_key"]
 
 
 def _digest(value: Any) -> str:
-    text = json.dumps(value, sort_keys=True, separators=(",", ":"), allow_nan=False)
-    return hashlib.sha256(text.encode()).hexdigest()
+    """sha256 hex of the value's canonical JSON (``models.checkpoints.canonical_json``)."""
+    return hashlib.sha256(canonical_json(value).encode()).hexdigest()
 
 
 def query_content_id(test: TestSpec) -> str:
@@ -46,6 +47,7 @@ def query_content_id(test: TestSpec) -> str:
 
 
 def _engine_fields(payload: InfluencePayload | SelfInfluencePayload) -> dict[str, Any]:
+    """Everything an engine's numbers depend on, as JSON (test points by content id)."""
     test = getattr(payload, "test", None)
     return {
         "checkpoint": payload.model,
@@ -79,11 +81,13 @@ class STestCache:
     """s_test key → (artifact id, solver report), in Redis with the cache TTL."""
 
     def __init__(self, client: redis.Redis, settings: Settings) -> None:
+        """``client`` decodes responses; entries live ``settings.cache_ttl_seconds``."""
         self.redis = client
         self.keys = Keys(settings.key_prefix)
         self.ttl = settings.cache_ttl_seconds or None
 
     def get(self, key: str) -> tuple[str, dict[str, Any]] | None:
+        """(artifact id, solver report) stored for ``key``, or None."""
         raw = self.redis.get(self.keys.s_test_cache(key))
         if raw is None:
             return None
@@ -91,5 +95,6 @@ class STestCache:
         return entry["artifact"], entry["report"]
 
     def put(self, key: str, artifact_id: str, report: dict[str, Any]) -> None:
+        """Remember that s_test ``key`` is artifact ``artifact_id`` (with its report)."""
         entry = json.dumps({"artifact": artifact_id, "report": report})
         self.redis.set(self.keys.s_test_cache(key), entry, ex=self.ttl)

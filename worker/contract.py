@@ -11,10 +11,13 @@ loss ``q`` when training point ``i`` is removed; positive = helpful, negative = 
 
 from __future__ import annotations
 
+import dataclasses
 from enum import StrEnum
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from influence import CG, Exact, LiSSA
 
 __all__ = [
     "ENGINE_VERSION",
@@ -50,6 +53,8 @@ SCORE_MEANING = (
 
 
 class JobKind(StrEnum):
+    """What a job computes; each kind has a payload schema (``payload_model``)."""
+
     INFLUENCE = "influence"
     SELF_INFLUENCE = "self_influence"
     VERIFY = "verify"
@@ -58,6 +63,8 @@ class JobKind(StrEnum):
 
 
 class JobStatus(StrEnum):
+    """Lifecycle of a job: queued → running → succeeded | failed | canceled."""
+
     QUEUED = "queued"
     RUNNING = "running"
     SUCCEEDED = "succeeded"
@@ -66,6 +73,7 @@ class JobStatus(StrEnum):
 
     @property
     def terminal(self) -> bool:
+        """Whether the job is finished (no further state change)."""
         return self in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELED)
 
 
@@ -93,17 +101,14 @@ class Keys:
         return f"{self.prefix}shards:{job_id}"
 
     def tenant_jobs(self, tenant: str) -> str:
-        """Sorted set job id → creation time, per tenant."""
+        """Sorted set job id → creation time of the tenant's visible jobs (no shard jobs);
+        ids of expired jobs are removed lazily (``JobQueue.list``, ``JobQueue.submit``)."""
         return f"{self.prefix}tenant:{tenant}:jobs"
 
     @property
-    def all_jobs(self) -> str:
-        """Sorted set of every job id → creation time (metrics)."""
-        return f"{self.prefix}jobs"
-
-    @property
     def dead_letter(self) -> str:
-        """List of JSON entries {job, kind, error, attempts, time} of jobs out of attempts."""
+        """List of JSON entries {job, kind, error, attempts, time} of jobs out of attempts,
+        capped at ``Settings.dead_letter_max`` (oldest dropped)."""
         return f"{self.prefix}dead"
 
     @property
@@ -137,22 +142,55 @@ _ID = Annotated[str, Field(pattern=r"^[0-9a-f]{8,64}$", description="content id 
 
 
 class _Schema(BaseModel):
+    """Strict, immutable JSON schema (unknown fields are refused)."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def _default(solver: type, name: str) -> Any:
+    """The default of a solver dataclass field: the engine's solvers are the one source of
+    truth for solver defaults, so a job asks for what a library call would do."""
+    return next(f.default for f in dataclasses.fields(solver) if f.name == name)
+
+
 class SolverSpec(_Schema):
-    """iHVP solver of ``(G + λI) x = v`` (influence.Exact / CG / LiSSA, appendix G)."""
+    """iHVP solver of ``(G + λI) x = v`` (influence.Exact / CG / LiSSA, appendix G); unset
+    fields take the defaults of ``influence.CG`` and ``influence.LiSSA``."""
 
     name: Literal["exact", "cg", "lissa"] = "cg"
-    tol: float = Field(1e-6, gt=0, lt=1, description="CG relative-residual tolerance")
-    max_iter: int = Field(500, ge=1, le=100_000, description="CG iteration cap")
-    depth: int = Field(1000, ge=1, le=100_000, description="LiSSA recursion depth T")
-    repeats: int = Field(1, ge=1, le=100, description="LiSSA repeats R (averaged)")
-    batch_size: int = Field(64, ge=1, le=65_536, description="LiSSA minibatch size")
-    scale: float | None = Field(
-        None, gt=0, description="LiSSA σ; None: estimated by power iteration"
+    tol: float = Field(
+        _default(CG, "tol"), gt=0, lt=1, description="CG relative-residual tolerance"
     )
-    seed: int = Field(0, ge=0, description="LiSSA minibatch seed")
+    max_iter: int = Field(
+        _default(CG, "max_iter"), ge=1, le=100_000, description="CG iteration cap"
+    )
+    depth: int = Field(
+        _default(LiSSA, "depth"), ge=1, le=100_000, description="LiSSA recursion depth T"
+    )
+    repeats: int = Field(
+        _default(LiSSA, "repeats"), ge=1, le=100, description="LiSSA repeats R (averaged)"
+    )
+    batch_size: int = Field(
+        _default(LiSSA, "batch_size"), ge=1, le=65_536, description="LiSSA minibatch size"
+    )
+    scale: float | None = Field(
+        _default(LiSSA, "scale"), gt=0, description="LiSSA σ; None: estimated by power iteration"
+    )
+    seed: int = Field(_default(LiSSA, "seed"), ge=0, description="LiSSA minibatch seed")
+
+    def build(self) -> Exact | CG | LiSSA:
+        """The engine solver these settings describe."""
+        if self.name == "exact":
+            return Exact()
+        if self.name == "cg":
+            return CG(tol=self.tol, max_iter=self.max_iter)
+        return LiSSA(
+            depth=self.depth,
+            repeats=self.repeats,
+            batch_size=self.batch_size,
+            scale=self.scale,
+            seed=self.seed,
+        )
 
 
 class TestSpec(_Schema):

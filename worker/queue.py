@@ -176,6 +176,13 @@ end
 local function is_terminal(s)
   return s == 'succeeded' or s == 'failed' or s == 'canceled'
 end
+local function dead_letter(err, attempts)
+  redis.call('RPUSH', KEYS[4], cjson.encode({job = redis.call('HGET', KEYS[1], 'id'),
+    kind = redis.call('HGET', KEYS[1], 'kind'), error = err, attempts = attempts,
+    time = tonumber(ARGV[1])}))
+  redis.call('LTRIM', KEYS[4], -DEAD_LETTER_MAX, -1)
+  redis.call('HINCRBY', KEYS[5], 'dead_lettered', 1)
+end
 """.replace("EVENTS_MAXLEN", str(EVENTS_MAXLEN))
 
 # ARGV: now, fields JSON (flat object), job id; KEYS[6], KEYS[7] = tenant and global job

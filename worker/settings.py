@@ -21,7 +21,12 @@ class Settings(BaseSettings):
     """Configuration of one deployment: Redis, artifact store, queue semantics, API limits."""
 
     model_config = SettingsConfigDict(
-        env_prefix="INFLUENCE_", extra="ignore", frozen=True, populate_by_name=True
+        env_prefix="INFLUENCE_",
+        extra="ignore",
+        frozen=True,
+        populate_by_name=True,
+        # errors name the field and the problem, never the value: api_keys holds secrets
+        hide_input_in_errors=True,
     )
 
     redis_url: str | None = Field(
@@ -108,6 +113,17 @@ class Settings(BaseSettings):
     )
     rate_limit_burst: int = Field(100, ge=1, description="Burst size of the per-key rate limit.")
     device: str = Field("cpu", description='Torch device of a worker: "cpu", "cuda", "cuda:1".')
+    dead_letter_max: int = Field(
+        10_000,
+        ge=1,
+        description="Entries kept on the dead-letter list (oldest dropped first).",
+    )
+    api_cache_bytes: int = Field(
+        256 * 2**20,
+        ge=0,
+        description="Memory each API process may use for sorted score rows and dataset "
+        "targets/rows it serves rankings and items from (LRU by bytes; 0: no cache).",
+    )
     worker_seen_seconds: float = Field(
         30.0, gt=0, description="A worker counts as alive if seen within this many seconds."
     )
@@ -121,12 +137,27 @@ class Settings(BaseSettings):
         if not text:
             return {}
         if text.startswith("{"):
-            return json.loads(text)
+            try:
+                parsed = json.loads(text)
+            except json.JSONDecodeError as exc:  # its message has positions, not content
+                raise ValueError(f"api_keys is not valid JSON ({exc})") from None
+            if not isinstance(parsed, dict):
+                raise ValueError("api_keys JSON must be an object {key: tenant}")
+            for position, (key, tenant) in enumerate(parsed.items(), start=1):
+                if not key or not isinstance(tenant, str) or not tenant:
+                    raise ValueError(
+                        f"api_keys JSON entry #{position} must map a key to a tenant name"
+                    )
+            return parsed
         pairs: dict[str, str] = {}
-        for item in text.split(","):
+        for position, item in enumerate(text.split(","), start=1):
             key, sep, tenant = item.strip().partition(":")
             if not sep or not key or not tenant:
-                raise ValueError(f"api_keys entry {item.strip()!r} is not of the form key:tenant")
+                # the entry itself is not echoed: it may be a secret key
+                raise ValueError(
+                    f"api_keys entry #{position} (comma-separated, counted from 1) is not of "
+                    "the form key:tenant"
+                )
             pairs[key] = tenant
         return pairs
 

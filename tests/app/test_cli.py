@@ -82,7 +82,7 @@ def test_one_command_start_serves_the_demo(
     tmp_path: Path, demo: tuple[Path, models.Dataset, models.Dataset]
 ) -> None:
     """The README's run command with no Redis configured: embedded Redis, a worker, the
-    demo, and a ranking over plain HTTP; a clean exit on SIGINT."""
+    demo, and a ranking over plain HTTP; SIGTERM stops the workers and Redis too."""
     data_dir = tmp_path / "svc"
     _with_trained_demo(data_dir, demo)
     port = _free_port()
@@ -101,7 +101,7 @@ def test_one_command_start_serves_the_demo(
             try:
                 if httpx.get(f"{api}/healthz").json().get("workers"):
                     break
-            except httpx.TransportError:
+            except (httpx.TransportError, ValueError):  # not up yet, or still starting
                 pass
             assert server.poll() is None and time.monotonic() < deadline, "serve did not come up"
             time.sleep(0.5)
@@ -121,6 +121,18 @@ def test_one_command_start_serves_the_demo(
         ranking = httpx.get(f"{api}/influence/{job}/ranking", params={"limit": 5}).json()
         assert len(ranking["items"]) == 5 and ranking["total"] == len(demo[1])
         assert (data_dir / "redis" / "appendonly.aof").exists()
+        children = _children(server.pid)
+        assert len(children) >= 2  # the embedded redis-server and one worker
     finally:
-        server.send_signal(signal.SIGINT)
-        assert server.wait(timeout=60) == 0
+        server.send_signal(signal.SIGTERM)  # what process managers send
+        assert server.wait(timeout=60) == 128 + signal.SIGTERM
+    assert not [pid for pid in children if _alive(pid)], "serve left child processes running"
+
+
+def _children(pid: int) -> list[int]:
+    return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def _alive(pid: int) -> bool:
+    status = Path(f"/proc/{pid}/status")
+    return status.exists() and "State:\tZ" not in status.read_text()
