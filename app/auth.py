@@ -36,24 +36,22 @@ class ApiKeys:
 
     @property
     def open(self) -> bool:
+        """No keys configured: every caller is the default tenant."""
         return not self._by_digest
 
-    def authenticate(self, authorization: str | None, query_key: str | None = None) -> Principal:
-        """Principal for an ``Authorization`` header value (or a ``?api_key=`` fallback).
+    def authenticate(self, authorization: str | None) -> Principal:
+        """Principal for an ``Authorization: Bearer <key>`` header value.
 
         Raises HTTP 401 when keys are configured and none, or an unknown one, is given.
         """
         if self.open:
             return self._default
-        key = query_key
-        if authorization is not None:
-            scheme, _, credentials = authorization.partition(" ")
-            if scheme.lower() != "bearer" or not credentials.strip():
-                raise _unauthorized("Authorization header must be 'Bearer <API key>'")
-            key = credentials.strip()
-        if key is None:
+        if authorization is None:
             raise _unauthorized("missing API key (Authorization: Bearer <key>)")
-        digest = _digest(key)
+        scheme, _, credentials = authorization.partition(" ")
+        if scheme.lower() != "bearer" or not credentials.strip():
+            raise _unauthorized("Authorization header must be 'Bearer <API key>'")
+        digest = _digest(credentials.strip())
         tenant = self._by_digest.get(digest)
         if tenant is None:
             raise _unauthorized("unknown API key")

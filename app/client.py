@@ -71,6 +71,7 @@ class InfluenceClient:
         )
 
     def close(self) -> None:
+        """Close the HTTP connection pool."""
         self.http.close()
 
     def __enter__(self) -> InfluenceClient:
@@ -92,9 +93,11 @@ class InfluenceClient:
     # -- operations --------------------------------------------------------------------
 
     def health(self) -> dict[str, Any]:
+        """``GET /healthz``: status, Redis, number of live workers."""
         return self._request("GET", "/healthz").json()
 
     def metrics(self) -> str:
+        """``GET /metrics``: Prometheus text."""
         return self._request("GET", "/metrics").text
 
     # -- models ------------------------------------------------------------------------
@@ -116,12 +119,15 @@ class InfluenceClient:
         )
 
     def models(self) -> list[ModelRecord]:
+        """The caller's models."""
         return [ModelRecord.model_validate(m) for m in self._request("GET", "/models").json()]
 
     def model(self, model_id: str) -> ModelRecord:
+        """One model (ApiError 404 if not the caller's)."""
         return ModelRecord.model_validate(self._request("GET", f"/models/{model_id}").json())
 
     def delete_model(self, model_id: str) -> None:
+        """Forget a model."""
         self._request("DELETE", f"/models/{model_id}")
 
     # -- datasets ----------------------------------------------------------------------
@@ -139,19 +145,24 @@ class InfluenceClient:
     def builtin_dataset(
         self, name: Literal["breast_cancer", "digits", "diabetes"], split: str = "train"
     ) -> DatasetRecord:
+        """Register a built-in scikit-learn dataset split."""
         body = {"builtin": name, "split": split}
         return DatasetRecord.model_validate(self._request("POST", "/datasets", json=body).json())
 
     def datasets(self) -> list[DatasetRecord]:
+        """The caller's datasets."""
         return [DatasetRecord.model_validate(d) for d in self._request("GET", "/datasets").json()]
 
     def dataset(self, dataset_id: str) -> DatasetRecord:
+        """One dataset (ApiError 404 if not the caller's)."""
         return DatasetRecord.model_validate(self._request("GET", f"/datasets/{dataset_id}").json())
 
     def delete_dataset(self, dataset_id: str) -> None:
+        """Forget a dataset."""
         self._request("DELETE", f"/datasets/{dataset_id}")
 
     def dataset_item(self, dataset_id: str, index: int) -> DatasetItem:
+        """A row's target and class name."""
         path = f"/datasets/{dataset_id}/items/{index}"
         return DatasetItem.model_validate(self._request("GET", path).json())
 
@@ -173,6 +184,7 @@ class InfluenceClient:
         return self._submit("/influence", request)
 
     def self_influence(self, request: BaseModel | dict[str, Any]) -> JobAccepted | JobView:
+        """``POST /self-influence``: queued, or the cached finished job."""
         return self._submit("/self-influence", request)
 
     def verify(
@@ -190,6 +202,7 @@ class InfluenceClient:
         return JobAccepted.model_validate(response.json())
 
     def decomposition(self, request: BaseModel | dict[str, Any]) -> JobAccepted:
+        """``POST /decompositions``: a queued decomposition job."""
         response = self._request("POST", "/decompositions", json=_body(request))
         return JobAccepted.model_validate(response.json())
 
@@ -202,6 +215,7 @@ class InfluenceClient:
         limit: int = 10,
         offset: int = 0,
     ) -> Ranking:
+        """One page of the job's training points ordered by score."""
         params = {"test": test, "direction": direction, "limit": limit, "offset": offset}
         response = self._request("GET", f"/influence/{job}/ranking", params=params)
         return Ranking.model_validate(response.json())
@@ -214,15 +228,18 @@ class InfluenceClient:
     # -- jobs --------------------------------------------------------------------------
 
     def job(self, job_id: str) -> JobView:
+        """``GET /jobs/{id}``."""
         return JobView.model_validate(self._request("GET", f"/jobs/{job_id}").json())
 
     def jobs(self, *, status: str | None = None, limit: int = 50, offset: int = 0) -> JobList:
+        """The caller's jobs, newest first."""
         params: dict[str, Any] = {"limit": limit, "offset": offset}
         if status is not None:
             params["status"] = status
         return JobList.model_validate(self._request("GET", "/jobs", params=params).json())
 
     def cancel(self, job_id: str) -> JobView:
+        """Cancel a job (queued: at once; running: at its next progress report)."""
         return JobView.model_validate(self._request("DELETE", f"/jobs/{job_id}").json())
 
     def events(self, job_id: str, *, timeout: float | None = None) -> Iterator[JobView]:

@@ -1,22 +1,26 @@
-"""Typed FastAPI dependencies: the process's services and the authenticated caller.
+"""Typed FastAPI dependencies: the process's services and the authenticated caller, and
+the registry look-ups that routes share.
 
 ``Caller`` authenticates (401) and then takes a token from the caller's rate-limit
-bucket (429), so every route that declares it is both protected and limited.
+bucket (429), so every route that declares it is both protected and limited. The key
+travels only in the ``Authorization`` header, never in a URL (where logs and browser
+history would keep it).
 """
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
-from fastapi import Depends, Header, Query, Request
+from fastapi import Depends, Header, HTTPException, Request
 
 from app.auth import Principal
 from app.services import Services
 
-__all__ = ["Caller", "EventsCaller", "Svc"]
+__all__ = ["Caller", "Svc", "dataset_record"]
 
 
 async def get_services(request: Request) -> Services:
+    """The app's :class:`Services` (built at startup)."""
     return request.app.state.services
 
 
@@ -32,17 +36,12 @@ async def _caller(
     return principal
 
 
-async def _events_caller(
-    services: Svc,
-    authorization: Annotated[str | None, Header(description="Bearer <API key>")] = None,
-    api_key: Annotated[
-        str | None, Query(description="API key, for EventSource clients that cannot set headers")
-    ] = None,
-) -> Principal:
-    principal = services.api_keys.authenticate(authorization, api_key)
-    await services.limiter.check(principal.key_id)
-    return principal
-
-
 Caller = Annotated[Principal, Depends(_caller)]
-EventsCaller = Annotated[Principal, Depends(_events_caller)]
+
+
+def dataset_record(services: Services, tenant: str, dataset_id: str) -> dict[str, Any]:
+    """The tenant's registry record of a dataset, or 404."""
+    record = services.registry.get_dataset(tenant, dataset_id)
+    if record is None:
+        raise HTTPException(404, f"dataset {dataset_id} not found")
+    return record

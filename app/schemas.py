@@ -29,6 +29,7 @@ from worker.contract import (
 
 __all__ = [
     "MAX_LISSA_WORK",
+    "MAX_RETRAIN_WORK",
     "MAX_TEST_POINTS",
     "SCORE_MEANING",
     "BuiltinDatasetRequest",
@@ -57,6 +58,12 @@ MAX_REMOVED_SETS = 200
 """Most removed points (each one a set of retrainings) a decomposition job may sample."""
 MAX_RETRAIN_EPOCHS = 10_000
 MAX_LBFGS_STEPS = 1_000
+MAX_RETRAIN_WORK = 100_000
+"""Bound on the total retraining of a decomposition job: removed sets × retrainings per set
+× epochs (or L-BFGS steps) per retraining, over the decomposition and its correlations."""
+DECOMPOSITION_RETRAININGS = 4
+"""Retrainings per removed set of a checkpoint's decomposition: warm, proximal, PBRF and
+linearized PBRF (no cold start without a recorded run)."""
 
 Finite = Annotated[float, Field(allow_inf_nan=False)]
 Damping = Annotated[
@@ -83,11 +90,18 @@ class InlineTest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     __test__ = False  # not a pytest class
 
-    inputs: list[list[Finite]] = Field(min_length=1, max_length=MAX_TEST_POINTS)
-    targets: list[Finite] = Field(
+    inputs: list[list[Finite]] = Field(
         min_length=1,
         max_length=MAX_TEST_POINTS,
-        description="class index (classification) or value (single-output regression)",
+        description="one row per point: real values, or integer token ids for a language "
+        "model (each in [0, vocab_size))",
+    )
+    targets: list[Finite | list[Finite]] = Field(
+        min_length=1,
+        max_length=MAX_TEST_POINTS,
+        description="per point: a class index (classification), a value (single-output "
+        "regression), or a list as wide as one training target (multi-output regression, "
+        "next-token targets)",
     )
 
     @model_validator(mode="after")
@@ -139,6 +153,7 @@ class VerifyRequest(BaseModel):
     steps: int = Field(50, ge=1, le=MAX_LBFGS_STEPS, description="L-BFGS steps per retraining")
 
     def payload(self, job: str) -> VerifyPayload:
+        """The queue payload checking influence job ``job``."""
         return VerifyPayload(job=job, **self.model_dump())
 
 
@@ -151,6 +166,7 @@ def _validated(build: Callable[[dict[str, Any]], Any], value: dict[str, Any], wh
 
 
 def _at_most(value: int | None, bound: int, name: str) -> None:
+    """ValueError naming ``name`` when ``value`` exceeds ``bound``."""
     if value is not None and value > bound:
         raise ValueError(f"{name} = {value} exceeds {bound}")
 
@@ -201,6 +217,46 @@ class DecompositionRequest(DecompositionPayload):
         _at_most(correlation.num_test, MAX_TEST_POINTS, "correlation.num_test")
         return value
 
+    @model_validator(mode="after")
+    def _bounded_retraining(self) -> DecompositionRequest:
+        """Total retraining = removed sets × retrainings × epochs per retraining, at most
+        MAX_RETRAIN_WORK (each field may be within its own bound and the product not);
+        no cold-start correlations on a checkpoint."""
+        recipe = models.Recipe.from_dict(self.recipe)
+        response = ResponseArguments(**{**self.response, "damping": self.damping})
+        if response.optimizer == "lbfgs":
+            epochs, per = response.lbfgs_steps, "response.lbfgs_steps"
+        elif response.epochs is not None:
+            epochs, per = response.epochs, "response.epochs"
+        else:
+            epochs, per = max(1, recipe.epochs // 2), "recipe.epochs / 2"
+        points = DecompositionArguments(**self.arguments).num_points
+        retrainings = points * DECOMPOSITION_RETRAININGS
+        terms = f"arguments.num_points ({points}) × {DECOMPOSITION_RETRAININGS} responses"
+        if self.correlation is not None:
+            correlation = CorrelationArguments(**self.correlation)
+            if "cold" in correlation.methods:  # also the default methods
+                raise ValueError(
+                    "correlation.methods: 'cold' needs the recorded training run (θ⁰ and "
+                    "batch orders), which a checkpoint does not have; choose from warm, "
+                    "proximal, pbrf, linearized, two_stage"
+                )
+            # two_stage trains twice per point, plus once for the shared full-data warm start
+            per_point = sum(2 if m == "two_stage" else 1 for m in correlation.methods)
+            extra = int("two_stage" in correlation.methods)
+            retrainings += correlation.num_points * per_point + extra
+            terms += (
+                f" + correlation.num_points ({correlation.num_points}) × {per_point} "
+                "retrainings of correlation.methods" + (" + 1" if extra else "")
+            )
+        work = retrainings * epochs
+        if work > MAX_RETRAIN_WORK:
+            raise ValueError(
+                f"retraining work ({terms}) × {per} ({epochs}) = {work} exceeds "
+                f"{MAX_RETRAIN_WORK}; lower the number of points or the epochs"
+            )
+        return self
+
 
 class BuiltinDatasetRequest(BaseModel):
     """``POST /datasets`` as JSON: one of the built-in scikit-learn datasets."""
@@ -212,6 +268,8 @@ class BuiltinDatasetRequest(BaseModel):
 
 
 class ModelRecord(BaseModel):
+    """A registered checkpoint (``GET /models``)."""
+
     id: str
     architecture: str
     parameters: int
@@ -220,6 +278,8 @@ class ModelRecord(BaseModel):
 
 
 class DatasetRecord(BaseModel):
+    """A registered dataset (``GET /datasets``): task, classes, shapes in ``metadata``."""
+
     id: str
     size: int
     name: str | None = None
@@ -238,19 +298,25 @@ def target_value(target: Tensor) -> Target:
 
 
 class DatasetItem(BaseModel):
+    """One dataset row's target and class name (``GET /datasets/{id}/items/{i}``)."""
+
     index: int
     target: Target
     label: str | None = Field(None, description="class name (classification with class_names)")
 
     @classmethod
-    def of(cls, dataset: models.Dataset, index: int) -> DatasetItem:
-        target = target_value(dataset.targets[index])
+    def of(cls, dataset: models.Dataset, row: int, *, index: int | None = None) -> DatasetItem:
+        """The item for ``dataset``'s row ``row``, reported as dataset row ``index``
+        (default ``row``; differs when ``dataset`` holds only that row)."""
+        target = target_value(dataset.targets[row])
         names = dataset.metadata.get("class_names")
         label = names[target] if isinstance(target, int) and names and target < len(names) else None
-        return cls(index=index, target=target, label=label)
+        return cls(index=row if index is None else index, target=target, label=label)
 
 
 class JobAccepted(BaseModel):
+    """A job was queued: poll ``GET /jobs/{job}`` or stream its events."""
+
     job: str
     status: str
     meaning: str = SCORE_MEANING
@@ -281,16 +347,22 @@ class JobView(BaseModel):
 
 
 class JobList(BaseModel):
+    """A page of the caller's jobs, newest first."""
+
     items: list[JobView]
 
 
 class Item(BaseModel):
+    """One training point of a ranking."""
+
     index: int = Field(description="row of the training set")
     score: float
     target: Target | None = Field(None, description="training target (null if deleted)")
 
 
 class Ranking(BaseModel):
+    """One page of training points ordered by score for one test point."""
+
     job: str
     test: int
     direction: Literal["helpful", "harmful"]

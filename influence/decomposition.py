@@ -25,7 +25,8 @@ from torch import Tensor
 from torch.func import jvp
 
 from influence.engine import InfluenceEngine
-from influence.response import Progress, Responder, output_distance
+from influence.response import Responder, output_distance
+from models import Progress
 
 __all__ = [
     "GAPS",
@@ -63,7 +64,8 @@ class DecompositionArguments:
         default=False,
         metadata={
             "help": "Also report the proximity gap's first-order closed form "
-            "‖J[G⁻¹ − (G+λI)⁻¹] ε∇L_z‖ (meaningful at a converged θˢ; needs G invertible)."
+            "‖J[H⁻¹ − (H+λI)⁻¹] ε∇L_z‖ with H the true Hessian (meaningful at a converged "
+            "θˢ; needs H positive definite)."
         },
     )
 
@@ -94,20 +96,27 @@ def sample_removed(n: int, arguments: DecompositionArguments) -> list[list[int]]
 def first_order_proximity(
     responder: Responder, removed_sets: Sequence[Sequence[int]]
 ) -> list[float]:
-    """``‖J [G⁻¹ − (G+λI)⁻¹] ε Σ_z ∇L_z‖`` per removed set: warm − proximal to first order
-    in ε at a converged θˢ (Eqns 5 and 7 linearised; ``G`` includes ``wd·I``, ``J`` is the
-    output Jacobian on the training set). Exact for logistic regression as ε → 0."""
-    engine = responder.engine
-    undamped = InfluenceEngine(
-        responder.model, responder.loss, train=(responder.inputs, responder.targets),
-        hessian=responder.arguments.hessian, damping=0.0,
-        weight_decay=responder.recipe.weight_decay,
-    )  # fmt: skip
+    """``‖J [H⁻¹ − (H+λI)⁻¹] ε Σ_z ∇L_z‖`` per removed set: warm − proximal to first order
+    in ε at a converged θˢ (Eqns 5 and 7 linearised; ``J`` is the output Jacobian on the
+    training set). ``H`` is the true Hessian of the cost (``wd·I`` included), whatever
+    ``arguments.hessian`` says, since warm and proximal minimise the true objectives; it
+    must be positive definite (θˢ a strict minimum). For GLMs (e.g. logistic regression)
+    it equals the Gauss-Newton matrix; exact there as ε → 0. Solved by the responder's
+    solver."""
+
+    def engine(damping: float) -> InfluenceEngine:
+        return InfluenceEngine(
+            responder.model, responder.loss, train=(responder.inputs, responder.targets),
+            hessian="full", damping=damping, weight_decay=responder.recipe.weight_decay,
+        )  # fmt: skip
+
+    damped_engine = responder.engine
+    if responder.arguments.hessian != "full":
+        damped_engine = engine(responder.arguments.damping)
     problems = [responder.problem(z) for z in removed_sets]
     rhs = torch.stack([p.epsilon * p.removed_gradient for p in problems], dim=1)
-    solver = responder.arguments.make_solver()
-    plain, _ = solver.solve(undamped.operator, rhs)
-    damped, _ = solver.solve(engine.operator, rhs)
+    plain, _ = responder.solver.solve(engine(0.0).operator, rhs)
+    damped, _ = responder.solver.solve(damped_engine.operator, rhs)
 
     def outputs(theta: Tensor) -> Tensor:
         return responder.fmodel(theta, responder.inputs)

@@ -249,7 +249,10 @@ class InfluenceEngine:
                 seconds=time.perf_counter() - started,
                 relative_residual=float(residual.max()),
                 converged=True,
-                details={"factorization": type(inverse).__name__, "residual_columns": len(residual)},
+                details={
+                    "factorization": type(inverse).__name__,
+                    "residual_columns": len(residual),
+                },
             )
         else:
             report = merge_reports(reports, time.perf_counter() - started)

@@ -9,13 +9,13 @@ and, for small d, ``dense``.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
 from influence.functional import CurvatureKind, FlatModel, dataset_product
 from models.losses import Loss
+from models.training import Progress
 
 __all__ = ["DampedCurvature"]
 
@@ -26,6 +26,15 @@ class DampedCurvature:
     """``A = G + λI`` at θ on a training set (inputs, targets), applied without forming it.
 
     Vectors are ``[d]`` or ``[d, k]`` (k columns in one vmapped pass per data chunk).
+
+    Args:
+        fmodel, theta: the network as a function of flat parameters, and θ (``[d]``).
+        loss: the per-example loss.
+        inputs, targets: the training set (N examples, on θ's device).
+        kind: ``"gnh"`` (Gauss-Newton, PSD) or ``"full"`` (Hessian, may be indefinite).
+        weight_decay: wd of ``(wd/2)‖θ‖²``; adds ``wd·I`` to G.
+        damping: λ.
+        batch_size: examples per vectorised pass.
     """
 
     def __init__(
@@ -76,10 +85,12 @@ class DampedCurvature:
 
     @property
     def dtype(self) -> torch.dtype:
+        """dtype of θ and of every product."""
         return self.theta.dtype
 
     @property
     def device(self) -> torch.device:
+        """Device of θ, the training set and every product."""
         return self.theta.device
 
     def curvature(self, vectors: Tensor, indices: Tensor | None = None) -> Tensor:
@@ -104,7 +115,7 @@ class DampedCurvature:
             raise ValueError(f"matvec takes a vector of shape [d], got {tuple(vector.shape)}")
         return self.matmat(vector)
 
-    def dense(self, progress: Callable[[float, str], None] | None = None) -> Tensor:
+    def dense(self, progress: Progress | None = None) -> Tensor:
         """The explicit symmetric ``d × d`` matrix ``G + λI`` (computed once, then cached);
         ``progress(fraction, "curvature")`` after each block of columns."""
         if self._dense is None:

@@ -6,7 +6,8 @@ is downweighting each of its losses by ``ε`` (``ε = 1/N`` removes it exactly),
 Starting from the recorded run (θ⁰, θˢ, recipe, batch order) the response functions are
 (DESIGN.md's table, appendix C.2):
 
-- ``cold``: minimise ``Q`` from θ⁰ for K + K/2 epochs, the first K with the base batch order;
+- ``cold``: minimise ``Q`` from θ⁰ for K + K/2 epochs, the first K with the base batch
+  order and learning rates (the schedule spans K epochs, then its last rate is held);
 - ``warm``: minimise ``Q`` from θˢ for K/2 epochs;
 - ``proximal``: ``Q + (λ/2)‖θ−θˢ‖²`` from θˢ (Eqn 7);
 - ``pbrf``: ``(1/N) Σ_i D_{L_i}(f(θ,x_i), f(θˢ,x_i)) − ε Σ_z L_z + ((wd+λ)/2)‖θ−θˢ‖²``
@@ -44,7 +45,16 @@ from torch.func import grad, jvp
 from influence.engine import InfluenceEngine
 from influence.functional import FlatModel
 from influence.solvers import CG, Exact, LiSSA, Solver, SolverReport
-from models import Dataset, Recipe, TrainingError, TrainRun, build, load_checkpoint, train
+from models import (
+    Dataset,
+    Progress,
+    Recipe,
+    TrainingError,
+    TrainRun,
+    build,
+    load_checkpoint,
+    train,
+)
 from models.losses import Loss, get_loss
 
 __all__ = [
@@ -61,8 +71,6 @@ __all__ = [
     "pearson_spearman",
     "verify",
 ]
-
-Progress = Callable[[float, str], None]
 
 RETRAIN_METHODS = ("cold", "warm", "proximal", "pbrf", "linearized", "two_stage")
 VERIFY_METHODS = ("pbrf", "warm", "linearized")
@@ -134,6 +142,7 @@ class ResponseProblem:
 
     @property
     def n(self) -> int:
+        """N, the number of training examples."""
         return len(self.inputs)
 
     def outputs(self, theta: Tensor, idx: Tensor | None = None) -> Tensor:
@@ -148,12 +157,6 @@ class ResponseProblem:
         """``Σ_{z∈z} L(f(θ, x_z), t_z)``."""
         out = self.outputs(theta, self.removed)
         return self.loss.per_example(out, self.targets[self.removed]).sum()
-
-    def example_weights(self) -> Tensor:
-        """Per-example weights ``w`` with ``(1/N) Σ w_i L_i = (1/N) Σ L_i − ε Σ_z L_z``."""
-        w = torch.ones(self.n, dtype=self.inputs.dtype)
-        w[self.removed] -= self.epsilon * self.n
-        return w
 
     def cost(self, theta: Tensor, idx: Tensor | None = None) -> Tensor:
         """``J(θ) = (1/N) Σ_i L_i + (wd/2)‖θ‖²`` (data term averaged over ``idx`` if given)."""
@@ -287,6 +290,8 @@ class Responder:
     ``cold``; a plain checkpoint with its recipe supports every other method. Retraining
     goes through ``models.train`` with the recipe (``weight_decay`` moved into the
     objective), so the optimiser, schedule and batching are the base run's.
+    ``solver``: the influence solver object (e.g. ``CG(tol=1e-8, max_iter=1000)``);
+    None builds the one ``arguments`` names (``ResponseArguments.make_solver``).
     """
 
     def __init__(
@@ -299,8 +304,10 @@ class Responder:
         *,
         theta0: Mapping[str, Tensor] | None = None,
         batch_order: Sequence[Tensor] | None = None,
+        solver: Solver | None = None,
     ) -> None:
         self.arguments = arguments or ResponseArguments()
+        self.solver: Solver = solver if solver is not None else self.arguments.make_solver()
         self.dtype = getattr(torch, self.arguments.dtype)
         self.config, self.recipe, self.dataset = dict(config), recipe, dataset
         self.theta0, self.batch_order = theta0, list(batch_order or [])
@@ -353,6 +360,7 @@ class Responder:
         epochs: int,
         lr_factor: float = 1.0,
         batch_order: Sequence[Tensor] | None = None,
+        schedule_epochs: int | None = None,
     ) -> Tensor:
         recipe = replace(self.recipe, weight_decay=0.0, lr=self.recipe.lr * lr_factor)
         if self.arguments.optimizer == "lbfgs" and batch_order is None:  # not a cold replay
@@ -364,7 +372,7 @@ class Responder:
         try:
             run = train(
                 self.config, self.dataset, recipe, init=init, batch_order=batch_order,
-                epochs=epochs, dtype=self.dtype,
+                epochs=epochs, schedule_epochs=schedule_epochs, dtype=self.dtype,
                 objective=lambda m, _x, _t, idx: objective(live_parameters(m), idx),
             )  # fmt: skip
         except TrainingError as exc:
@@ -391,7 +399,7 @@ class Responder:
                 raise ValueError("cold start needs the recorded run's theta0 and batch_order")
             return self._train(
                 problem.downweighted, init=self.theta0, epochs=self.recipe.epochs + k2,
-                batch_order=self.batch_order,
+                batch_order=self.batch_order, schedule_epochs=max(1, self.recipe.epochs),
             )  # fmt: skip
         if method == "warm":
             return self._train(problem.downweighted, init=start, epochs=k2)
@@ -422,7 +430,7 @@ class Responder:
         problems = [self.problem(z) for z in removed_sets]
         rhs = torch.stack([p.removed_gradient for p in problems], dim=1)
         eps = [p.epsilon for p in problems]
-        solution, report = self.arguments.make_solver().solve(self.engine.operator, rhs, progress)
+        solution, report = self.solver.solve(self.engine.operator, rhs, progress)
         deltas = solution.T * torch.tensor(eps, dtype=solution.dtype)[:, None]
         return self.theta_s + deltas.to(self.theta_s.dtype), report
 
@@ -517,8 +525,10 @@ def verify(
     loss: str = "cross_entropy",
     damping: float = 1e-3,
     weight_decay: float = 0.0,
+    hessian: str = "gnh",
     method: str = "pbrf",
     arguments: VerifyArguments | None = None,
+    solver: Solver | None = None,
     progress: Progress | None = None,
 ) -> VerifyResult:
     """Check influence estimates by retraining, one removed training point at a time.
@@ -528,7 +538,10 @@ def verify(
     ``L_test(θ_method) − L_test(θˢ)``, ``method`` = ``pbrf`` (Eqn 8, what influence
     approximates), ``linearized`` (Eqn 10) or ``warm`` (warm-start retraining, Q from θˢ).
     ``source`` is a checkpoint path or ``(model, config)``; no training recipe is needed
-    (see :class:`VerifyArguments`).
+    (see :class:`VerifyArguments`). ``hessian`` (``"gnh"`` or ``"full"``), ``damping`` and
+    ``weight_decay`` define the curvature ``G + λI`` as for the influence query being
+    checked; ``solver`` (a solver object, e.g. ``CG(tol=1e-8)`` or ``LiSSA(depth=2000)``)
+    replaces the default one named by ``arguments.solver``.
     """
     arguments = arguments or VerifyArguments()
     if method not in VERIFY_METHODS:
@@ -545,9 +558,9 @@ def verify(
     )  # fmt: skip
     response = ResponseArguments(
         epsilon=arguments.epsilon, damping=damping, epochs=arguments.steps,
-        pbrf_lr_factor=1.0, solver=arguments.solver,
+        pbrf_lr_factor=1.0, hessian=hessian, solver=arguments.solver,
     )  # fmt: skip
-    responder = Responder(config, model.state_dict(), recipe, train_set, response)
+    responder = Responder(config, model.state_dict(), recipe, train_set, response, solver=solver)
     removed = [[int(i)] for i in train_indices]
     influence, report = responder.influence(removed)
     predicted = responder.predicted_changes(influence, test_set.inputs, test_set.targets)

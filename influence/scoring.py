@@ -28,8 +28,9 @@ from influence.functional import (
     per_example_directional,
     per_example_grads,
 )
-from influence.solvers import Progress, SolverReport
+from influence.solvers import SolverReport
 from models.losses import Loss
+from models.training import Progress
 
 __all__ = [
     "JVP_MAX_DIRECTIONS",
@@ -110,7 +111,23 @@ def stream_scores(
     method: ScoringMethod = "auto",
     progress: Progress | None = None,
 ) -> Tensor:
-    """``(1/num_train) [∇L_i · s_q]_{q,i}`` for the given examples, shape ``[k, n]``."""
+    """``(1/num_train) [∇L_i · s_q]_{q,i}`` for the given examples, shape ``[k, n]``.
+
+    ``s_test`` is ``[k, d]`` (d = ``theta.numel()``); ``num_train`` (> 0) is the full
+    training-set size N of the ``1/N`` factor, which may exceed ``len(inputs)`` (a shard).
+    Raises ``ValueError`` for a malformed ``s_test``, ``num_train`` or ``batch_size``.
+    """
+    d = theta.numel()
+    if s_test.dim() != 2 or s_test.shape[1] != d or s_test.shape[0] == 0:
+        raise ValueError(f"s_test must have shape [k, {d}] with k >= 1, got {tuple(s_test.shape)}")
+    if not (isinstance(num_train, int) and num_train > 0):
+        raise ValueError(f"num_train must be an integer > 0, got {num_train!r}")
+    if len(inputs) > num_train:
+        raise ValueError(f"{len(inputs)} examples exceed num_train = {num_train}")
+    if len(targets) != len(inputs):
+        raise ValueError(f"{len(inputs)} inputs but {len(targets)} targets")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
     path = resolve_method(method, s_test.shape[0])
     n = len(inputs)
     out = torch.empty(s_test.shape[0], n, dtype=s_test.dtype, device=s_test.device)

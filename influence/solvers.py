@@ -103,7 +103,9 @@ class Solver(Protocol):
 
     def solve(
         self, operator: DampedCurvature, rhs: Tensor, progress: Progress | None = None
-    ) -> tuple[Tensor, SolverReport]: ...
+    ) -> tuple[Tensor, SolverReport]:
+        """``(G + λI)⁻¹ rhs`` for ``rhs`` ``[d]`` or ``[d, k]``, and its report."""
+        ...
 
 
 def _require(condition: bool, name: str, message: str, value: object) -> None:

@@ -70,10 +70,12 @@ class Dataset:
 
     @property
     def task(self) -> str | None:
+        """``metadata["task"]`` (e.g. ``"classification"``), if recorded."""
         return self.metadata.get("task")
 
     @property
     def num_classes(self) -> int | None:
+        """``metadata["num_classes"]``, if recorded."""
         return self.metadata.get("num_classes")
 
     def subset(self, indices: Tensor | list[int]) -> Dataset:

@@ -1,4 +1,4 @@
-"""Shared test settings: tolerances, determinism, and the ``slow`` marker."""
+"""Shared test settings: tolerances, error helpers, determinism, and the ``slow`` marker."""
 
 from __future__ import annotations
 
@@ -11,6 +11,16 @@ import torch
 RTOL_EXACT = 1e-10  # products checked against dense matrices
 RTOL_SOLVE = 1e-8  # Exact / CG solves against a dense float64 solve
 RTOL_F32 = 1e-6  # float32 paths that must agree with each other
+
+
+def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    """``‖a − b‖ / ‖b‖`` (Frobenius), b being the reference."""
+    return float((a - b).norm() / b.norm())
+
+
+def pearson(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Pearson correlation of two equally sized tensors, flattened."""
+    return float(torch.corrcoef(torch.stack([a.flatten(), b.flatten()]))[0, 1])
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

@@ -310,7 +310,9 @@ class InfluenceResult(_Schema):
     s_test: _ID
     num_test: int
     num_train: int
-    test_targets: list[float | int]
+    test_targets: list[Any] = Field(
+        description="target of each test point: a number, or a nested list for vector targets"
+    )
     meaning: str = SCORE_MEANING
 
 

@@ -17,11 +17,13 @@ import torch
 from torch import Tensor, nn
 
 import models
-from influence import CG, Exact, InfluenceEngine, LiSSA
+from influence import InfluenceEngine
 from influence.decomposition import DecompositionArguments, decompose
 from influence.experiments.config import CorrelationArguments
 from influence.experiments.correlation import correlate
 from influence.response import Responder, ResponseArguments, VerifyArguments, verify
+from influence.solvers import phase_progress
+from models import Progress
 from worker.cache import STestCache, s_test_key
 from worker.contract import (
     DecompositionPayload,
@@ -31,7 +33,6 @@ from worker.contract import (
     ScoreShardPayload,
     SelfInfluencePayload,
     SelfInfluenceResult,
-    SolverSpec,
     TestSpec,
     VerifyPayload,
 )
@@ -44,7 +45,6 @@ __all__ = ["S_TEST_SHARE", "Context", "Outcome", "run_job"]
 S_TEST_SHARE = 0.5
 """Share of an influence job's progress given to the s_test solve (the rest: scoring)."""
 
-Progress = Callable[[float, str], None]
 _EngineSpec = InfluencePayload | SelfInfluencePayload | ScoreShardPayload
 
 
@@ -64,6 +64,7 @@ class _LRU:
         self._items: OrderedDict[Any, Any] = OrderedDict()
 
     def get(self, key: Any, make: Callable[[], Any]) -> Any:
+        """The value for ``key``, made by ``make()`` (and kept) on a miss."""
         if key in self._items:
             self._items.move_to_end(key)
             return self._items[key]
@@ -72,25 +73,6 @@ class _LRU:
         if len(self._items) > self.size:
             self._items.popitem(last=False)
         return value
-
-
-def _solver(spec: SolverSpec) -> Exact | CG | LiSSA:
-    if spec.name == "exact":
-        return Exact()
-    if spec.name == "cg":
-        return CG(tol=spec.tol, max_iter=spec.max_iter)
-    return LiSSA(
-        depth=spec.depth,
-        repeats=spec.repeats,
-        batch_size=spec.batch_size,
-        scale=spec.scale,
-        seed=spec.seed,
-    )
-
-
-def _scaled(progress: Progress, start: float, share: float) -> Progress:
-    """``progress`` of a sub-task covering ``[start, start + share]`` of the job."""
-    return lambda fraction, phase: progress(start + share * fraction, phase)
 
 
 class Context:
@@ -142,28 +124,74 @@ class Context:
             ),
         )
 
-    def test_points(self, tenant: str, test: TestSpec) -> models.Dataset:
+    def test_points(
+        self, tenant: str, test: TestSpec, spec: _EngineSpec | None = None
+    ) -> models.Dataset:
         """The test points a TestSpec names, as a Dataset (metadata of the source dataset,
-        or none for an uploaded tensor pair)."""
+        or none for an uploaded tensor pair). With ``spec`` they are checked against its
+        model and training set (``check_test_points``), so bad points fail the job at once
+        (ValueError) instead of deep in the engine, attempt after attempt."""
         if test.artifact is not None:
             tensors = self.store.get_tensors(test.artifact)
             missing = sorted({"inputs", "targets"} - set(tensors))
             if missing:
                 raise ValueError(f"test artifact {test.artifact} lacks tensor(s) {missing}")
-            return models.Dataset(tensors["inputs"], tensors["targets"])
-        dataset = self.dataset(tenant, str(test.dataset))
-        indices = list(test.indices or [])
-        bad = [i for i in indices if i >= len(dataset)]
-        if bad:
+            points = models.Dataset(tensors["inputs"], tensors["targets"])
+        else:
+            dataset = self.dataset(tenant, str(test.dataset))
+            indices = list(test.indices or [])
+            bad = [i for i in indices if i >= len(dataset)]
+            if bad:
+                raise ValueError(
+                    f"test.indices {bad[:5]} out of range for dataset {test.dataset} of "
+                    f"{len(dataset)} examples"
+                )
+            points = dataset.subset(indices)
+        if spec is not None:
+            _, config = self.checkpoint(tenant, spec.model)
+            check_test_points(points, self.dataset(tenant, spec.train), config)
+        return points
+
+
+def check_test_points(test: models.Dataset, train: models.Dataset, config: dict[str, Any]) -> None:
+    """ValueError naming the problem unless ``test`` fits the model and its training set:
+    same per-example shapes and kinds (real or integer), integer token ids in
+    ``[0, vocab_size)`` where the inputs are tokens, class indices in ``[0, num_classes)``
+    (or the vocabulary) where the targets are classes."""
+    for name, got, want in (
+        ("inputs", test.inputs, train.inputs),
+        ("targets", test.targets, train.targets),
+    ):
+        if got.shape[1:] != want.shape[1:]:
             raise ValueError(
-                f"test.indices {bad[:5]} out of range for dataset {test.dataset} of "
-                f"{len(dataset)} examples"
+                f"test {name} have per-example shape {list(got.shape[1:])}; the training "
+                f"{name} have {list(want.shape[1:])}"
             )
-        return dataset.subset(indices)
+        if got.is_floating_point() != want.is_floating_point():
+            kind = "real values" if want.is_floating_point() else "integers"
+            raise ValueError(f"test {name} must be {kind} like the training {name}")
+    vocab = config.get("vocab_size")
+    if not train.inputs.is_floating_point():
+        _check_indices(test.inputs, vocab, "inputs", "token ids")
+    if not train.targets.is_floating_point():
+        classes = train.metadata.get("num_classes") or vocab
+        _check_indices(test.targets, classes, "targets", "class indices")
+
+
+def _check_indices(values: Tensor, bound: int | None, name: str, what: str) -> None:
+    bad = values < 0 if bound is None else (values < 0) | (values >= bound)
+    if bool(bad.any()):
+        point = int(bad.nonzero()[0, 0])
+        limit = "∞" if bound is None else str(bound)
+        raise ValueError(f"test {name} of point {point}: {what} must lie in [0, {limit})")
 
 
 def _s_test(
-    ctx: Context, tenant: str, payload: InfluencePayload, progress: Progress
+    ctx: Context,
+    tenant: str,
+    payload: InfluencePayload,
+    test: models.Dataset,
+    progress: Progress | None,
 ) -> tuple[str, Tensor, dict[str, Any]]:
     """``s_test = (G + λI)⁻¹ ∇L_q`` for each test point (Eqn 50), from the cache or solved
     and stored. Returns (artifact id, s_test [k, d], solver report)."""
@@ -173,21 +201,24 @@ def _s_test(
         artifact, report = cached
         return artifact, ctx.store.get_tensors(artifact)["s_test"], report
     engine = ctx.engine(tenant, payload)
-    test = ctx.test_points(tenant, payload.test)
-    s_test, report = engine.s_test((test.inputs, test.targets), _solver(payload.solver), progress)
+    s_test, report = engine.s_test((test.inputs, test.targets), payload.solver.build(), progress)
     artifact = ctx.store.put_tensors({"s_test": s_test})
     ctx.s_tests.put(key, artifact, report.to_dict())
     return artifact, s_test, report.to_dict()
 
 
 def _influence(ctx: Context, claim: Claim, progress: Progress) -> Outcome | None:
+    """Solve s_test (or reuse it), then score every training point: in this job, or for a
+    training set over ``shard_size`` in score_shard jobs that any worker can take."""
     tenant = claim.job.tenant
     payload = InfluencePayload.model_validate(claim.job.payload)
     progress(0.0, "s_test")
-    s_artifact, s_test, report = _s_test(ctx, tenant, payload, _scaled(progress, 0, S_TEST_SHARE))
+    test = ctx.test_points(tenant, payload.test, payload)  # loaded once, checked
+    s_artifact, s_test, report = _s_test(
+        ctx, tenant, payload, test, phase_progress(progress, 0.0, S_TEST_SHARE)
+    )
     progress(S_TEST_SHARE, "scoring")
     n = len(ctx.dataset(tenant, payload.train))
-    test_targets = ctx.test_points(tenant, payload.test).targets
     shard = ctx.settings.shard_size
     if n > shard:
         bounds = [(lo, min(n, lo + shard)) for lo in range(0, n, shard)]
@@ -199,15 +230,13 @@ def _influence(ctx: Context, claim: Claim, progress: Progress) -> Outcome | None
         ctx.queue.hand_over_to_shards(claim, report)
         return None
     engine = ctx.engine(tenant, payload)
-    scores = engine.scores_from_s_test(
-        s_test, progress=_scaled(progress, S_TEST_SHARE, 1 - S_TEST_SHARE)
-    )
+    scores = engine.scores_from_s_test(s_test, progress=phase_progress(progress, S_TEST_SHARE, 1.0))
     result = InfluenceResult(
         scores=ctx.store.put_tensors({"scores": scores}),
         s_test=s_artifact,
         num_test=int(s_test.shape[0]),
         num_train=n,
-        test_targets=test_targets.tolist(),
+        test_targets=test.targets.tolist(),
     )
     return Outcome(result.model_dump(mode="json"), report)
 
@@ -231,6 +260,7 @@ def _score_shard(ctx: Context, claim: Claim, progress: Progress) -> Outcome:
 
 
 def _assemble(ctx: Context, parent_id: str, s_test: str) -> None:
+    """Concatenate the shards' score slices into the parent's result and complete it."""
     parent = ctx.queue.get(parent_id)
     if parent is None:
         return
@@ -250,13 +280,16 @@ def _assemble(ctx: Context, parent_id: str, s_test: str) -> None:
 
 
 def _self_influence(ctx: Context, claim: Claim, progress: Progress) -> Outcome:
+    """``(1/N) ∇L_iᵀ (G+λI)⁻¹ ∇L_i`` for every training point, with the engine's report
+    aggregated over its solves (largest residual, converged only if all did)."""
     payload = SelfInfluencePayload.model_validate(claim.job.payload)
     engine = ctx.engine(claim.job.tenant, payload)
-    scores = engine.self_influence(_solver(payload.solver), progress=progress)
+    scores = engine.self_influence(payload.solver.build(), progress=progress)
+    report = engine.last_report
     result = SelfInfluenceResult(
         scores=ctx.store.put_tensors({"scores": scores}), num_train=int(scores.shape[0])
     )
-    return Outcome(result.model_dump(mode="json"))
+    return Outcome(result.model_dump(mode="json"), report.to_dict() if report else None)
 
 
 def _verify(ctx: Context, claim: Claim, progress: Progress) -> Outcome:
@@ -277,16 +310,19 @@ def _verify(ctx: Context, claim: Claim, progress: Progress) -> Outcome:
     for row in rows:
         order = torch.argsort(scores[row], descending=True)
         chosen.update(order[:top].tolist() + order[-top:].tolist())
+    # the same curvature and solver settings as the query being checked
     outcome = verify(
         ctx.checkpoint(tenant, query.model),
         ctx.dataset(tenant, query.train),
-        ctx.test_points(tenant, query.test).subset(rows),
+        ctx.test_points(tenant, query.test, query).subset(rows),
         sorted(chosen),
         loss=query.loss,
         damping=query.damping,
         weight_decay=query.weight_decay,
+        hessian=query.hessian,
         method=payload.method,
         arguments=VerifyArguments(steps=payload.steps, solver=query.solver.name),
+        solver=query.solver.build(),
         progress=progress,
     )
     result = outcome.to_dict()
@@ -308,14 +344,14 @@ def _decomposition(ctx: Context, claim: Claim, progress: Progress) -> Outcome:
     )
     share = 1.0 if payload.correlation is None else 0.5
     arguments = DecompositionArguments(**payload.arguments)
-    result = decompose(responder, arguments, _scaled(progress, 0.0, share)).to_dict()
+    result = decompose(responder, arguments, phase_progress(progress, 0.0, share)).to_dict()
     if payload.correlation is not None and payload.test is not None:
         test = ctx.test_points(tenant, payload.test)
         correlation = correlate(
             responder,
             test,
             CorrelationArguments(**payload.correlation),
-            _scaled(progress, share, 1 - share),
+            phase_progress(progress, share, 1.0),
         )
         result["correlation"] = correlation.to_dict()
     return Outcome(result, result.get("solver_report"))

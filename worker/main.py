@@ -28,8 +28,10 @@ __all__ = ["connect", "run_worker"]
 
 log = logging.getLogger("worker")
 
-# Errors that another attempt would meet again: the job fails at once, no retry.
-PERMANENT_ERRORS = (ValueError, KeyError, SolverError, JobTimeoutError)
+# Errors that another attempt would meet again: the job fails at once, no retry. Bad
+# inputs are checked in the handlers (ValueError naming the field); TypeError and
+# IndexError are what slips past such checks into torch, and are as deterministic.
+PERMANENT_ERRORS = (ValueError, KeyError, TypeError, IndexError, SolverError, JobTimeoutError)
 
 
 def connect(settings: Settings) -> redis.Redis:

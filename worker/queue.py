@@ -39,6 +39,9 @@ __all__ = [
 ]
 
 EVENTS_MAXLEN = 1000
+PRUNE_BATCH = 100
+"""Oldest index entries checked for expiry per submit (with ``result_ttl_seconds``), and
+the page size of a status-filtered listing."""
 
 
 class StaleAttemptError(RuntimeError):
@@ -79,6 +82,8 @@ class JobRecord:
 
     @classmethod
     def from_hash(cls, job_id: str, h: dict[str, str]) -> JobRecord:
+        """The record of job ``job_id`` from its Redis hash (decoded strings)."""
+
         def opt_float(name: str) -> float | None:
             return float(h[name]) if h.get(name) else None
 
@@ -142,6 +147,7 @@ class Claim:
 
     @property
     def job_id(self) -> str:
+        """Id of the claimed job."""
         return self.job.id
 
 
@@ -176,8 +182,8 @@ end
 local function is_terminal(s)
   return s == 'succeeded' or s == 'failed' or s == 'canceled'
 end
-local function dead_letter(err, attempts)
-  redis.call('RPUSH', KEYS[4], cjson.encode({job = redis.call('HGET', KEYS[1], 'id'),
+local function dead_letter(job, err, attempts)
+  redis.call('RPUSH', KEYS[4], cjson.encode({job = job,
     kind = redis.call('HGET', KEYS[1], 'kind'), error = err, attempts = attempts,
     time = tonumber(ARGV[1])}))
   redis.call('LTRIM', KEYS[4], -DEAD_LETTER_MAX, -1)
@@ -185,13 +191,12 @@ local function dead_letter(err, attempts)
 end
 """.replace("EVENTS_MAXLEN", str(EVENTS_MAXLEN))
 
-# ARGV: now, fields JSON (flat object), job id; KEYS[6], KEYS[7] = tenant and global job
-# indexes (sorted sets by creation time).
+# ARGV: now, fields JSON (flat object), job id; KEYS[6] (optional) = the tenant's job
+# index (sorted set by creation time); internal shard jobs are not indexed.
 _SUBMIT = """
 local fields = cjson.decode(ARGV[2])
 for k, v in pairs(fields) do redis.call('HSET', KEYS[1], k, v) end
-redis.call('ZADD', KEYS[6], ARGV[1], ARGV[3])
-redis.call('ZADD', KEYS[7], ARGV[1], ARGV[3])
+if KEYS[6] then redis.call('ZADD', KEYS[6], ARGV[1], ARGV[3]) end
 set_status('queued')
 event()
 redis.call('XADD', KEYS[2], '*', 'job', ARGV[3])
@@ -224,10 +229,7 @@ if a >= tonumber(ARGV[5]) then
   redis.call('HSET', KEYS[1], 'error', err)
   set_status('failed')
   event()
-  redis.call('RPUSH', KEYS[4], cjson.encode({job = ARGV[6],
-    kind = redis.call('HGET', KEYS[1], 'kind'), error = err, attempts = a,
-    time = tonumber(ARGV[1])}))
-  redis.call('HINCRBY', KEYS[5], 'dead_lettered', 1)
+  dead_letter(ARGV[6], err, a)
   ack(ARGV[3], ARGV[2])
   return {'dead', a}
 end
@@ -297,12 +299,7 @@ else
     outcome = 'queued'
   else
     set_status('failed')
-    if ARGV[11] == '1' then
-      redis.call('RPUSH', KEYS[4], cjson.encode({job = ARGV[10],
-        kind = redis.call('HGET', KEYS[1], 'kind'), error = ARGV[8], attempts = a,
-        time = tonumber(ARGV[1])}))
-      redis.call('HINCRBY', KEYS[5], 'dead_lettered', 1)
-    end
+    if ARGV[11] == '1' then dead_letter(ARGV[10], ARGV[8], a) end
   end
 end
 event()
@@ -382,8 +379,9 @@ class JobQueue:
         self.redis = client
         self.settings = settings
         self.keys = Keys(settings.key_prefix)
+        prelude = _PRELUDE.replace("DEAD_LETTER_MAX", str(settings.dead_letter_max))
         self._scripts = {
-            name: client.register_script(_PRELUDE + body)
+            name: client.register_script(prelude + body)
             for name, body in {
                 "submit": _SUBMIT,
                 "claim": _CLAIM,
@@ -451,8 +449,10 @@ class JobQueue:
             "cache_key": cache_key or "",
             "ttl": str(self.settings.result_ttl_seconds),
         }
-        indexes = (self.keys.tenant_jobs(tenant), self.keys.all_jobs)
-        self._run("submit", job_id, [json.dumps(fields), job_id], indexes)
+        index = () if parent else (self.keys.tenant_jobs(tenant),)
+        self._run("submit", job_id, [json.dumps(fields), job_id], index)
+        if self.settings.result_ttl_seconds and not parent:
+            self._prune_index(tenant, self.redis.zrange(index[0], 0, PRUNE_BATCH - 1))
         return job_id
 
     def get(self, job_id: str, tenant: str | None = None) -> JobRecord | None:
@@ -470,20 +470,50 @@ class JobQueue:
         limit: int = 50,
         offset: int = 0,
     ) -> list[JobRecord]:
-        """The tenant's jobs, newest first, optionally only those with ``status``."""
-        ids = self.redis.zrevrange(self.keys.tenant_jobs(tenant), 0, -1)
+        """The tenant's jobs, newest first, optionally only those with ``status``.
+
+        Reads one page of the tenant's index (ZREVRANGE ``offset`` … ``offset+limit``) and
+        only those job hashes; with a status filter it reads pages until ``offset+limit``
+        matches are found or the index ends. Ids whose job hash expired
+        (``result_ttl_seconds``) are dropped from the index as they are met."""
         wanted = JobStatus(status) if status is not None else None
+        index = self.keys.tenant_jobs(tenant)
+        needed = limit if wanted is None else offset + limit
+        start = offset if wanted is None else 0
+        records: list[JobRecord] = []
+        while len(records) < needed:
+            page = needed - len(records) if wanted is None else max(limit, PRUNE_BATCH)
+            ids = self.redis.zrevrange(index, start, start + page - 1)
+            pipe = self.redis.pipeline(transaction=False)
+            for job_id in ids:
+                pipe.hgetall(self.keys.job(job_id))
+            expired = []
+            for job_id, h in zip(ids, pipe.execute(), strict=True):
+                if not h:
+                    expired.append(job_id)
+                    continue
+                if h.get("kind") == JobKind.SCORE_SHARD:  # indexed before shards were not
+                    continue
+                record = JobRecord.from_hash(job_id, h)
+                if wanted is None or record.status == wanted:
+                    records.append(record)
+            if expired:
+                self.redis.zrem(index, *expired)
+            start += len(ids) - len(expired)  # the index shifted down by the removed ids
+            if len(ids) < page:
+                break
+        return records if wanted is None else records[offset : offset + limit]
+
+    def _prune_index(self, tenant: str, ids: list[str]) -> None:
+        """Drop ids whose job hash has expired from the tenant's index."""
+        if not ids:
+            return
         pipe = self.redis.pipeline(transaction=False)
         for job_id in ids:
-            pipe.hgetall(self.keys.job(job_id))
-        records = [
-            JobRecord.from_hash(job_id, h)
-            for job_id, h in zip(ids, pipe.execute(), strict=True)
-            if h and h.get("kind") != JobKind.SCORE_SHARD
-        ]
-        if wanted is not None:
-            records = [r for r in records if r.status == wanted]
-        return records[offset : offset + limit]
+            pipe.exists(self.keys.job(job_id))
+        gone = [i for i, alive in zip(ids, pipe.execute(), strict=True) if not alive]
+        if gone:
+            self.redis.zrem(self.keys.tenant_jobs(tenant), *gone)
 
     def cancel(self, job_id: str, tenant: str | None = None) -> JobRecord | None:
         """Cancel: a queued job (or one waiting on shards) becomes ``canceled`` at once; a

@@ -26,9 +26,24 @@ import models
 from worker.contract import Keys
 from worker.settings import Settings
 
-__all__ = ["ArtifactNotFoundError", "ArtifactStore", "InvalidArtifactIdError", "Registry"]
+__all__ = [
+    "ArtifactNotFoundError",
+    "ArtifactStore",
+    "InvalidArtifactIdError",
+    "Registry",
+    "tensor_layout",
+]
 
 _ID = re.compile(r"^[0-9a-f]{64}$")
+_SAFETENSORS_DTYPES = {
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "F32": "float32",
+    "F64": "float64",
+    "I64": "int64",
+    "I32": "int32",
+    "BOOL": "bool",
+}
 
 
 class InvalidArtifactIdError(ValueError):
@@ -96,7 +111,45 @@ class ArtifactStore:
         """The tensors of a safetensors artifact written by ``put_tensors``."""
         return safetensors.torch.load(self.get_bytes(artifact_id))
 
+    def get_tensor(self, artifact_id: str, name: str, row: int | None = None) -> Tensor:
+        """One tensor of a safetensors artifact, or only its ``row`` (first index): read
+        through a memory map, so a row of a large score matrix costs one row of I/O.
+        ArtifactNotFoundError if absent; KeyError if it has no tensor ``name``;
+        IndexError for a row out of range."""
+        path = self.path(artifact_id)
+        try:
+            with safetensors.safe_open(path, framework="pt") as handle:
+                if name not in handle.keys():  # noqa: SIM118 (a method, not a dict)
+                    raise KeyError(f"artifact {artifact_id} has no tensor {name!r}")
+                if row is None:
+                    return handle.get_tensor(name)
+                view = handle.get_slice(name)
+                size = view.get_shape()[0]
+                if not 0 <= row < size:
+                    raise IndexError(f"row {row} out of range for {size} rows")
+                return view[row : row + 1][0].clone()
+        except FileNotFoundError:
+            raise ArtifactNotFoundError(f"artifact {artifact_id} is not in the store") from None
+
+    def describe(self, artifact_id: str) -> tuple[dict[str, str], dict[str, dict[str, Any]]]:
+        """(file metadata, {tensor name: {"shape", "dtype"}}) of a safetensors artifact,
+        from its header alone (no tensor data is read)."""
+        try:
+            with safetensors.safe_open(self.path(artifact_id), framework="pt") as handle:
+                layout = {}
+                for name in handle.keys():  # noqa: SIM118 (a method, not a dict)
+                    view = handle.get_slice(name)
+                    dtype = view.get_dtype()
+                    layout[name] = {
+                        "shape": list(view.get_shape()),
+                        "dtype": _SAFETENSORS_DTYPES.get(dtype, dtype),
+                    }
+                return dict(handle.metadata() or {}), layout
+        except FileNotFoundError:
+            raise ArtifactNotFoundError(f"artifact {artifact_id} is not in the store") from None
+
     def exists(self, artifact_id: str) -> bool:
+        """Whether the artifact is in the store."""
         return self.path(artifact_id).exists()
 
     def delete(self, artifact_id: str) -> bool:
@@ -106,6 +159,15 @@ class ArtifactStore:
         except FileNotFoundError:
             return False
         return True
+
+
+def tensor_layout(dataset: models.Dataset) -> dict[str, dict[str, Any]]:
+    """Per-example shape and dtype name of a dataset's tensors, e.g.
+    ``{"inputs": {"shape": [64], "dtype": "float32"}, "targets": {"shape": [], ...}}``."""
+    return {
+        name: {"shape": list(tensor.shape[1:]), "dtype": str(tensor.dtype).removeprefix("torch.")}
+        for name, tensor in (("inputs", dataset.inputs), ("targets", dataset.targets))
+    }
 
 
 def _count_parameters(model: nn.Module) -> int:
@@ -149,10 +211,12 @@ class Registry:
         return record
 
     def get_model(self, tenant: str, model_id: str) -> dict[str, Any] | None:
+        """The tenant's model record, or None."""
         raw = self.redis.hget(self.keys.models(tenant), model_id)
         return json.loads(raw) if raw else None
 
     def list_models(self, tenant: str) -> list[dict[str, Any]]:
+        """Every model record of the tenant (no particular order)."""
         return [json.loads(v) for v in self.redis.hvals(self.keys.models(tenant))]
 
     def delete_model(self, tenant: str, model_id: str) -> bool:
@@ -171,7 +235,8 @@ class Registry:
     def put_dataset(self, tenant: str, data: bytes, name: str | None = None) -> dict[str, Any]:
         """Validate a dataset file (safetensors with ``inputs``, ``targets``) and register
         it: {"id", "size", "name", "task", "num_classes", "input_shape", "class_names",
-        "artifact"}.
+        "tensors", "artifact"} (``tensors``: per-example shape and dtype of ``inputs`` and
+        ``targets``, so the API can check test points without loading the data).
         Invalid input raises models.DatasetError."""
         return self._register_dataset(tenant, models.load_dataset_bytes(data), name)
 
@@ -197,19 +262,24 @@ class Registry:
             "num_classes": meta.get("num_classes"),
             "input_shape": meta.get("input_shape") or list(dataset.inputs.shape[1:]),
             "class_names": meta.get("class_names"),
+            "tensors": tensor_layout(dataset),
             "artifact": artifact,
         }
         self.redis.hset(self.keys.datasets(tenant), dataset.id, json.dumps(record))
         return record
 
     def get_dataset(self, tenant: str, dataset_id: str) -> dict[str, Any] | None:
+        """The tenant's dataset record, or None."""
         raw = self.redis.hget(self.keys.datasets(tenant), dataset_id)
         return json.loads(raw) if raw else None
 
     def list_datasets(self, tenant: str) -> list[dict[str, Any]]:
+        """Every dataset record of the tenant (no particular order)."""
         return [json.loads(v) for v in self.redis.hvals(self.keys.datasets(tenant))]
 
     def delete_dataset(self, tenant: str, dataset_id: str) -> bool:
+        """Forget the tenant's record (the artifact may be shared and stays); False if
+        there was none."""
         return bool(self.redis.hdel(self.keys.datasets(tenant), dataset_id))
 
     def load_dataset(self, tenant: str, dataset_id: str) -> models.Dataset:

@@ -9,7 +9,7 @@ from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
 import models
-from app.deps import Caller, Svc
+from app.deps import Caller, Svc, dataset_record
 from app.schemas import BuiltinDatasetRequest, DatasetItem, DatasetRecord
 from app.thumbnails import NotAnImageError, render_png
 
@@ -38,6 +38,7 @@ _UPLOAD_BODY = {
 
 
 def _public(record: dict[str, Any]) -> DatasetRecord:
+    """The public view of a registry record (the artifact id stays internal)."""
     extra = {k: v for k, v in record.items() if k not in ("id", "size", "name", "artifact")}
     return DatasetRecord(id=record["id"], size=record["size"], name=record["name"], metadata=extra)
 
@@ -81,23 +82,19 @@ async def create_dataset(services: Svc, caller: Caller, request: Request) -> Dat
 
 @router.get("", response_model=list[DatasetRecord])
 def list_datasets(services: Svc, caller: Caller) -> list[DatasetRecord]:
+    """The caller's datasets, each with its size and metadata (task, classes, shapes)."""
     return [_public(r) for r in services.registry.list_datasets(caller.tenant)]
-
-
-def _record(services: Svc, tenant: str, dataset_id: str) -> dict[str, Any]:
-    record = services.registry.get_dataset(tenant, dataset_id)
-    if record is None:
-        raise HTTPException(404, f"dataset {dataset_id} not found")
-    return record
 
 
 @router.get("/{dataset_id}", response_model=DatasetRecord)
 def get_dataset(services: Svc, caller: Caller, dataset_id: str) -> DatasetRecord:
-    return _public(_record(services, caller.tenant, dataset_id))
+    """One of the caller's datasets, or 404."""
+    return _public(dataset_record(services, caller.tenant, dataset_id))
 
 
 @router.delete("/{dataset_id}", status_code=204)
 def delete_dataset(services: Svc, caller: Caller, dataset_id: str) -> Response:
+    """Forget the dataset (jobs that used it keep their results), or 404."""
     if not services.registry.delete_dataset(caller.tenant, dataset_id):
         raise HTTPException(404, f"dataset {dataset_id} not found")
     return Response(status_code=204)
@@ -107,18 +104,19 @@ Index = Annotated[int, Path(ge=0, le=10**9, description="row of the dataset")]
 
 
 def _row(services: Svc, tenant: str, dataset_id: str, index: int) -> models.Dataset:
-    dataset = services.dataset(_record(services, tenant, dataset_id))
-    if index >= len(dataset):
-        raise HTTPException(404, f"dataset {dataset_id} has {len(dataset)} rows; no row {index}")
-    return dataset
+    """Row ``index`` as a one-example Dataset (only that row is read), or 404."""
+    record = dataset_record(services, tenant, dataset_id)
+    if index >= record["size"]:
+        raise HTTPException(404, f"dataset {dataset_id} has {record['size']} rows; no row {index}")
+    return services.dataset_row(record, index)
 
 
 @router.get("/{dataset_id}/items/{index}.png", response_class=Response)
 def item_thumbnail(services: Svc, caller: Caller, dataset_id: str, index: Index) -> Response:
     """The row drawn as a PNG (image data only: ``input_shape`` [H, W] or [C, H, W])."""
-    dataset = _row(services, caller.tenant, dataset_id, index)
+    row = _row(services, caller.tenant, dataset_id, index)
     try:
-        png = render_png(dataset.inputs[index], dataset.metadata.get("input_shape"))
+        png = render_png(row.inputs[0], row.metadata.get("input_shape"))
     except NotAnImageError as exc:
         raise HTTPException(400, f"dataset {dataset_id}: {exc}") from None
     return Response(png, media_type="image/png", headers={"Cache-Control": "max-age=86400"})
@@ -127,5 +125,5 @@ def item_thumbnail(services: Svc, caller: Caller, dataset_id: str, index: Index)
 @router.get("/{dataset_id}/items/{index}", response_model=DatasetItem)
 def item(services: Svc, caller: Caller, dataset_id: str, index: Index) -> DatasetItem:
     """The row's target and, for classification, its class name."""
-    dataset = _row(services, caller.tenant, dataset_id, index)
-    return DatasetItem.of(dataset, index)
+    row = _row(services, caller.tenant, dataset_id, index)
+    return DatasetItem.of(row, 0, index=index)

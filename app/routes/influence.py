@@ -15,7 +15,7 @@ import torch
 from fastapi import APIRouter, HTTPException, Path, Query, Response
 from fastapi.responses import JSONResponse
 
-from app.deps import Caller, Svc
+from app.deps import Caller, Svc, dataset_record
 from app.routes.jobs import job_view, visible
 from app.schemas import (
     MAX_TEST_POINTS,
@@ -49,49 +49,79 @@ def _unprocessable(loc: list[str | int], msg: str) -> HTTPException:
     return HTTPException(422, [{"loc": ["body", *loc], "msg": msg, "type": "value_error"}])
 
 
-def _dataset_record(services: Svc, tenant: str, dataset_id: str) -> dict[str, Any]:
-    record = services.registry.get_dataset(tenant, dataset_id)
-    if record is None:
-        raise HTTPException(404, f"dataset {dataset_id} not found")
-    return record
-
-
-def _check_engine_inputs(services: Svc, tenant: str, model: str, train: str) -> dict[str, Any]:
-    """404 unless the caller owns the model and the training set; returns the latter."""
-    if services.registry.get_model(tenant, model) is None:
+def _check_engine_inputs(
+    services: Svc, tenant: str, model: str, train: str
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """404 unless the caller owns the model and the training set; returns both records."""
+    model_record = services.registry.get_model(tenant, model)
+    if model_record is None:
         raise HTTPException(404, f"model {model} not found")
-    return _dataset_record(services, tenant, train)
+    return model_record, dataset_record(services, tenant, train)
 
 
-def _inline_test(services: Svc, train_record: dict[str, Any], test: InlineTest) -> TestSpec:
-    """Store inline test points as a tensor artifact shaped and typed like the training set."""
-    train = services.dataset(train_record)
-    shape = list(train.inputs.shape[1:])
-    width = math.prod(shape)
+_TOKEN_ID_LIMIT = 2**53  # integers a float64 holds exactly
+
+
+def _first_bad_row(bad: torch.Tensor) -> int | None:
+    return int(bad.nonzero()[0, 0]) if bool(bad.any()) else None
+
+
+def _inline_test(
+    services: Svc, model_record: dict[str, Any], train_record: dict[str, Any], test: InlineTest
+) -> TestSpec:
+    """Store inline test points as a tensor artifact shaped and typed like the training
+    set, whose layout comes from its registry record (the data are not loaded). Values
+    that the cast would silently change are a 422 naming the row: non-integer or
+    out-of-vocabulary token ids, class indices outside the classes, targets of the wrong
+    width."""
+    layout = services.layout(train_record)
+    in_shape, in_dtype = layout["inputs"]["shape"], getattr(torch, layout["inputs"]["dtype"])
+    out_shape, out_dtype = layout["targets"]["shape"], getattr(torch, layout["targets"]["dtype"])
+    vocab = (model_record.get("config") or {}).get("vocab_size")
+    width = math.prod(in_shape)
     for row, values in enumerate(test.inputs):
         if len(values) != width:
             raise _unprocessable(
                 ["test", "inputs", row],
-                f"has {len(values)} values; the training inputs have {width} (shape {shape})",
+                f"has {len(values)} values; the training inputs have {width} (shape {in_shape})",
             )
-    targets = torch.tensor(test.targets, dtype=torch.float64)
-    if not train.targets.is_floating_point():
-        classes = train.metadata.get("num_classes")
-        bad = (targets != targets.round()) | (targets < 0)
-        if classes is not None:
-            bad |= targets >= classes
-        if bool(bad.any()):
-            row = int(bad.nonzero()[0, 0])
+    inputs = torch.tensor(test.inputs, dtype=torch.float64)
+    if not in_dtype.is_floating_point:  # token ids
+        limit = vocab or _TOKEN_ID_LIMIT
+        row = _first_bad_row((inputs != inputs.round()) | (inputs < 0) | (inputs >= limit))
+        if row is not None:
+            bound = vocab if vocab else "∞"
+            raise _unprocessable(
+                ["test", "inputs", row], f"must hold integer token ids in [0, {bound})"
+            )
+    out_width = math.prod(out_shape)
+    for row, value in enumerate(test.targets):
+        count = len(value) if isinstance(value, list) else 1
+        if count != out_width:
+            raise _unprocessable(
+                ["test", "targets", row],
+                f"has {count} value(s); the training targets have {out_width} per example "
+                f"(shape {out_shape})",
+            )
+    targets = torch.tensor(
+        [v if isinstance(v, list) else [v] for v in test.targets], dtype=torch.float64
+    )
+    if not out_dtype.is_floating_point:
+        classes = train_record.get("num_classes") or vocab
+        limit = classes or _TOKEN_ID_LIMIT
+        row = _first_bad_row((targets != targets.round()) | (targets < 0) | (targets >= limit))
+        if row is not None:
             raise _unprocessable(
                 ["test", "targets", row], f"must be a class index in [0, {classes or '∞'})"
             )
-    inputs = torch.tensor(test.inputs, dtype=train.inputs.dtype).reshape(-1, *shape)
-    targets = targets.to(train.targets.dtype).reshape(-1, *train.targets.shape[1:])
+    inputs = inputs.to(in_dtype).reshape(-1, *in_shape)
+    targets = targets.to(out_dtype).reshape(-1, *out_shape)
     return TestSpec(artifact=services.store.put_tensors({"inputs": inputs, "targets": targets}))
 
 
 def _dataset_test(services: Svc, tenant: str, test: DatasetTest) -> TestSpec:
-    size = _dataset_record(services, tenant, test.dataset)["size"]
+    """Rows of one of the caller's datasets (404 if not theirs, 422 out of range)."""
+    size = dataset_record(services, tenant, test.dataset)["size"]
     bad = [i for i in test.indices if i >= size]
     if bad:
         raise _unprocessable(
@@ -124,9 +154,9 @@ def post_influence(services: Svc, caller: Caller, request: InfluenceRequest) -> 
             f"{count} test points; this deployment allows at most "
             f"{services.settings.max_test_points} per request",
         )
-    train = _check_engine_inputs(services, caller.tenant, request.model, request.train)
+    model, train = _check_engine_inputs(services, caller.tenant, request.model, request.train)
     if isinstance(request.test, InlineTest):
-        test = _inline_test(services, train, request.test)
+        test = _inline_test(services, model, train, request.test)
     else:
         test = _dataset_test(services, caller.tenant, request.test)
     payload = request.model_dump(mode="json", exclude={"test"})
@@ -177,7 +207,8 @@ async def ranking(
 ) -> Ranking:
     """Training points ordered by score: ``helpful`` = largest first (removing them would
     raise the test loss most), ``harmful`` = most negative first. Read from the stored
-    score matrix; no worker is involved."""
+    score matrix; no worker is involved. (``async``: a page from the API's cache costs no
+    thread hop; reading and sorting a row on a miss runs in the thread pool.)"""
     record = _scored(await services.job(job_id, caller.tenant), job_id)
     result = record.result or {}
     num_test = result.get("num_test", 1)
@@ -192,11 +223,11 @@ async def ranking(
                 }
             ],
         )
-    values, order = services.ranked(result["scores"], test, direction == "helpful")
+    values, order = await services.ranked(result["scores"], test, direction == "helpful")
     page_values = values[offset : offset + limit].tolist()
     page_index = order[offset : offset + limit].tolist()
     train_record = await services.dataset_record(caller.tenant, record.payload["train"])
-    targets = services.dataset(train_record).targets if train_record is not None else None
+    targets = await services.targets(train_record) if train_record is not None else None
     items = [
         Item(index=i, score=s, target=target_value(targets[i]) if targets is not None else None)
         for i, s in zip(page_index, page_values, strict=True)

@@ -8,7 +8,7 @@ from typing import Annotated
 from fastapi import APIRouter, Header, HTTPException, Query
 from fastapi.responses import StreamingResponse
 
-from app.deps import Caller, EventsCaller, Svc
+from app.deps import Caller, Svc
 from app.schemas import JobList, JobView
 from worker.contract import JobKind, JobStatus
 from worker.queue import JobRecord
@@ -60,6 +60,8 @@ def list_jobs(
 
 @router.get("/{job_id}", response_model=JobView)
 def get_job(services: Svc, caller: Caller, job_id: str) -> JobView:
+    """One of the caller's jobs: status, progress, phase, attempts, error, solver report,
+    result and links; 404 for a missing job or another tenant's."""
     return job_view(owned_job(services, caller.tenant, job_id))
 
 
@@ -75,6 +77,7 @@ def cancel_job(services: Svc, caller: Caller, job_id: str) -> JobView:
 
 
 def _frame(event: str, event_id: str, view: JobView) -> str:
+    """One SSE frame: ``id``, ``event`` and the job view as ``data``."""
     return f"id: {event_id}\nevent: {event}\ndata: {view.model_dump_json()}\n\n"
 
 
@@ -85,33 +88,40 @@ def _frame(event: str, event_id: str, view: JobView) -> str:
 )
 def job_events(
     services: Svc,
-    caller: EventsCaller,
+    caller: Caller,
     job_id: str,
     last_event_id: Annotated[str | None, Header(pattern=r"^\d+-\d+$")] = None,
 ) -> StreamingResponse:
     """Server-Sent Events: ``event: progress`` frames whose ``data`` is the job as
-    ``GET /jobs/{id}`` shows it, then one ``event: done`` frame when it is finished.
-    Resumes after ``Last-Event-ID``; a ``: keep-alive`` comment every 10 s."""
+    ``GET /jobs/{id}`` shows it, then one ``event: done`` frame when it is finished (at
+    once for a finished job, also when resuming after its last event). Resumes after
+    ``Last-Event-ID``; a ``: keep-alive`` comment every 10 s. The API key goes in the
+    ``Authorization`` header (read the stream with fetch, not EventSource)."""
     owned_job(services, caller.tenant, job_id)
     keys = services.queue.keys
 
+    async def done_frame(record: JobRecord, after: str) -> str:
+        latest = await services.aredis.xrevrange(keys.events(job_id), count=1)
+        return _frame("done", latest[0][0] if latest else after, job_view(record))
+
     async def frames() -> AsyncIterator[str]:
         after = last_event_id or "0-0"
-        while True:
+        record: JobRecord | None = await services.job(job_id, caller.tenant)
+        while record is not None:  # None: expired (result_ttl_seconds) while we watched
+            if record.status.terminal:
+                # finished: nothing more to wait for (also when resuming after the last event)
+                yield await done_frame(record, after)
+                return
             reply = await services.aredis.xread(
                 {keys.events(job_id): after}, count=100, block=KEEP_ALIVE_MS
             )
+            record = await services.job(job_id, caller.tenant)
             if not reply:
                 yield ": keep-alive\n\n"
                 continue
             after = reply[0][1][-1][0]
-            record = await services.job(job_id, caller.tenant)
-            if record is None:  # expired (result_ttl_seconds) while we watched
-                return
-            done = record.status.terminal
-            yield _frame("done" if done else "progress", after, job_view(record))
-            if done:
-                return
+            if record is not None and not record.status.terminal:
+                yield _frame("progress", after, job_view(record))
 
     headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
     return StreamingResponse(frames(), media_type="text/event-stream", headers=headers)

@@ -15,10 +15,12 @@ router = APIRouter(prefix="/models", tags=["models"])
 
 
 def _public(record: dict[str, Any]) -> ModelRecord:
+    """The public view of a registry record (the artifact id stays internal)."""
     return ModelRecord.model_validate({k: v for k, v in record.items() if k != "artifact"})
 
 
 def _parse_config(text: str | None) -> dict[str, Any] | None:
+    """The ``config`` form field as a JSON object (None when absent), or 400."""
     if text is None or not text.strip():
         return None
     try:
@@ -56,11 +58,13 @@ def upload_model(
 
 @router.get("", response_model=list[ModelRecord])
 def list_models(services: Svc, caller: Caller) -> list[ModelRecord]:
+    """The caller's models: id, architecture, parameter count, name and config."""
     return [_public(r) for r in services.registry.list_models(caller.tenant)]
 
 
 @router.get("/{model_id}", response_model=ModelRecord)
 def get_model(services: Svc, caller: Caller, model_id: str) -> ModelRecord:
+    """One of the caller's models, or 404."""
     record = services.registry.get_model(caller.tenant, model_id)
     if record is None:
         raise HTTPException(404, f"model {model_id} not found")
@@ -69,6 +73,7 @@ def get_model(services: Svc, caller: Caller, model_id: str) -> ModelRecord:
 
 @router.delete("/{model_id}", status_code=204)
 def delete_model(services: Svc, caller: Caller, model_id: str) -> Response:
+    """Forget the model (jobs that used it keep their results), or 404."""
     if not services.registry.delete_model(caller.tenant, model_id):
         raise HTTPException(404, f"model {model_id} not found")
     return Response(status_code=204)

@@ -14,13 +14,14 @@ router = APIRouter(tags=["operations"])
 
 @router.get("/healthz")
 def healthz(services: Svc) -> JSONResponse:
-    """200 when Redis answers (``workers`` lists those seen recently; none means jobs will
-    wait), 503 when it does not. No authentication, so load balancers can call it."""
+    """200 when Redis answers (``workers`` counts those seen recently; 0 means jobs will
+    wait), 503 when it does not. No authentication, so load balancers can call it; it
+    therefore names no worker, host or error detail."""
     try:
         services.redis.ping()
-        workers = services.queue.workers_alive()
-    except redis.RedisError as exc:
-        return JSONResponse({"status": "unavailable", "redis": f"error: {exc}"}, 503)
+        workers = len(services.queue.workers_alive())
+    except redis.RedisError:
+        return JSONResponse({"status": "unavailable", "redis": "unreachable"}, 503)
     status = "ok" if workers else "degraded: no worker seen recently"
     return JSONResponse({"status": status, "redis": "ok", "workers": workers})
 

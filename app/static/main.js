@@ -58,7 +58,7 @@ async function checkHealth() {
   try {
     const health = await api("/healthz");
     const ok = health.status === "ok";
-    const workers = Array.isArray(health.workers) ? ` · workers: ${health.workers.length}` : "";
+    const workers = Number.isInteger(health.workers) ? ` · workers: ${health.workers}` : "";
     badge.textContent = `${ok ? "service ok" : "service degraded"}${workers}`;
     badge.dataset.state = ok ? "ok" : "warn";
   } catch (error) {

@@ -24,7 +24,8 @@ from influence.experiments.plots import (
     plot_sweep,
 )
 from influence.experiments.sweep import run_decomposition, sweep
-from influence.response import Progress, Responder
+from influence.response import Responder
+from models import Progress
 
 COMMANDS = ("decomposition", "correlation", "mislabel", "sweep")
 
@@ -63,6 +64,8 @@ def run(command: str, config: ExperimentConfig, out: Path, progress: Progress) -
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The command line: parse ``argv``, run the experiment with a progress bar, print
+    its Markdown table; returns the exit status."""
     parser = argparse.ArgumentParser(prog="python -m influence.experiments", description=__doc__)
     parser.add_argument("command", choices=COMMANDS)
     parser.add_argument("--config", required=True, type=Path, help="experiment JSON config")

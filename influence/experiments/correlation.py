@@ -16,8 +16,8 @@ from torch import Tensor
 
 from influence.decomposition import compute_responses
 from influence.experiments.config import CorrelationArguments
-from influence.response import Progress, Responder, pearson_spearman
-from models import Dataset
+from influence.response import Responder, pearson_spearman
+from models import Dataset, Progress
 
 __all__ = ["CorrelationResult", "correlate"]
 

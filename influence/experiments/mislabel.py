@@ -18,9 +18,9 @@ import torch
 from torch import Tensor
 
 from influence.experiments.config import ExperimentConfig, MislabelArguments
-from influence.response import Progress, Responder
+from influence.response import Responder
 from influence.solvers import Exact, Lanczos
-from models import Dataset
+from models import Dataset, Progress
 
 __all__ = ["MislabelResult", "corrupt_labels", "detect_mislabels", "detection_curve"]
 

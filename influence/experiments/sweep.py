@@ -8,7 +8,8 @@ from typing import Any
 
 from influence.decomposition import DecompositionResult, decompose
 from influence.experiments.config import ExperimentConfig
-from influence.response import Progress, Responder
+from influence.response import Responder
+from models import Progress
 
 __all__ = ["SweepResult", "run_decomposition", "sweep"]
 

@@ -280,7 +280,10 @@ def test_models_page_lists_uploads_and_deletes(session: Session, server: LiveSer
     page.goto(f"{session.base}/")
     page.get_by_role("link", name="Models & data").focus()
     page.keyboard.press("Enter")  # the navigation works from the keyboard
-    assert page.get_by_role("link", name="Models & data").get_attribute("aria-current") == "page"
+    # the page switch is asynchronous: wait for it (retries up to 5 s) instead of racing it
+    playwright_api.expect(page.get_by_role("link", name="Models & data")).to_have_attribute(
+        "aria-current", "page"
+    )
     models_table = page.locator("#models-table")
     models_table.locator("th", has_text="demo-digits-mlp").wait_for()
     assert "digits-train" in page.inner_text("#datasets-table")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import httpx
 import pytest
 import torch
 
@@ -188,3 +189,26 @@ def test_dataset_items_and_thumbnails(live: LiveServer, uploaded: dict[str, str]
         with pytest.raises(ApiError) as err:
             client.dataset_item(uploaded["test"], len(test))
         assert err.value.status == 404
+
+
+def test_event_stream_resumed_after_the_last_event_ends_at_once(
+    live: LiveServer, uploaded: dict[str, str]
+) -> None:
+    query = {
+        "model": uploaded["model"],
+        "train": uploaded["train"],
+        "test": {"dataset": uploaded["test"], "indices": [7]},
+    }
+    headers = {"Authorization": "Bearer key-alice"}
+    with live.client() as client:
+        job = client.influence(query)
+        client.cancel(job.job)
+    url = f"{live.url}/jobs/{job.job}/events"
+    first = httpx.get(url, headers=headers, timeout=5)
+    last_id = next(
+        line.removeprefix("id: ") for line in first.text.splitlines() if line.startswith("id: ")
+    )
+    # a client that saw the final event reconnects: it gets `done` again, not keep-alives
+    resumed = httpx.get(url, headers={**headers, "Last-Event-ID": last_id}, timeout=5)
+    assert "event: done" in resumed.text and '"status":"canceled"' in resumed.text
+    assert f"id: {last_id}" in resumed.text

@@ -8,6 +8,7 @@ from pathlib import Path
 from fastapi.testclient import TestClient
 
 from app.main import create_app
+from app.services import ByteLRU
 from worker.settings import Settings
 
 
@@ -33,10 +34,10 @@ def test_health_without_workers_is_degraded(settings_factory: Callable[..., Sett
     with TestClient(create_app(settings_factory())) as client:
         health = client.get("/healthz")
     assert health.status_code == 200
-    assert health.json() == {
+    assert health.json() == {  # a count only: the probe is public, worker names are not
         "status": "degraded: no worker seen recently",
         "redis": "ok",
-        "workers": [],
+        "workers": 0,
     }
 
 
@@ -49,3 +50,15 @@ def test_redis_outage_is_503_not_500(tmp_path: Path) -> None:
         response = client.get("/models")
     assert response.status_code == 503
     assert response.json()["detail"].startswith("Redis unavailable")
+
+
+def test_api_cache_is_bounded_by_bytes() -> None:
+    cache = ByteLRU(100)
+    cache.put("a", "A", 40)
+    cache.put("b", "B", 40)
+    assert cache.get("a") == "A"  # now the most recent
+    cache.put("c", "C", 40)  # over 100 bytes: the least recent ("b") goes
+    assert (cache.get("a"), cache.get("b"), cache.get("c")) == ("A", None, "C")
+    assert cache.size == 80
+    cache.put("huge", "H", 101)  # larger than the whole cache: never kept
+    assert cache.get("huge") is None and cache.size == 80

@@ -8,12 +8,15 @@ from pathlib import Path
 
 import httpx
 import pytest
+import torch
 
+import models
 from app.cli import main as cli_main
 from app.client import ApiError
 from tests.app.conftest import API_KEYS, LiveServer, WorkerThreads, dataset_bytes
 from tests.models.test_checkpoints import CORPUS
 from worker.settings import Settings
+from worker.store import ArtifactStore
 
 ALICE = {"Authorization": "Bearer key-alice"}
 BOB = {"Authorization": "Bearer key-bob"}
@@ -145,7 +148,7 @@ def test_bad_checkpoint_corpus_is_rejected_and_nothing_stored(
     assert httpx.get(live.url + "/models", headers=ALICE).json() == []
     assert _artifacts(settings) == []
     assert workers.alive()
-    assert httpx.get(live.url + "/healthz").json()["workers"] == ["test-worker-0"]
+    assert httpx.get(live.url + "/healthz").json()["workers"] == 1
 
 
 def test_uploaded_file_names_never_reach_the_file_system(
@@ -196,6 +199,11 @@ def _query(uploaded: dict[str, str], **changes: object) -> dict[str, object]:
         ({"test": {"dataset": "ab" * 32, "indices": [-1]}}, ["body", "test"]),
         ({"test": {"inputs": [[0.0] * 63], "targets": [1]}}, ["body", "test", "inputs", 0]),
         ({"test": {"inputs": [[0.0] * 64], "targets": [10]}}, ["body", "test", "targets", 0]),
+        ({"test": {"inputs": [[0.0] * 64], "targets": [1.5]}}, ["body", "test", "targets", 0]),
+        (
+            {"test": {"inputs": [[0.0] * 64] * 2, "targets": [1, [1, 2]]}},
+            ["body", "test", "targets", 1],
+        ),
         ({"loss": "hinge"}, ["body", "loss"]),
     ],
 )
@@ -265,6 +273,16 @@ def test_client_raises_api_error_with_detail(live: LiveServer) -> None:
         ({"response": {"damping": 1.0}}, ["body", "response"], "top level"),
         ({"correlation": {"num_test": 5}}, ["body"], "needs 'test'"),
         ({"damping": 0.0}, ["body", "damping"], "greater than 0"),
+        (
+            {"arguments": {"num_points": 200}, "response": {"epochs": 200}},
+            ["body"],
+            "retraining work (arguments.num_points (200) × 4 responses) × response.epochs",
+        ),
+        (
+            {"test": {"dataset": "c" * 64, "indices": [0]}, "correlation": {"methods": ["cold"]}},
+            ["body"],
+            "correlation.methods: 'cold' needs the recorded training run",
+        ),
     ],
 )
 def test_decomposition_settings_are_checked_at_the_edge(
@@ -278,15 +296,78 @@ def test_decomposition_settings_are_checked_at_the_edge(
     assert any(e["loc"] == loc and fragment in e["msg"] for e in errors), errors
 
 
-def test_event_stream_takes_the_key_as_a_query_parameter(
+def test_event_stream_takes_the_key_in_the_header_only(
     live: LiveServer, uploaded: dict[str, str]
 ) -> None:
     with live.client() as client:
         job = client.influence(_query(uploaded))
         client.cancel(job.job)
     url = f"{live.url}/jobs/{job.job}/events"
-    assert httpx.get(url, params={"api_key": "nope"}).status_code == 401
-    assert httpx.get(url, params={"api_key": "key-bob"}).status_code == 404
-    stream = httpx.get(url, params={"api_key": "key-alice"})
+    # keys never travel in URLs (logs, browser history): the query parameter is ignored
+    assert httpx.get(url, params={"api_key": "key-alice"}).status_code == 401
+    assert httpx.get(url, headers=BOB).status_code == 404
+    stream = httpx.get(url, headers=ALICE)
     assert stream.headers["content-type"].startswith("text/event-stream")
     assert "event: done" in stream.text and '"status":"canceled"' in stream.text
+
+
+LM_CONFIG = {
+    "architecture": "transformer_lm",
+    "vocab_size": 11,
+    "context_length": 4,
+    "d_model": 8,
+    "n_layers": 1,
+    "n_heads": 2,
+}
+
+
+@pytest.fixture
+def token_model(live: LiveServer, tmp_path: Path) -> dict[str, str]:
+    """A tiny language model (vocabulary 11) and a token dataset, uploaded by alice."""
+    path = tmp_path / "lm.safetensors"
+    models.save_checkpoint(path, models.build(LM_CONFIG), LM_CONFIG)
+    tokens = torch.randint(0, 11, (6, 5), generator=torch.Generator().manual_seed(0))
+    data = models.Dataset(tokens[:, :4], tokens[:, 1:], {"task": "language_modeling"})
+    with live.client() as client:
+        model = client.upload_model(path)
+        train = client.upload_dataset(dataset_bytes(data, tmp_path))
+    return {"model": model.id, "train": train.id}
+
+
+@pytest.mark.parametrize(
+    ("inputs", "targets", "loc", "fragment"),
+    [
+        ([1.5, 2, 3, 4], [2, 3, 4, 5], ["inputs", 0], "integer token ids in [0, 11)"),
+        ([1, 2, 3, 11], [2, 3, 4, 5], ["inputs", 0], "integer token ids in [0, 11)"),
+        ([1, 2, 3, 4], [2, 3, 4], ["targets", 0], "training targets have 4 per example"),
+        ([1, 2, 3, 4], [2, 3, 4, 11], ["targets", 0], "class index in [0, 11)"),
+        ([1, 2, 3, 4], 2, ["targets", 0], "has 1 value(s)"),
+    ],
+    ids=["fraction", "out-of-vocabulary", "short-targets", "target-class", "scalar-target"],
+)
+def test_inline_token_points_are_checked_before_the_cast(
+    live: LiveServer,
+    token_model: dict[str, str],
+    inputs: list,
+    targets: object,
+    loc: list,
+    fragment: str,
+) -> None:
+    body = {**token_model, "test": {"inputs": [inputs], "targets": [targets]}}
+    response = httpx.post(live.url + "/influence", headers=ALICE, json=body)
+    assert response.status_code == 422, response.text
+    (error,) = response.json()["detail"]
+    assert error["loc"] == ["body", "test", *loc] and fragment in error["msg"], error
+
+
+def test_valid_inline_token_points_are_queued(
+    live: LiveServer, token_model: dict[str, str], settings: Settings
+) -> None:
+    body = {**token_model, "test": {"inputs": [[1, 2, 3, 4]], "targets": [[2, 3, 4, 5]]}}
+    response = httpx.post(live.url + "/influence", headers=ALICE, json=body)
+    assert response.status_code == 202, response.text
+    with live.client() as client:
+        artifact = client.job(response.json()["job"]).payload["test"]["artifact"]
+    stored = ArtifactStore.for_settings(settings).get_tensors(artifact)
+    assert stored["inputs"].dtype == torch.int64 and stored["inputs"].tolist() == [[1, 2, 3, 4]]
+    assert stored["targets"].tolist() == [[2, 3, 4, 5]]

@@ -13,7 +13,7 @@ from torch import nn
 from influence import CG, Exact, InfluenceEngine
 from influence.kfac import KFAC
 from tests.conftest import RTOL_F32, RTOL_SOLVE
-from tests.influence.test_kfac import dense_gnh
+from tests.influence.problems import dense_gnh, reference_scores
 
 pytestmark = [
     pytest.mark.gpu,
@@ -40,12 +40,9 @@ def test_cuda_scores_match_dense_cpu_solve(solver: str) -> None:
         method = CG(tol=1e-11, max_iter=500, preconditioner=KFAC.from_operator(engine.operator))
     result = engine.scores((x[:3], t[:3]), method)
 
-    dense = dense_gnh(model, x, t, "cross_entropy") + DAMPING * torch.eye(
-        engine.num_params, dtype=torch.float64
-    )
-    cpu = InfluenceEngine(model, train=(x, t), damping=DAMPING)
-    grads_q, grads_i = cpu.gradients(x[:3], t[:3]), cpu.gradients(x, t)
-    expected = grads_q @ torch.linalg.solve(dense, grads_i.T) / len(x)
+    dense = dense_gnh(model, "cross_entropy", x, t, weight_decay=0.0)
+    dense += DAMPING * torch.eye(engine.num_params, dtype=torch.float64)
+    expected = reference_scores(model, "cross_entropy", (x, t), (x[:3], t[:3]), dense)
     torch.testing.assert_close(result.scores.cpu(), expected, rtol=RTOL_SOLVE, atol=0)
 
 

@@ -4,14 +4,16 @@ predicted vs actual leave-one-out retraining."""
 from __future__ import annotations
 
 import functools
+import warnings
 
 import pytest
 import torch
 
+import influence.solvers
 import models
-from influence import CG, Exact, InfluenceEngine, Lanczos, top_k
-from influence.scoring import JVP_MAX_DIRECTIONS, resolve_method
-from tests.conftest import RTOL_F32, RTOL_SOLVE
+from influence import CG, ConvergenceWarning, Exact, InfluenceEngine, Lanczos, LiSSA, top_k
+from influence.scoring import JVP_MAX_DIRECTIONS, resolve_method, stream_scores
+from tests.conftest import RTOL_F32, RTOL_SOLVE, pearson, rel_error
 from tests.influence.problems import (
     dense_gnh,
     digits_mlp,
@@ -22,14 +24,6 @@ from tests.influence.problems import (
 )
 
 WEIGHT_DECAY = 0.01
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).norm() / b.norm())
-
-
-def _pearson(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float(torch.corrcoef(torch.stack([a.flatten(), b.flatten()]))[0, 1])
 
 
 def _tiny_engine(**kwargs) -> InfluenceEngine:
@@ -46,7 +40,7 @@ def test_jvp_and_per_example_gradient_scoring_agree_in_float32() -> None:
     jvp = engine.scores_from_s_test(s_test, method="jvp")
     grad = engine.scores_from_s_test(s_test, method="grad")
     assert jvp.shape == grad.shape == (6, 300)
-    assert _rel(jvp, grad) < RTOL_F32
+    assert rel_error(jvp, grad) < RTOL_F32
 
 
 def test_float32_scoring_is_at_float32_accuracy_on_a_confident_classifier() -> None:
@@ -58,7 +52,7 @@ def test_float32_scoring_is_at_float32_accuracy_on_a_confident_classifier() -> N
     exact64 = InfluenceEngine(model, train=train, batch_size=512, dtype=torch.float64)
     truth = exact64.scores_from_s_test(s_test.double(), method="grad")
     for method in ("jvp", "grad"):
-        assert _rel(engine.scores_from_s_test(s_test, method=method).double(), truth) < 5e-6
+        assert rel_error(engine.scores_from_s_test(s_test, method=method).double(), truth) < 5e-6
 
 
 def test_auto_scoring_switches_path_at_the_documented_threshold() -> None:
@@ -74,7 +68,7 @@ def test_score_shards_concatenate_to_the_full_matrix() -> None:
     shards = [
         engine.scores_from_s_test(result.s_test, a, b) for a, b in ((0, 7), (7, 30), (30, 40))
     ]
-    assert _rel(torch.cat(shards, dim=1), result.scores) < 1e-14
+    assert rel_error(torch.cat(shards, dim=1), result.scores) < 1e-14
     with pytest.raises(ValueError, match="shard"):
         engine.scores_from_s_test(result.s_test, 30, 41)
     with pytest.raises(ValueError, match="s_test must have shape"):
@@ -94,8 +88,50 @@ def _tiny_reference() -> tuple[torch.Tensor, torch.Tensor]:
 def test_self_influence_matches_a_dense_solve(solver) -> None:
     matrix, grads = _tiny_reference()
     expected = (grads * torch.linalg.solve(matrix, grads.T).T).sum(dim=1) / 40
-    assert _rel(_tiny_engine().self_influence(solver), expected) < RTOL_SOLVE
+    assert rel_error(_tiny_engine().self_influence(solver), expected) < RTOL_SOLVE
     assert (expected > 0).all()
+
+
+def test_self_influence_records_one_aggregated_report_and_warns_once() -> None:
+    engine = _tiny_engine()  # N = 40 in chunks of 16: three CG solves
+    assert engine.last_report is None
+    engine.self_influence(CG(tol=1e-12))
+    report = engine.last_report
+    assert report is not None and report.method == "cg" and report.converged
+    assert report.details["solves"] == 3
+    assert report.iterations == max(report.details["solve_iterations"])
+    assert report.relative_residual == max(report.details["solve_residuals"]) < 1e-10
+    with pytest.warns(ConvergenceWarning, match="3 of 3 chunk solves") as caught:
+        values = engine.self_influence(CG(tol=1e-12, max_iter=2))
+    assert len([w for w in caught if w.category is ConvergenceWarning]) == 1
+    assert values.shape == (40,)
+    report = engine.last_report
+    assert not report.converged and report.iterations == 2 and report.relative_residual > 1e-3
+    assert report.to_dict()["details"]["solve_converged"] == [False] * 3
+    engine.self_influence(Exact())
+    report = engine.last_report
+    assert report.method == "exact" and report.converged and report.relative_residual < 1e-10
+    assert report.details["residual_columns"] == 40
+
+
+def test_self_influence_with_lissa_estimates_the_scale_once(monkeypatch) -> None:
+    calls = 0
+    real = influence.solvers._power_iteration
+
+    def counting(*args, **kwargs):
+        nonlocal calls
+        calls += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(influence.solvers, "_power_iteration", counting)
+    engine = _tiny_engine()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        engine.self_influence(LiSSA(depth=20, batch_size=16, window=10))
+    assert calls == 1
+    report = engine.last_report
+    assert report.method == "lissa" and report.details["solves"] == 3
+    assert report.details["scale"] > 0 and report.iterations <= 20
 
 
 def test_lanczos_self_influence_error_against_exact_is_small_at_moderate_rank() -> None:
@@ -103,11 +139,11 @@ def test_lanczos_self_influence_error_against_exact_is_small_at_moderate_rank() 
     engine = InfluenceEngine(model, train=train, dtype=torch.float64, weight_decay=WEIGHT_DECAY)
     exact = engine.self_influence(Exact())
     approx = {rank: engine.self_influence(Lanczos(rank=rank)) for rank in (32, 128)}
-    errors = {rank: _rel(values, exact) for rank, values in approx.items()}
+    errors = {rank: rel_error(values, exact) for rank, values in approx.items()}
     print(f"Lanczos self-influence relative error vs exact (d = {engine.num_params}): {errors}")
     assert errors[128] < errors[32]
     assert errors[128] < 0.05
-    assert _pearson(approx[128], exact) > 0.99
+    assert pearson(approx[128], exact) > 0.99
 
 
 def test_group_influence_is_the_summed_loss_removal() -> None:
@@ -120,11 +156,35 @@ def test_group_influence_is_the_summed_loss_removal() -> None:
         engine.model, "cross_entropy", tiny_data("classes3", 40), test, matrix
     )
     assert value.shape == (3,)
-    assert _rel(value, expected[:, group].sum(dim=1)) < RTOL_SOLVE
+    assert rel_error(value, expected[:, group].sum(dim=1)) < RTOL_SOLVE
     assert report.relative_residual < 1e-10
     for bad, message in (([], "at least one"), ([1, 1], "repeat"), ([40], r"\[0, 40\)")):
         with pytest.raises(ValueError, match=message):
             engine.group_influence(bad, test, Exact())
+
+
+def test_stream_scores_validates_its_arguments() -> None:
+    engine = _tiny_engine()
+    op = engine.operator
+    s_test = torch.zeros(2, engine.num_params, dtype=torch.float64)
+
+    def call(s_test=s_test, num_train=40, inputs=op.inputs, batch_size=16):
+        return stream_scores(
+            engine.fmodel, engine.loss, engine.theta, inputs, op.targets[: len(inputs)],
+            s_test, num_train=num_train, batch_size=batch_size,
+        )  # fmt: skip
+
+    assert call().shape == (2, 40)
+    for kwargs, message in (
+        ({"s_test": s_test[:, :5]}, r"s_test must have shape \[k, 57\]"),
+        ({"s_test": s_test[0]}, "s_test must have shape"),
+        ({"s_test": s_test[:0]}, "k >= 1"),
+        ({"num_train": 0}, "num_train must be"),
+        ({"num_train": 10}, "exceed num_train"),
+        ({"batch_size": 0}, "batch_size"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            call(**kwargs)
 
 
 def test_top_k_ranks_helpful_and_harmful() -> None:
@@ -147,8 +207,23 @@ def test_engine_accepts_a_dataset_and_leaves_the_model_untouched() -> None:
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     result = engine.scores(test.subset([0, 1]), Exact())
     assert result.scores.dtype == torch.float64 and result.scores.shape == (2, len(train))
-    helpful = result.top_k(3).helpful
-    assert (result.scores.gather(1, helpful) >= result.scores.median(dim=1).values[:, None]).all()
+
+
+@pytest.mark.parametrize("solver", [Exact(), CG(tol=1e-12)], ids=["exact", "cg"])
+def test_top_k_rankings_match_an_independent_dense_reference(solver) -> None:
+    """The ranked helpful/harmful lists equal the argsort of scores from a dense float64
+    solve with a jacrev/hessian-built GNH (not the engine's products)."""
+    engine = _tiny_engine()
+    test = tiny_data("classes3", 3, seed=1)
+    matrix, _ = _tiny_reference()
+    expected = reference_scores(
+        engine.model, "cross_entropy", tiny_data("classes3", 40), test, matrix
+    )
+    ranked = engine.scores(test, solver).top_k(5)
+    order = expected.argsort(dim=1, descending=True)
+    assert ranked.helpful.tolist() == order[:, :5].tolist()
+    assert ranked.harmful.tolist() == order.flip(1)[:, :5].tolist()
+    torch.testing.assert_close(ranked.helpful_scores, expected.gather(1, order[:, :5]))
 
 
 @pytest.mark.parametrize(
@@ -237,8 +312,8 @@ def test_predicted_test_loss_changes_match_leave_one_out_retraining() -> None:
         with torch.no_grad():
             test_loss = loss.per_example(retrained(queries[0].double()), queries[1])
         actual[:, j] = test_loss - base_test_loss
-    pearson = _pearson(predicted[:, removed], actual)
-    print(f"LOO vs influence (breast cancer, 20 x 10): Pearson {pearson:.5f}, ", end="")
+    correlation = pearson(predicted[:, removed], actual)
+    print(f"LOO vs influence (breast cancer, 20 x 10): Pearson {correlation:.5f}, ", end="")
     print(f"largest objective gradient norm {max(norms):.1e}")
     assert max(norms) < 1e-8  # converged to float64's floor: the retraining is not noise
-    assert pearson >= 0.99
+    assert correlation >= 0.99

@@ -10,7 +10,10 @@ import torch
 
 from influence.experiments.__main__ import main
 from influence.experiments.config import ExperimentConfig
-from influence.experiments.mislabel import corrupt_labels, detection_curve
+from influence.experiments.correlation import correlate
+from influence.experiments.mislabel import corrupt_labels, detect_mislabels, detection_curve
+from influence.experiments.sweep import run_decomposition, sweep
+from influence.response import Responder
 from models import Dataset
 
 TINY = {
@@ -78,14 +81,31 @@ def test_cli_writes_json_markdown_and_figures(tmp_path: Path, command: str) -> N
     assert (out / f"{command}.md").read_text().startswith(f"**tiny-cancer: {command}")
     assert (out / f"{command}.png").stat().st_size > 0
     assert (out / f"{command}.svg").exists() == (command != "correlation")
+    config = ExperimentConfig.from_dict(TINY)
+    # The CLI's numbers are the library's for the same config.
     if command == "decomposition":
         assert set(data["summary"]) == {
             "warm_start", "proximity", "non_convergence", "linearization", "solver"
         }  # fmt: skip
+        library = run_decomposition(config).summary()
+        assert data["summary"]["proximity"]["mean"] == pytest.approx(
+            library["proximity"]["mean"], rel=1e-12
+        )
+        assert data["summary"]["proximity"]["mean"] > 0
     elif command == "correlation":
         assert set(data["statistics"]) == {"warm", "pbrf"}
+        train_set, test_set = config.datasets()
+        responder = Responder.from_run(config.train_base(train_set), train_set, config.response)
+        library = correlate(responder, test_set, config.correlation).statistics()
+        assert data["statistics"]["pbrf"]["pearson"] == pytest.approx(
+            library["pbrf"]["pearson"], rel=1e-12
+        )
     else:
         assert data["values"] == [0.001, 0.1] and len(data["curves"]["proximity"]["mean"]) == 2
+        library = sweep(config).curves()
+        assert data["curves"]["proximity"]["mean"] == pytest.approx(
+            library["proximity"]["mean"], rel=1e-12
+        )
 
 
 def test_cli_is_deterministic(tmp_path: Path) -> None:
@@ -114,6 +134,8 @@ def test_cli_mislabel_on_digits_subset(tmp_path: Path) -> None:
     assert found["self-influence"] > 0.5 and found["training loss"] > 0.5
     assert data["curves"]["random"][-1] == 1.0
     assert 0.05 < found["random"] < 0.5
+    library = detect_mislabels(ExperimentConfig.from_dict(config)).found_at(0.2)
+    assert found == pytest.approx(library, rel=1e-12)
 
 
 def test_shipped_configs_are_valid() -> None:

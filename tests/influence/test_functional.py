@@ -12,7 +12,7 @@ from influence.functional import (
     summed_grad,
 )
 from models.losses import get_loss
-from tests.conftest import RTOL_EXACT
+from tests.conftest import RTOL_EXACT, rel_error
 from tests.influence.problems import loop_grads, tiny_cnn, tiny_data, tiny_lm, tiny_mlp
 
 CASES = {
@@ -21,10 +21,6 @@ CASES = {
     "cnn-cross_entropy": (tiny_cnn, "images3", "cross_entropy"),
     "lm-token_cross_entropy": (tiny_lm, "tokens3", "cross_entropy"),
 }
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).norm() / b.norm())
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -36,12 +32,14 @@ def test_vmapped_gradients_and_jvps_match_a_loop(case: str) -> None:
     loss = get_loss(loss_name)
     reference = loop_grads(model, loss_name, inputs, targets)
     grads = per_example_grads(fmodel, loss, theta, inputs, targets)
-    assert _rel(grads, reference) < RTOL_EXACT
+    assert rel_error(grads, reference) < RTOL_EXACT
     directions = torch.randn(3, theta.numel(), dtype=torch.float64)
     along = per_example_directional(fmodel, loss, theta, inputs, targets, directions)
     assert along.shape == (3, 5)
-    assert _rel(along, directions @ reference.T) < RTOL_EXACT
-    assert _rel(summed_grad(fmodel, loss, theta, inputs, targets), reference.sum(0)) < RTOL_EXACT
+    assert rel_error(along, directions @ reference.T) < RTOL_EXACT
+    assert (
+        rel_error(summed_grad(fmodel, loss, theta, inputs, targets), reference.sum(0)) < RTOL_EXACT
+    )
 
 
 def test_flat_model_round_trips_parameters_and_skips_frozen_ones() -> None:

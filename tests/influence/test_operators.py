@@ -11,7 +11,7 @@ from torch import nn
 from influence.functional import FlatModel
 from influence.operators import DampedCurvature
 from models.losses import get_loss
-from tests.conftest import RTOL_EXACT
+from tests.conftest import RTOL_EXACT, rel_error
 from tests.influence.problems import (
     dense_gnh,
     dense_hessian,
@@ -42,10 +42,6 @@ def _operator(
     )  # fmt: skip
 
 
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).norm() / b.norm())
-
-
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("kind", ["gnh", "full"])
 def test_products_match_dense_torch_func_matrices(case: str, kind: str) -> None:
@@ -56,9 +52,9 @@ def test_products_match_dense_torch_func_matrices(case: str, kind: str) -> None:
         model, loss, *data, weight_decay=WEIGHT_DECAY
     )
     op = _operator(model, loss, data, kind, batch_size=3)  # chunks of 3 and 2
-    assert _rel(op.dense(), reference) < RTOL_EXACT
+    assert rel_error(op.dense(), reference) < RTOL_EXACT
     v = torch.randn(op.size, dtype=torch.float64)
-    assert _rel(op.matvec(v), reference @ v) < RTOL_EXACT
+    assert rel_error(op.matvec(v), reference @ v) < RTOL_EXACT
     if kind == "gnh":  # the Gauss-Newton matrix is PSD by construction; the Hessian is not
         assert float(torch.linalg.eigvalsh(op.dense())[0]) > 0
 
@@ -69,7 +65,7 @@ def test_damping_adds_lambda_identity(kind: str) -> None:
     v = torch.randn(sum(p.numel() for p in model.parameters()), dtype=torch.float64)
     plain = _operator(model, "cross_entropy", data, kind).matvec(v)
     damped = _operator(model, "cross_entropy", data, kind, damping=0.5).matvec(v)
-    assert _rel(damped, plain + 0.5 * v) < RTOL_EXACT
+    assert rel_error(damped, plain + 0.5 * v) < RTOL_EXACT
 
 
 @pytest.mark.parametrize("case", ["mlp-cross_entropy", "lm-token_cross_entropy"])
@@ -81,9 +77,9 @@ def test_batch_size_invariance_and_vmap_matches_loop(case: str, kind: str) -> No
     vectors = torch.randn(ops[0].size, 3, dtype=torch.float64)
     batched = [op.matmat(vectors) for op in ops]
     for other in batched[1:]:
-        assert _rel(other, batched[0]) < RTOL_EXACT
+        assert rel_error(other, batched[0]) < RTOL_EXACT
     looped = torch.stack([ops[1].matvec(vectors[:, j]) for j in range(3)], dim=1)
-    assert _rel(batched[1], looped) < RTOL_EXACT
+    assert rel_error(batched[1], looped) < RTOL_EXACT
 
 
 def test_minibatch_curvature_is_the_subset_operator() -> None:
@@ -92,7 +88,7 @@ def test_minibatch_curvature_is_the_subset_operator() -> None:
     subset = torch.tensor([1, 4, 6])
     sub_op = _operator(model, "cross_entropy", (data[0][subset], data[1][subset]), "gnh")
     v = torch.randn(op.size, dtype=torch.float64)
-    assert _rel(op.curvature(v, subset), sub_op.curvature(v)) < RTOL_EXACT
+    assert rel_error(op.curvature(v, subset), sub_op.curvature(v)) < RTOL_EXACT
 
 
 @pytest.mark.parametrize(

@@ -8,6 +8,8 @@ import pytest
 import torch
 from torch.func import jacrev
 
+import influence.decomposition
+import influence.response
 from influence.decomposition import (
     DecompositionArguments,
     decompose,
@@ -21,6 +23,7 @@ from influence.response import (
     output_distance,
     verify,
 )
+from influence.solvers import CG, Exact
 from models import Dataset, Recipe, TrainingError, build, save_checkpoint, train
 from tests.conftest import RTOL_SOLVE
 
@@ -83,6 +86,39 @@ def test_proximity_gap_matches_closed_form_to_first_order(logreg: Responder) -> 
     dense = _closed_form_proximity(r, [3])
     assert gap == pytest.approx(dense, rel=0.01)
     assert first_order_proximity(r, [[3]])[0] == pytest.approx(dense, rel=RTOL_SOLVE)
+
+
+def test_first_order_proximity_uses_the_true_hessian(logreg: Responder, monkeypatch) -> None:
+    """Warm and proximal minimise the true objectives, so the closed form takes the full
+    Hessian even when the responder's influence uses the Gauss-Newton one."""
+    kinds: list[str] = []
+    real = influence.decomposition.InfluenceEngine
+
+    def spy(*args, **kwargs):
+        kinds.append(kwargs["hessian"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(influence.decomposition, "InfluenceEngine", spy)
+    assert logreg.arguments.hessian == "gnh"
+    value = first_order_proximity(logreg, [[3]])[0]
+    assert kinds and set(kinds) == {"full"}
+    assert value == pytest.approx(_closed_form_proximity(logreg, [3]), rel=RTOL_SOLVE)
+
+
+def test_cold_start_replays_the_base_schedule_over_k_epochs(monkeypatch) -> None:
+    data = _classification(30, 3, seed=2)
+    recipe = Recipe(optimizer="sgd", lr=0.1, epochs=4, batch_size=8, schedule="cosine")
+    run = train(MLP_CONFIG, data, recipe, dtype=torch.float64)
+    calls: list[dict] = []
+    real = influence.response.train
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(influence.response, "train", spy)
+    Responder.from_run(run, data).retrain("cold", [4])
+    assert calls[-1]["epochs"] == 4 + 2 and calls[-1]["schedule_epochs"] == 4
 
 
 def test_linearization_gap_is_second_order_in_epsilon(logreg: Responder) -> None:
@@ -168,6 +204,29 @@ def test_verify_pbrf_tracks_influence(tmp_path) -> None:
     assert json.loads(json.dumps(result.to_dict()))["method"] == "pbrf"
     with pytest.raises(ValueError, match="method"):
         verify(path, data, test, [0], method="cold")
+
+
+def test_verify_takes_the_query_hessian_and_a_solver_object() -> None:
+    data = _classification(40, 3, seed=4)
+    test = _classification(6, 3, seed=5)
+    recipe = Recipe(optimizer="adam", lr=0.05, epochs=30, batch_size=None, loss="cross_entropy")
+    run = train(MLP_CONFIG, data, recipe, dtype=torch.float64)
+    model, indices = run.model(), [0, 7, 12]
+    result = verify(
+        (model, MLP_CONFIG), data, test, indices, damping=0.1, hessian="full",
+        method="linearized", solver=CG(tol=1e-11, max_iter=300),
+        arguments=VerifyArguments(epsilon=1e-3, steps=2, solver="exact"),
+    )  # fmt: skip
+    assert result.report["method"] == "cg" and result.report["details"]["tol"] == 1e-11
+
+    def predicted(hessian: str) -> torch.Tensor:
+        arguments = ResponseArguments(epsilon=1e-3, damping=0.1, hessian=hessian)
+        r = Responder(MLP_CONFIG, model.state_dict(), recipe, data, arguments, solver=Exact())
+        influence_thetas, _ = r.influence([[i] for i in indices])
+        return r.predicted_changes(influence_thetas, test.inputs, test.targets)
+
+    torch.testing.assert_close(result.predicted, predicted("full"), rtol=1e-8, atol=1e-12)
+    assert not torch.allclose(result.predicted, predicted("gnh"), rtol=1e-3)
 
 
 def test_unbounded_pbrf_is_reported_clearly() -> None:

@@ -18,7 +18,7 @@ from influence import (
     NonFiniteError,
     SolverDivergedError,
 )
-from tests.conftest import RTOL_SOLVE
+from tests.conftest import RTOL_SOLVE, pearson, rel_error
 from tests.influence.problems import (
     dense_gnh,
     dense_hessian,
@@ -30,14 +30,6 @@ from tests.influence.problems import (
 
 DAMPING = 1e-3
 WEIGHT_DECAY = 0.01
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).norm() / b.norm())
-
-
-def _pearson(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float(torch.corrcoef(torch.stack([a.flatten(), b.flatten()]))[0, 1])
 
 
 def _tiny_engine(hessian: str = "gnh", damping: float = DAMPING) -> InfluenceEngine:
@@ -60,7 +52,7 @@ def test_exact_and_cg_scores_match_a_dense_float64_solve(hessian, damping, solve
     expected = reference_scores(engine.model, "cross_entropy", train, test, matrix)
     result = engine.scores(test, solver)
     assert result.scores.shape == (4, 40)
-    assert _rel(result.scores, expected) < RTOL_SOLVE
+    assert rel_error(result.scores, expected) < RTOL_SOLVE
     assert result.report.converged
     assert result.report.relative_residual < 1e-10
     assert len(result.report.details["residuals"]) == 4
@@ -73,7 +65,7 @@ def test_block_cg_matches_column_by_column_and_reports_per_column() -> None:
     solver = CG(tol=1e-10)
     block, report = solver.solve(engine.operator, rhs)
     columns = [solver.solve(engine.operator, rhs[:, j])[0] for j in range(3)]
-    assert _rel(block, torch.stack(columns, dim=1)) < RTOL_SOLVE
+    assert rel_error(block, torch.stack(columns, dim=1)) < RTOL_SOLVE
     assert report.method == "cg"
     assert report.iterations == max(report.details["column_iterations"])
     assert max(report.details["residuals"]) == report.relative_residual < 1e-9
@@ -89,7 +81,7 @@ def test_preconditioned_cg_with_the_exact_inverse_takes_one_iteration() -> None:
     assert report.method == "pcg" and report.details["preconditioned"]
     assert report.iterations == 1
     assert report.relative_residual < 1e-8
-    assert _rel(solution, inverse @ rhs) < RTOL_SOLVE
+    assert rel_error(solution, inverse @ rhs) < RTOL_SOLVE
 
 
 def test_cg_at_its_iteration_limit_warns_and_says_not_converged() -> None:
@@ -174,8 +166,31 @@ def test_lanczos_at_full_rank_is_exact() -> None:
     d = engine.num_params
     solution, report = Lanczos(rank=d, iterations=d).solve(engine.operator, rhs)
     expected = torch.linalg.solve(engine.operator.dense(), rhs)
-    assert _rel(solution, expected) < 1e-8
+    assert rel_error(solution, expected) < 1e-8
     assert report.relative_residual < 1e-8
+
+
+def test_lanczos_reports_the_steps_it_took_when_the_krylov_space_runs_out() -> None:
+    """Linear regression (mse) without weight decay: G = I₂ ⊗ (1/N) Σ [x,1][x,1]ᵀ has only
+    two distinct nonzero eigenvalues on 2 points, so Lanczos stops after 3 of its 12 steps."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(5, 2).double()
+    engine = InfluenceEngine(model, loss="mse", train=tiny_data("regression2", 2), damping=1e-2)
+    op = engine.operator
+    products = 0
+    curvature = op.curvature
+
+    def counting(vectors: torch.Tensor, indices=None) -> torch.Tensor:
+        nonlocal products
+        products += 1
+        return curvature(vectors, indices)
+
+    op.curvature = counting  # type: ignore[method-assign]
+    solver = Lanczos(rank=6)
+    inverse = solver.factorize(op)
+    assert inverse.iterations == products == 3 < solver.steps(engine.num_params) == 12
+    rhs = engine.gradients(*tiny_data("regression2", 1, seed=1)).T
+    assert solver.solve(op, rhs)[1].iterations == 3
 
 
 def test_lissa_defaults_reach_exact_quality_on_digits_and_report_an_honest_residual() -> None:
@@ -184,7 +199,7 @@ def test_lissa_defaults_reach_exact_quality_on_digits_and_report_an_honest_resid
     queries = (test.inputs[:10], test.targets[:10])
     exact = engine.scores(queries, Exact())
     lissa = engine.scores(queries, LiSSA())
-    assert _pearson(lissa.scores, exact.scores) >= 0.99
+    assert pearson(lissa.scores, exact.scores) >= 0.99
     # The residual brackets the true error: ‖r‖/λ_max ≤ ‖x − x*‖ ≤ ‖r‖/λ_min.
     eigenvalues = torch.linalg.eigvalsh(engine.operator.dense())
     grads = engine.gradients(*queries)

@@ -184,6 +184,32 @@ def test_lr_schedules() -> None:
     assert cosine.lr_at(0, 4) == 2.0 and cosine.lr_at(2, 4) == pytest.approx(1.0)
     assert cosine.lr_at(3, 4) == pytest.approx(1 + math.cos(math.pi * 3 / 4))
     assert Recipe(lr=0.3).lr_at(7, 10) == 0.3
+    # Past the schedule's span the last epoch's rate is held.
+    assert cosine.lr_at(5, 4) == cosine.lr_at(3, 4) > 0
+    assert step.lr_at(9, 3) == step.lr_at(2, 3) == pytest.approx(0.1)
+
+
+def test_schedule_horizon_replays_the_base_rates_then_holds_the_last(data: Dataset) -> None:
+    """A K + 2 epoch replay with ``schedule_epochs=K`` runs the base run's K epochs
+    exactly (same rates, same orders), then continues at the K-th epoch's rate."""
+    recipe = Recipe(optimizer="sgd", lr=0.5, epochs=4, batch_size=6, schedule="cosine", seed=1)
+    base = models.train(CONFIG, data, recipe)
+    longer = models.train(
+        CONFIG, data, recipe, init=base.theta0, batch_order=base.batch_order, epochs=6,
+        schedule_epochs=4,
+    )  # fmt: skip
+    held = Recipe(**{**recipe.to_dict(), "lr": recipe.lr_at(3, 4), "schedule": "none"})
+    tail = models.train(
+        CONFIG, data, held, init=base.thetas, batch_order=longer.batch_order[4:], epochs=2
+    )
+    for name, value in tail.thetas.items():
+        torch.testing.assert_close(longer.thetas[name], value, rtol=RTOL_F32, atol=RTOL_F32)
+    stretched = models.train(
+        CONFIG, data, recipe, init=base.theta0, batch_order=base.batch_order, epochs=6
+    )
+    assert not _equal_states(stretched.thetas, longer.thetas)  # the old, stretched schedule
+    with pytest.raises(TrainingError, match="schedule_epochs"):
+        models.train(CONFIG, data, recipe, schedule_epochs=0)
 
 
 def test_global_rng_is_left_alone(data: Dataset) -> None:

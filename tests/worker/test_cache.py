@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import pydantic
 import pytest
 
-from worker.cache import query_content_id, result_key, s_test_key
-from worker.contract import JobKind, TestSpec
+from influence import CG, LiSSA
+from models.checkpoints import canonical_json
+from worker.cache import _digest, query_content_id, result_key, s_test_key
+from worker.contract import ENGINE_VERSION, JobKind, SolverSpec, TestSpec
 
 QUERY = {
     "model": "ab" * 32,
@@ -47,3 +51,18 @@ def test_query_content_id() -> None:
     assert one != query_content_id(TestSpec(dataset="ef" * 32, indices=[2, 1]))
     with pytest.raises(pydantic.ValidationError, match="exactly one"):
         TestSpec(artifact="ef" * 32, dataset="ef" * 32, indices=[0])
+
+
+def test_keys_hash_the_canonical_json_and_solver_defaults_are_the_engines() -> None:
+    expected = {"kind": "influence", "engine": ENGINE_VERSION, "solver": SolverSpec().model_dump()}
+    assert _digest(expected) == hashlib.sha256(canonical_json(expected).encode()).hexdigest()
+    spec, lissa, cg = SolverSpec(), LiSSA(), CG()
+    assert (spec.depth, spec.repeats, spec.batch_size, spec.scale, spec.seed) == (
+        lissa.depth,
+        lissa.repeats,
+        lissa.batch_size,
+        lissa.scale,
+        lissa.seed,
+    )
+    assert (spec.tol, spec.max_iter) == (cg.tol, cg.max_iter)
+    assert SolverSpec(name="lissa").build() == lissa

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import models
-from influence import Exact, InfluenceEngine
-from influence.response import VerifyArguments, verify
+from influence import CG, Exact, InfluenceEngine
+from influence.response import VerifyArguments, VerifyResult, verify
 from tests.conftest import RTOL_F32
 from tests.worker.conftest import (
     MLP_CONFIG,
@@ -96,8 +96,33 @@ def test_self_influence_job(queue: JobQueue, store: ArtifactStore, tiny: dict, t
     thread_worker()
     record = wait_for(queue, job, finished)
     assert record.status == JobStatus.SUCCEEDED, record.error
-    expected = engine_for(tiny).self_influence(Exact())
+    engine = engine_for(tiny)
+    expected = engine.self_influence(Exact())
     torch.testing.assert_close(scores_of(store, record), expected, rtol=RTOL_F32, atol=1e-9)
+    report = engine.last_report.to_dict()  # the aggregated report reaches the job
+    assert record.report is not None and set(record.report) == set(report)
+    assert record.report["method"] == "exact" and record.report["converged"] is True
+
+
+@pytest.mark.parametrize(
+    ("inputs", "targets", "fragment"),
+    [
+        (torch.randn(2, 5), torch.tensor([0, 1]), "per-example shape [5]"),
+        (torch.randn(2, 4), torch.tensor([0, 7]), "class indices must lie in [0, 3)"),
+        (torch.randn(2, 4), torch.tensor([0.0, 1.0]), "must be integers"),
+    ],
+    ids=["width", "class", "dtype"],
+)
+def test_bad_test_points_fail_at_once_naming_the_problem(
+    queue: JobQueue, store: ArtifactStore, tiny: dict, thread_worker, inputs, targets, fragment
+) -> None:
+    artifact = store.put_tensors({"inputs": inputs, "targets": targets})
+    payload = {**influence_payload(tiny), "test": {"artifact": artifact}}
+    job = queue.submit(JobKind.INFLUENCE, payload, tenant=TENANT)
+    thread_worker()
+    record = wait_for(queue, job, finished)
+    assert record.status == JobStatus.FAILED and record.attempts == 1, record.error
+    assert fragment in record.error and queue.dead_letters() == []
 
 
 def test_unknown_model_fails_at_once_naming_it(queue: JobQueue, tiny: dict, thread_worker):
@@ -192,3 +217,29 @@ def test_decomposition_job_on_a_checkpoint(queue: JobQueue, tiny: dict, thread_w
     assert "warm_start" not in summary  # a checkpoint has no recorded θ⁰
     assert {"proximity", "non_convergence", "linearization", "solver"} <= set(summary)
     assert all(len(v) == 2 for v in record.result["gaps"].values())
+
+
+def test_verify_job_checks_with_the_querys_curvature_and_solver(
+    queue: JobQueue, store: ArtifactStore, tiny: dict, thread_worker, monkeypatch
+) -> None:
+    solver = {"name": "cg", "tol": 1e-9, "max_iter": 77}
+    query = {**influence_payload(tiny), "hessian": "full", "solver": solver}
+    source = queue.submit(JobKind.INFLUENCE, query, tenant=TENANT)
+    claim = queue.claim("manual", block_ms=100)  # a finished query without running it
+    scores = store.put_tensors({"scores": torch.arange(120.0).reshape(3, 40)})
+    queue.complete(claim, {"scores": scores, "num_test": 3})
+    seen: dict = {}
+
+    def fake_verify(*args, **kwargs):
+        seen.update(kwargs, train_indices=args[3])
+        return VerifyResult("pbrf", args[3], torch.zeros(4, 1), torch.zeros(4, 1), {"m": 1})
+
+    monkeypatch.setattr("worker.handlers.verify", fake_verify)
+    check = {"job": source, "top": 2, "test": 1, "steps": 7}
+    thread_worker()
+    record = wait_for(queue, queue.submit(JobKind.VERIFY, check, tenant=TENANT), finished)
+    assert record.status == JobStatus.SUCCEEDED, record.error
+    assert seen["hessian"] == "full" and seen["damping"] == 1e-2
+    assert seen["solver"] == CG(tol=1e-9, max_iter=77)
+    assert seen["arguments"] == VerifyArguments(steps=7, solver="cg")
+    assert seen["train_indices"] == [0, 1, 38, 39] and record.report == {"m": 1}

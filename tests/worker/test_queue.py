@@ -285,3 +285,50 @@ def test_canceling_a_sharded_parent_stops_its_shards(queue: JobQueue) -> None:
         queue.report_progress(claim, 0.1, "scoring")
     queue.finish_canceled(claim)
     assert queue.get(children[0]).status == JobStatus.CANCELED
+
+
+def test_list_reads_one_page(queue: JobQueue) -> None:
+    jobs = [
+        queue.submit(JobKind.SELF_INFLUENCE, {**PAYLOAD, "damping": 0.1 * (i + 1)}, tenant=TENANT)
+        for i in range(5)
+    ]
+    newest_first = jobs[::-1]
+    assert [r.id for r in queue.list(TENANT, limit=2, offset=1)] == newest_first[1:3]
+    assert [r.id for r in queue.list(TENANT, limit=10, offset=4)] == newest_first[4:]
+    queue.complete(queue.claim("w", block_ms=50), {})  # the oldest job
+    succeeded = queue.list(TENANT, status=JobStatus.SUCCEEDED)
+    assert [r.id for r in succeeded] == [jobs[0]]
+    assert [r.id for r in queue.list(TENANT, status="queued", limit=2, offset=1)] == [
+        newest_first[1],
+        newest_first[2],
+    ]
+
+
+def test_shard_jobs_stay_out_of_the_tenant_index(queue: JobQueue) -> None:
+    parent, _ = sharded_parent(queue, 2)
+    assert queue.redis.zrange(queue.keys.tenant_jobs(TENANT), 0, -1) == [parent]
+    assert [r.id for r in queue.list(TENANT)] == [parent]
+
+
+def test_expired_jobs_leave_the_index_and_the_dead_letter_list_is_bounded(
+    client: redis.Redis, settings: Settings
+) -> None:
+    queue = short_lease(client, settings, result_ttl_seconds=60, dead_letter_max=2)
+    index = queue.keys.tenant_jobs(TENANT)
+    gone = [queue.submit(JobKind.SELF_INFLUENCE, PAYLOAD, tenant=TENANT) for _ in range(3)]
+    client.delete(*(queue.keys.job(j) for j in gone[:2]))  # as if their TTL ran out
+    kept = queue.submit(JobKind.SELF_INFLUENCE, PAYLOAD, tenant=TENANT)
+    assert client.zrange(index, 0, -1) == [gone[2], kept]  # pruned by the submit
+    client.delete(queue.keys.job(gone[2]))
+    assert [r.id for r in queue.list(TENANT, limit=5)] == [kept]  # pruned by the listing
+    assert client.zrange(index, 0, -1) == [kept]
+
+    queue = short_lease(client, settings, dead_letter_max=2, key_prefix=settings.key_prefix + "d:")
+    dead = []
+    for _ in range(3):
+        job = queue.submit(JobKind.SELF_INFLUENCE, PAYLOAD, tenant=TENANT)
+        dead.append(job)
+        for _ in range(3):
+            queue.fail(queue.claim("w", block_ms=50), "RuntimeError: boom", retry=True)
+    assert [d["job"] for d in queue.dead_letters()] == dead[1:]  # the oldest was dropped
+    assert queue.counts()["dead_lettered"] == 3

@@ -38,3 +38,15 @@ def test_bad_settings_name_the_field(monkeypatch: pytest.MonkeyPatch, env: dict,
 
 def test_every_setting_is_documented() -> None:
     assert all(field.description for field in Settings.model_fields.values())
+
+
+@pytest.mark.parametrize(
+    "value", ["secret-one:alice,secret-two", '{"secret-one": "alice", "secret-two": 3}']
+)
+def test_a_malformed_api_key_entry_is_reported_by_position_only(
+    monkeypatch: pytest.MonkeyPatch, value: str
+) -> None:
+    monkeypatch.setenv("INFLUENCE_API_KEYS", value)
+    with pytest.raises(pydantic.ValidationError, match="entry #2") as error:
+        Settings()
+    assert "secret" not in str(error.value) and "alice" not in str(error.value)

@@ -116,3 +116,25 @@ def test_dataset_size_cap(registry: Registry, tmp_path: Path) -> None:
     data = models.Dataset(torch.randn(5, 2), torch.zeros(5, 1), {"task": "regression"})
     with pytest.raises(models.DatasetError, match="over the cap of 3"):
         registry.put_dataset(TENANT, dataset_bytes(data, tmp_path))
+
+
+def test_dataset_record_carries_the_tensor_layout_and_rows_read_alone(
+    registry: Registry, store: ArtifactStore, tmp_path: Path
+) -> None:
+    data = models.Dataset(
+        torch.randn(6, 2, 3), torch.randn(6, 2), {"task": "regression", "name": "vectors"}
+    )
+    record = registry.put_dataset(TENANT, dataset_bytes(data, tmp_path))
+    assert record["tensors"] == {
+        "inputs": {"shape": [2, 3], "dtype": "float32"},
+        "targets": {"shape": [2], "dtype": "float32"},
+    }
+    metadata, layout = store.describe(record["artifact"])
+    assert layout["inputs"] == {"shape": [6, 2, 3], "dtype": "float32"}
+    assert "vectors" in metadata["metadata"]
+    assert torch.equal(store.get_tensor(record["artifact"], "inputs", 4), data.inputs[4])
+    assert torch.equal(store.get_tensor(record["artifact"], "targets"), data.targets)
+    with pytest.raises(IndexError):
+        store.get_tensor(record["artifact"], "inputs", 6)
+    with pytest.raises(KeyError):
+        store.get_tensor(record["artifact"], "weights")
