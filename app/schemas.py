@@ -16,7 +16,7 @@ from torch import Tensor
 
 import models
 from influence.decomposition import DecompositionArguments
-from influence.experiments.config import CorrelationArguments
+from influence.experiments.config import CorrelationArguments, MislabelArguments, build_dataclass
 from influence.response import ResponseArguments
 from worker.contract import (
     SCORE_MEANING,
@@ -217,6 +217,17 @@ class DecompositionRequest(DecompositionPayload):
         _at_most(correlation.num_test, MAX_TEST_POINTS, "correlation.num_test")
         return value
 
+    @field_validator("mislabel")
+    @classmethod
+    def _mislabel(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value is None:
+            return None
+        mislabel = _validated(
+            lambda v: build_dataclass(MislabelArguments, v, "mislabel"), value, "mislabel"
+        )
+        _at_most(mislabel.pbrf_points, MAX_REMOVED_SETS, "mislabel.pbrf_points")
+        return value
+
     @model_validator(mode="after")
     def _bounded_retraining(self) -> DecompositionRequest:
         """Total retraining = removed sets × retrainings × epochs per retraining, at most
@@ -250,9 +261,18 @@ class DecompositionRequest(DecompositionPayload):
                 "retrainings of correlation.methods" + (" + 1" if extra else "")
             )
         work = retrainings * epochs
+        terms = f"({terms}) × {per} ({epochs})"
+        if self.mislabel is not None:
+            # one training from scratch on the corrupted labels, one PBRF retraining per
+            # mislabel.pbrf_points
+            pbrf_points = MislabelArguments(**self.mislabel).pbrf_points
+            work += recipe.epochs + pbrf_points * epochs
+            terms += f" + mislabel retraining: recipe.epochs ({recipe.epochs})"
+            if pbrf_points:
+                terms += f" + mislabel.pbrf_points ({pbrf_points}) × {per} ({epochs})"
         if work > MAX_RETRAIN_WORK:
             raise ValueError(
-                f"retraining work ({terms}) × {per} ({epochs}) = {work} exceeds "
+                f"retraining work {terms} = {work} exceeds "
                 f"{MAX_RETRAIN_WORK}; lower the number of points or the epochs"
             )
         return self

@@ -247,7 +247,8 @@ class VerifyPayload(_Schema):
 class DecompositionPayload(_Schema):
     """The paper's decomposition (Table 5 gaps) on an uploaded checkpoint with its training
     recipe (no recorded θ⁰, so no cold start / warm-start gap), optionally with the test-loss
-    correlations of Tables 6-8 on the given test points."""
+    correlations of Tables 6-8 on the given test points and the mislabel-detection curves of
+    Figure 6."""
 
     model: _ID
     train: _ID
@@ -266,6 +267,13 @@ class DecompositionPayload(_Schema):
     correlation: dict | None = Field(
         None,
         description="influence.experiments.config.CorrelationArguments fields; needs test",
+    )
+    mislabel: dict | None = Field(
+        None,
+        description="influence.experiments.config.MislabelArguments fields, e.g. "
+        '{"fraction": 0.1, "seed": 0, "solver": "exact"}: also corrupt that fraction of the '
+        "labels, retrain from scratch and return the Figure 6 detection curves "
+        "(classification training sets only)",
     )
 
     @model_validator(mode="after")

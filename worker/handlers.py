@@ -19,8 +19,13 @@ from torch import Tensor, nn
 import models
 from influence import InfluenceEngine
 from influence.decomposition import DecompositionArguments, decompose
-from influence.experiments.config import CorrelationArguments
+from influence.experiments.config import (
+    CorrelationArguments,
+    MislabelArguments,
+    build_dataclass,
+)
 from influence.experiments.correlation import correlate
+from influence.experiments.mislabel import detect_mislabels_on
 from influence.response import Responder, ResponseArguments, VerifyArguments, verify
 from influence.solvers import phase_progress
 from models import Progress
@@ -331,7 +336,8 @@ def _verify(ctx: Context, claim: Claim, progress: Progress) -> Outcome:
 
 def _decomposition(ctx: Context, claim: Claim, progress: Progress) -> Outcome:
     """The paper's decomposition (Table 5) on a checkpoint and its recipe (no recorded run:
-    no cold start), plus the Tables 6-8 correlations when asked."""
+    no cold start), plus the Tables 6-8 correlations and the Figure 6 mislabel-detection
+    curves (a fresh training on corrupted labels) when asked."""
     tenant = claim.job.tenant
     payload = DecompositionPayload.model_validate(claim.job.payload)
     model, config = ctx.checkpoint(tenant, payload.model)
@@ -342,18 +348,43 @@ def _decomposition(ctx: Context, claim: Claim, progress: Progress) -> Outcome:
         ctx.dataset(tenant, payload.train),
         ResponseArguments(**{**payload.response, "damping": payload.damping}),
     )
-    share = 1.0 if payload.correlation is None else 0.5
+    mislabel = None
+    if payload.mislabel is not None:
+        mislabel = build_dataclass(MislabelArguments, payload.mislabel, "mislabel")
+        meta = responder.dataset.metadata
+        if meta.get("task") != "classification" or not meta.get("num_classes"):
+            raise ValueError(
+                "mislabel: detection corrupts class labels, so it needs a classification "
+                f"training set with num_classes; {payload.train} is "
+                f"{meta.get('task', 'not a classification set')}"
+            )
+    # progress shares: the decomposition, then the correlations and the mislabel run
+    phases = ["decomposition"] + ["correlation"] * (payload.correlation is not None)
+    phases += ["mislabel"] * (mislabel is not None)
+    bounds = {name: (i / len(phases), (i + 1) / len(phases)) for i, name in enumerate(phases)}
     arguments = DecompositionArguments(**payload.arguments)
-    result = decompose(responder, arguments, phase_progress(progress, 0.0, share)).to_dict()
+    result = decompose(
+        responder, arguments, phase_progress(progress, *bounds["decomposition"])
+    ).to_dict()
     if payload.correlation is not None and payload.test is not None:
         test = ctx.test_points(tenant, payload.test)
         correlation = correlate(
             responder,
             test,
             CorrelationArguments(**payload.correlation),
-            phase_progress(progress, share, 1.0),
+            phase_progress(progress, *bounds["correlation"]),
         )
         result["correlation"] = correlation.to_dict()
+    if mislabel is not None:
+        found = detect_mislabels_on(
+            config,
+            responder.recipe,
+            responder.dataset,
+            responder.arguments,
+            mislabel,
+            phase_progress(progress, *bounds["mislabel"]),
+        )
+        result["mislabel"] = found.to_dict()
     return Outcome(result, result.get("solver_report"))
 
 

@@ -278,8 +278,17 @@ def verify(
 @router.post("/decompositions", status_code=202, response_model=JobAccepted)
 def decompositions(services: Svc, caller: Caller, request: DecompositionRequest) -> JobAccepted:
     """The paper's decomposition of influence error into its five gaps (Table 5) and the
-    test-loss correlations, on a stored checkpoint and its training set (no cold start)."""
-    _check_engine_inputs(services, caller.tenant, request.model, request.train)
+    test-loss correlations, on a stored checkpoint and its training set (no cold start),
+    and with ``mislabel`` the Figure 6 detection curves (classification sets only)."""
+    _, train_record = _check_engine_inputs(services, caller.tenant, request.model, request.train)
+    if request.mislabel is not None and (
+        train_record.get("task") != "classification" or not train_record.get("num_classes")
+    ):
+        raise _unprocessable(
+            ["mislabel"],
+            "mislabel detection corrupts class labels and needs a classification training "
+            f"set; dataset {request.train} is {train_record.get('task') or 'not classification'}",
+        )
     payload = request.model_dump(mode="json", exclude={"test"})
     if request.test is not None:
         test = _dataset_test(services, caller.tenant, request.test)

@@ -1,5 +1,5 @@
-// Inline-SVG charts drawn by hand: bars (Figure 4 style) and scatter with the y = x line
-// (Tables 6–8 style). Each chart is an <svg role="img"> with a title and a description, so
+// Inline-SVG charts drawn by hand: bars (Figure 4 style), scatter with the y = x line
+// (Tables 6–8 style) and lines with a legend (Figure 6 style). Each chart is an <svg role="img"> with a title and a description, so
 // screen readers get the numbers too.
 
 import { fmt } from "./ui.js";
@@ -143,5 +143,54 @@ export function scatterChart({ title, points, xLabel, yLabel }) {
       ),
     );
   }
+  return root;
+}
+
+/**
+ * Lines {label, points: [{x, y}]} on shared linear axes, with a legend (Figure 6 style).
+ * xDomain / yDomain fix the axis ranges (default: the data's).
+ */
+export function lineChart({ title, lines, xLabel, yLabel, xDomain, yDomain, tickText = fmt }) {
+  const description = lines
+    .map((line) => {
+      const last = line.points[line.points.length - 1];
+      return `${line.label}: ${line.points.length} points${last ? `, ending at (${fmt(last.x, 3)}, ${fmt(last.y, 3)})` : ""}`;
+    })
+    .join("; ");
+  const root = frame(title, `${title}. ${description}`);
+  const all = lines.flatMap((line) => line.points).filter((p) => Number.isFinite(Number(p.x)) && Number.isFinite(Number(p.y)));
+  if (!all.length) return root;
+  const [xlo, xhi] = xDomain ?? [Math.min(...all.map((p) => Number(p.x))), Math.max(...all.map((p) => Number(p.x)))];
+  const [ylo, yhi] = yDomain ?? [Math.min(...all.map((p) => Number(p.y))), Math.max(...all.map((p) => Number(p.y)))];
+  const x = scale(xlo, xhi, PAD.left, WIDTH - PAD.right);
+  const y = scale(ylo, yhi, HEIGHT - PAD.bottom, PAD.top);
+  axes(root, x, y, niceTicks(xlo, xhi, 5), niceTicks(ylo, yhi, 5), xLabel, yLabel, tickText);
+  lines.forEach((line, i) => {
+    const color = line.color ?? PALETTE[i % PALETTE.length];
+    const path = line.points
+      .filter((p) => Number.isFinite(Number(p.x)) && Number.isFinite(Number(p.y)))
+      .map((p) => `${x(Number(p.x)).toFixed(1)},${y(Number(p.y)).toFixed(1)}`)
+      .join(" ");
+    root.append(
+      svg(
+        "polyline",
+        { points: path, fill: "none", stroke: color, "stroke-width": 2, class: "line", "data-label": line.label, ...(line.dash ? { "stroke-dasharray": line.dash } : {}) },
+        svg("title", {}, line.label),
+      ),
+    );
+  });
+  // legend: bottom right inside the plot area (below the diagonal, where rising curves
+  // that end at (1, 1) seldom go); the labels are in the description for screen readers
+  const legend = svg("g", { class: "legend", "aria-hidden": "true" });
+  const left = WIDTH - PAD.right - 150;
+  lines.forEach((line, i) => {
+    const color = line.color ?? PALETTE[i % PALETTE.length];
+    const ly = HEIGHT - PAD.bottom - 12 - (lines.length - 1 - i) * 16;
+    legend.append(
+      svg("line", { x1: left, x2: left + 20, y1: ly, y2: ly, stroke: color, "stroke-width": 2, ...(line.dash ? { "stroke-dasharray": line.dash } : {}) }),
+      svg("text", { x: left + 26, y: ly + 4, class: "tick legend-label" }, line.label),
+    );
+  });
+  root.append(legend);
   return root;
 }

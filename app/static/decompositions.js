@@ -1,10 +1,11 @@
 // Decompositions: POST /decompositions (the paper's gap decomposition on a stored checkpoint
-// and its training recipe), then the gap table, a Figure 4 style bar chart and Tables 6–8
-// style scatter plots of influence-predicted against actual test-loss change. Finished runs
+// and its training recipe), then the gap table, a Figure 4 style bar chart, Tables 6–8
+// style scatter plots of influence-predicted against actual test-loss change and, when
+// asked, the Figure 6 mislabel-detection curves. Finished runs
 // are listed from GET /jobs and open at #decompositions/<job>.
 
 import { TERMINAL, api, items } from "./api.js";
-import { barChart, PALETTE, scatterChart } from "./charts.js";
+import { barChart, lineChart, PALETTE, scatterChart } from "./charts.js";
 import {
   catalogueOptions,
   compact,
@@ -57,6 +58,7 @@ function requestBody() {
       ? { dataset: f.test_dataset.value, indices: Number.isInteger(numTest) ? [...Array(numTest).keys()] : numTest }
       : undefined,
     correlation: correlate ? compact({ num_points: numPoints, num_test: numTest, seed, methods }) : undefined,
+    mislabel: f.mislabel.checked ? { fraction: 0.1, seed: seed ?? 0, solver: "exact" } : undefined,
   });
 }
 
@@ -114,6 +116,31 @@ function correlationCharts(correlation) {
   });
 }
 
+// rankings of the mislabel result, drawn in this order (others, e.g. PBRF, after them)
+const RANKINGS = ["self-influence", "training loss", "random"];
+
+/** Figure 6: fraction of corrupted labels found vs fraction of the data inspected. */
+function mislabelChart(mislabel) {
+  const curves = mislabel.curves ?? {};
+  const inspected = curves.inspected ?? [];
+  const names = [...RANKINGS.filter((name) => curves[name]), ...Object.keys(curves).filter((name) => name !== "inspected" && !RANKINGS.includes(name))];
+  const chart = lineChart({
+    title: `Mislabel detection (${mislabel.corrupted?.length ?? "?"} of ${mislabel.num_train ?? "?"} labels corrupted)`,
+    lines: names.map((name) => ({
+      label: name,
+      points: inspected.map((x, k) => ({ x, y: curves[name][k] })),
+      dash: name === "random" ? "5 4" : undefined,
+    })),
+    xLabel: "fraction of training data inspected",
+    yLabel: "fraction of corrupted labels found",
+    xDomain: [0, 1],
+    yDomain: [0, 1],
+    tickText: (t) => fmt(t, 2),
+  });
+  chart.classList.add("mislabel-chart");
+  return chart;
+}
+
 function renderResult(box, id, result) {
   const rows = gapRows(result);
   const charts = [
@@ -123,6 +150,7 @@ function renderResult(box, id, result) {
       yLabel: "L2 output distance",
     }),
     ...(result.correlation ? correlationCharts(result.correlation) : []),
+    ...(result.mislabel ? [mislabelChart(result.mislabel)] : []),
   ];
   const removed = result.removed?.length;
   box.replaceChildren(

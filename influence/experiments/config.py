@@ -21,6 +21,7 @@ __all__ = [
     "MislabelArguments",
     "SweepArguments",
     "build_dataclass",
+    "train_base",
 ]
 
 SWEEP_PARAMETERS = ("width", "depth", "epochs", "weight_decay", "damping", "removed_fraction")
@@ -106,6 +107,13 @@ class SweepArguments:
             raise ValueError("values: at least one value is needed")
 
 
+def train_base(
+    model_config: dict[str, Any], train_set: Dataset, recipe: Recipe, response: ResponseArguments
+) -> TrainRun:
+    """A base run (θ⁰ → θˢ, K epochs, from the recipe's seed) in the response dtype."""
+    return train(model_config, train_set, recipe, dtype=getattr(torch, response.dtype))
+
+
 @dataclass(frozen=True)
 class ExperimentConfig:
     """Everything one experiment run needs, loaded from JSON (see influence/configs/)."""
@@ -168,7 +176,7 @@ class ExperimentConfig:
 
     def train_base(self, train_set: Dataset) -> TrainRun:
         """The base run (θ⁰ → θˢ, K epochs) in the response dtype."""
-        return train(self.model, train_set, self.recipe, dtype=getattr(torch, self.response.dtype))
+        return train_base(self.model, train_set, self.recipe, self.response)
 
     def with_value(self, parameter: str, value: float) -> ExperimentConfig:
         """This config with one sweep factor set (width/depth edit ``model['hidden']``)."""

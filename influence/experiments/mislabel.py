@@ -17,12 +17,18 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from influence.experiments.config import ExperimentConfig, MislabelArguments
-from influence.response import Responder
+from influence.experiments.config import ExperimentConfig, MislabelArguments, train_base
+from influence.response import Responder, ResponseArguments
 from influence.solvers import Exact, Lanczos
-from models import Dataset, Progress
+from models import Dataset, Progress, Recipe
 
-__all__ = ["MislabelResult", "corrupt_labels", "detect_mislabels", "detection_curve"]
+__all__ = [
+    "MislabelResult",
+    "corrupt_labels",
+    "detect_mislabels",
+    "detect_mislabels_on",
+    "detection_curve",
+]
 
 
 def corrupt_labels(dataset: Dataset, fraction: float, seed: int) -> tuple[Dataset, Tensor]:
@@ -97,13 +103,28 @@ class MislabelResult:
 
 def detect_mislabels(config: ExperimentConfig, progress: Progress | None = None) -> MislabelResult:
     """Corrupt, train the base recipe, rank and score every ranking (config.mislabel)."""
-    arguments: MislabelArguments = config.mislabel
     clean, _ = config.datasets()
-    corrupted_set, corrupted = corrupt_labels(clean, arguments.fraction, arguments.seed)
-    run = config.train_base(corrupted_set)
+    return detect_mislabels_on(
+        config.model, config.recipe, clean, config.response, config.mislabel, progress
+    )
+
+
+def detect_mislabels_on(
+    model_config: dict[str, Any],
+    recipe: Recipe,
+    train_set: Dataset,
+    response: ResponseArguments,
+    arguments: MislabelArguments,
+    progress: Progress | None = None,
+) -> MislabelResult:
+    """Corrupt a seeded fraction of ``train_set``'s labels, train ``model_config`` from
+    scratch with ``recipe`` (its seed) on the corrupted set, and score every ranking
+    (self-influence, training loss, random; optionally PBRF). Classification data only."""
+    corrupted_set, corrupted = corrupt_labels(train_set, arguments.fraction, arguments.seed)
+    run = train_base(model_config, corrupted_set, recipe, response)
     if progress is not None:
         progress(0.3, "train")
-    responder = Responder.from_run(run, corrupted_set, config.response)
+    responder = Responder.from_run(run, corrupted_set, response)
     solver = Exact() if arguments.solver == "exact" else Lanczos()
     self_influence = responder.engine.self_influence(solver)
     if progress is not None:

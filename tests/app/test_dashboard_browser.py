@@ -235,6 +235,7 @@ def test_decomposition_result_opens_with_its_charts(session: Session) -> None:
     page.fill("#decomp-form input[name=num_points]", "2")
     page.fill("#decomp-form input[name=num_test]", "2")
     page.fill("#decomp-form input[name=epochs]", "4")  # cheap retraining: K/2 = 2 epochs
+    page.check("#decomp-form input[name=mislabel]")  # + one 4-epoch run on corrupted labels
     page.get_by_role("button", name="Run decomposition").click()
     wait_for_job(page, "#decomp-progress", "#decomp-form")
     page.get_by_role("link", name=re.compile(r"^Open ")).first.click()
@@ -247,6 +248,14 @@ def test_decomposition_result_opens_with_its_charts(session: Session) -> None:
     scatters = result.locator("svg.chart", has=page.locator("circle.dot"))
     assert scatters.count() == 2  # warm-start and PBRF against influence
     assert all("Pearson" in scatters.nth(i).get_attribute("aria-label") for i in range(2))
+    mislabel = result.locator("svg.chart.mislabel-chart")
+    assert mislabel.count() == 1 and mislabel.get_attribute("role") == "img"
+    assert "Mislabel detection" in mislabel.get_attribute("aria-label")
+    assert mislabel.locator("polyline.line").count() == 3
+    labels = mislabel.locator(".legend-label").all_text_contents()
+    assert labels == ["self-influence", "training loss", "random"]
+    assert "fraction of corrupted labels found" in mislabel.inner_html()
+    mislabel.scroll_into_view_if_needed()
     session.shot("06-decomposition")
     session.assert_clean()
 

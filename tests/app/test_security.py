@@ -278,6 +278,17 @@ def test_client_raises_api_error_with_detail(live: LiveServer) -> None:
             ["body"],
             "retraining work (arguments.num_points (200) × 4 responses) × response.epochs",
         ),
+        ({"mislabel": {"fraction": 2}}, ["body", "mislabel"], "fraction must be in (0, 1)"),
+        ({"mislabel": {"bogus": 1}}, ["body", "mislabel"], "unknown key(s) ['bogus']"),
+        (
+            {
+                "arguments": {"num_points": 1},
+                "response": {"epochs": 500},
+                "mislabel": {"pbrf_points": 200},
+            },
+            ["body"],
+            "mislabel.pbrf_points (200) × response.epochs (500)",
+        ),
         (
             {"test": {"dataset": "c" * 64, "indices": [0]}, "correlation": {"methods": ["cold"]}},
             ["body"],
@@ -294,6 +305,24 @@ def test_decomposition_settings_are_checked_at_the_edge(
     assert response.status_code == 422, response.text
     errors = response.json()["detail"]
     assert any(e["loc"] == loc and fragment in e["msg"] for e in errors), errors
+
+
+def test_decomposition_mislabel_needs_a_classification_set(
+    live: LiveServer, uploaded: dict[str, str], tmp_path: Path
+) -> None:
+    regression = models.Dataset(torch.randn(8, 64), torch.randn(8, 1), {"task": "regression"})
+    with live.client() as client:
+        record = client.upload_dataset(dataset_bytes(regression, tmp_path), name="values")
+    body = {
+        "model": uploaded["model"],
+        "train": record.id,
+        "recipe": {"optimizer": "adam", "lr": 0.01},
+        "mislabel": {"fraction": 0.1},
+    }
+    response = httpx.post(live.url + "/decompositions", headers=ALICE, json=body)
+    assert response.status_code == 422, response.text
+    (error,) = response.json()["detail"]
+    assert error["loc"] == ["body", "mislabel"] and "classification" in error["msg"]
 
 
 def test_event_stream_takes_the_key_in_the_header_only(

@@ -243,3 +243,52 @@ def test_verify_job_checks_with_the_querys_curvature_and_solver(
     assert seen["solver"] == CG(tol=1e-9, max_iter=77)
     assert seen["arguments"] == VerifyArguments(steps=7, solver="cg")
     assert seen["train_indices"] == [0, 1, 38, 39] and record.report == {"m": 1}
+
+
+def _decomposition_payload(tiny: dict, train_id: str, **extra) -> dict:
+    return {
+        "model": tiny["model_id"],
+        "train": train_id,
+        "recipe": {"optimizer": "sgd", "lr": 0.1, "epochs": 2, "batch_size": 10},
+        "damping": 1e-2,
+        "response": {"optimizer": "lbfgs", "lbfgs_steps": 5},
+        "arguments": {"num_points": 2, "seed": 0},
+        **extra,
+    }
+
+
+def test_decomposition_job_with_mislabel_curves(queue: JobQueue, tiny: dict, thread_worker) -> None:
+    mislabel = {"fraction": 0.1, "seed": 0, "solver": "exact"}
+    payload = _decomposition_payload(tiny, tiny["train_id"], mislabel=mislabel)
+    thread_worker()
+    job = queue.submit(JobKind.DECOMPOSITION, payload, tenant=TENANT)
+    record = wait_for(queue, job, finished)
+    assert record.status == JobStatus.SUCCEEDED, record.error
+    assert "summary" in record.result  # the decomposition is still there
+    found = record.result["mislabel"]
+    assert found["num_train"] == 40 and len(found["corrupted"]) == 4
+    curves = found["curves"]
+    assert {"inspected", "self-influence", "training loss", "random"} <= set(curves)
+    assert len(curves["random"]) == len(curves["inspected"]) == 101
+    for name in ("self-influence", "training loss", "random"):
+        assert curves[name][0] == 0.0 and curves[name][-1] == 1.0
+        assert curves[name] == sorted(curves[name])
+    events = [e for _, e in queue.events(job)]
+    assert [e["progress"] for e in events] == sorted(e["progress"] for e in events)
+
+
+def test_decomposition_mislabel_on_a_regression_set_fails(
+    queue: JobQueue, registry, tiny: dict, thread_worker, tmp_path
+) -> None:
+    from tests.worker.conftest import dataset_bytes
+
+    gen = torch.Generator().manual_seed(1)
+    data = models.Dataset(
+        torch.randn(20, 4, generator=gen), torch.randn(20, 3, generator=gen), {"task": "regression"}
+    )
+    regression = registry.put_dataset(TENANT, dataset_bytes(data, tmp_path))["id"]
+    payload = _decomposition_payload(tiny, regression, mislabel={"fraction": 0.1})
+    thread_worker()
+    record = wait_for(queue, queue.submit(JobKind.DECOMPOSITION, payload, tenant=TENANT), finished)
+    assert record.status == JobStatus.FAILED and record.attempts == 1
+    assert "mislabel" in record.error and "classification" in record.error
