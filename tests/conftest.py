@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -42,3 +43,17 @@ def _deterministic_torch() -> None:
     # One thread: the suite is dominated by small torch.func ops, which run several
     # times faster single-threaded on a 2-core machine (workers run as subprocesses).
     torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real Redis: ``REDIS_URL`` when set (tests use their own key prefixes and delete
+    their keys), else the service's own embedded server for this test session."""
+    url = os.environ.get("REDIS_URL")
+    if url:
+        yield url
+        return
+    from app.embedded import EmbeddedRedis
+
+    with EmbeddedRedis(tmp_path_factory.mktemp("redis")) as server:
+        yield server.url

@@ -8,7 +8,6 @@ workers running the engine.
 
 from __future__ import annotations
 
-import os
 import socket
 import threading
 import time
@@ -23,22 +22,11 @@ import uvicorn
 
 import models
 from app.client import InfluenceClient
-from app.embedded import EmbeddedRedis
 from app.main import create_app
 from worker.main import run_worker
 from worker.settings import Settings
 
 API_KEYS = {"key-alice": "alice", "key-bob": "bob"}
-
-
-@pytest.fixture(scope="session")
-def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    url = os.environ.get("REDIS_URL")
-    if url:
-        yield url
-        return
-    with EmbeddedRedis(tmp_path_factory.mktemp("api-redis")) as server:
-        yield server.url
 
 
 def make_settings(redis_url: str, data_dir: Path, **overrides: Any) -> Settings:

