@@ -95,6 +95,7 @@ def _exit_on_sigterm(signum: int, frame: object) -> None:
 
 
 def serve(args: argparse.Namespace) -> None:
+    """Start the API (and, without REDIS_URL, an embedded Redis, local workers and the demo)."""
     overrides: dict[str, Any] = {"data_dir": args.data_dir} if args.data_dir else {}
     settings = Settings(**overrides)
     if not settings.api_keys and not _is_loopback(args.host):
@@ -131,6 +132,7 @@ def serve(args: argparse.Namespace) -> None:
 
 
 def worker(args: argparse.Namespace) -> None:
+    """Join the queue at REDIS_URL as one worker process."""
     worker_main(["--device", args.device] if args.device else [])
 
 
@@ -167,6 +169,7 @@ def _follow(client: InfluenceClient, job: str) -> JobView:
 
 
 def query(args: argparse.Namespace) -> None:
+    """Submit an influence query, follow its progress and print the rankings."""
     with _client(args) as client:
         model = args.model or _by_name(client.models(), DEMO_MODEL_NAME, "model")
         datasets = client.datasets() if not (args.train and args.test) else []
@@ -196,6 +199,7 @@ def query(args: argparse.Namespace) -> None:
 
 
 def rank(args: argparse.Namespace) -> None:
+    """Print one page of a finished job's ranking."""
     with _client(args) as client:
         view = client.job(args.job)
         if view.status not in ("succeeded", "failed", "canceled"):
@@ -258,5 +262,6 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Entry point of the ``influence-service`` command."""
     args = _parser().parse_args(argv)
     args.run(args)
