@@ -39,6 +39,14 @@ async def _caller(
 Caller = Annotated[Principal, Depends(_caller)]
 
 
+def model_record(services: Services, tenant: str, model_id: str) -> dict[str, Any]:
+    """The tenant's registry record of a model, or 404."""
+    record = services.registry.get_model(tenant, model_id)
+    if record is None:
+        raise HTTPException(404, f"model {model_id} not found")
+    return record
+
+
 def dataset_record(services: Services, tenant: str, dataset_id: str) -> dict[str, Any]:
     """The tenant's registry record of a dataset, or 404."""
     record = services.registry.get_dataset(tenant, dataset_id)

@@ -15,7 +15,7 @@ import torch
 from fastapi import APIRouter, HTTPException, Path, Query, Response
 from fastapi.responses import JSONResponse
 
-from app.deps import Caller, Svc, dataset_record
+from app.deps import Caller, Svc, dataset_record, model_record
 from app.routes.jobs import job_view, visible
 from app.schemas import (
     MAX_TEST_POINTS,
@@ -53,10 +53,7 @@ def _check_engine_inputs(
     services: Svc, tenant: str, model: str, train: str
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """404 unless the caller owns the model and the training set; returns both records."""
-    model_record = services.registry.get_model(tenant, model)
-    if model_record is None:
-        raise HTTPException(404, f"model {model} not found")
-    return model_record, dataset_record(services, tenant, train)
+    return model_record(services, tenant, model), dataset_record(services, tenant, train)
 
 
 _TOKEN_ID_LIMIT = 2**53  # integers a float64 holds exactly

@@ -8,7 +8,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, File, Form, HTTPException, Response, UploadFile
 
 import models
-from app.deps import Caller, Svc
+from app.deps import Caller, Svc, model_record
 from app.schemas import ModelRecord
 
 router = APIRouter(prefix="/models", tags=["models"])
@@ -65,10 +65,7 @@ def list_models(services: Svc, caller: Caller) -> list[ModelRecord]:
 @router.get("/{model_id}", response_model=ModelRecord)
 def get_model(services: Svc, caller: Caller, model_id: str) -> ModelRecord:
     """One of the caller's models, or 404."""
-    record = services.registry.get_model(caller.tenant, model_id)
-    if record is None:
-        raise HTTPException(404, f"model {model_id} not found")
-    return _public(record)
+    return _public(model_record(services, caller.tenant, model_id))
 
 
 @router.delete("/{model_id}", status_code=204)
