@@ -9,8 +9,9 @@ outputs on the whole training set (appendix C.2):
 - solver = d(linearized PBRF, influence).
 
 Each gap is reported as mean ± std over the removed sets, both as ``d`` and as the
-per-example RMS ``d/√N`` (comparable across dataset sizes). Without a recorded θ⁰
-(a plain checkpoint) the warm-start gap is skipped.
+per-example RMS ``d/√N`` (comparable across dataset sizes), with each set's removal
+leverage ``ρ_z`` (``Responder.removal_leverage``): the linearization gap grows with it.
+Without a recorded θ⁰ (a plain checkpoint) the warm-start gap is skipped.
 """
 
 from __future__ import annotations
@@ -156,6 +157,7 @@ class DecompositionResult:
     gaps: dict[str, list[float]]
     num_train: int
     solver_report: dict[str, Any]
+    leverage: list[float] = field(default_factory=list)
 
     def summary(self) -> dict[str, dict[str, float]]:
         """``{gap: {mean, std, rms_mean, rms_std}}`` (std over sets; RMS = d/√N)."""
@@ -179,6 +181,7 @@ class DecompositionResult:
             "removed": self.removed,
             "gaps": self.gaps,
             "summary": self.summary(),
+            "leverage": self.leverage,
             "solver_report": self.solver_report,
         }
 
@@ -222,4 +225,5 @@ def decompose(
     }
     if arguments.proximity_first_order:
         values["proximity_first_order"] = first_order_proximity(responder, removed)
-    return DecompositionResult(removed, values, responder.n, report)
+    leverage = responder.removal_leverage(removed, thetas["influence"]).tolist()
+    return DecompositionResult(removed, values, responder.n, report, leverage)

@@ -434,6 +434,31 @@ class Responder:
         deltas = solution.T * torch.tensor(eps, dtype=solution.dtype)[:, None]
         return self.theta_s + deltas.to(self.theta_s.dtype), report
 
+    def removal_leverage(
+        self, removed_sets: Sequence[Sequence[int] | Tensor], influence: Tensor | None = None
+    ) -> Tensor:
+        """``ρ_z = ε uᵀ∇²(Σ_z L_z)(θˢ) u / uᵀ(G+λI)u`` along each influence step
+        ``u = θ_influence − θˢ`` (``influence``: ``[M, d]`` from :meth:`influence`, computed
+        if None); returns ``[M]``.
+
+        The PBRF's Hessian at θˢ is ``G + λI − ε∇²Σ_z L_z`` (Eqn 8 expanded to second order),
+        while influence keeps only ``G + λI`` (Eqn 46). Along ``u`` the PBRF step is
+        therefore about ``1/(1 − ρ_z)`` times the influence step: influence underestimates
+        removals whose own curvature cancels much of the damped curvature. For a linear
+        model with squared error this is exact and ``ρ_z`` is z's leverage
+        ``ε x̃ᵀ(G+λI)⁻¹x̃`` (Sherman–Morrison); ``ρ_z ≥ 1`` means the PBRF is not convex
+        along ``u`` at θˢ.
+        """
+        if influence is None:
+            influence, _ = self.influence(removed_sets)
+        rho = []
+        for z, theta in zip(removed_sets, influence, strict=True):
+            problem = self.problem(z)
+            u = theta - self.theta_s
+            own = jvp(grad(problem.removed_loss), (self.theta_s,), (u,))[1]
+            rho.append(problem.epsilon * (u @ own) / (u @ self.engine.operator.matvec(u)))
+        return torch.stack(rho).detach()
+
     def outputs(self, theta: Tensor, inputs: Tensor | None = None) -> Tensor:
         """Raw outputs ``f(θ, x)`` on ``inputs`` (default: the training set)."""
         with torch.no_grad():

@@ -3,12 +3,16 @@
 For M removed training points and T random test points, the influence-predicted change
 of each test loss, ``∇L_qᵀ ε (G+λI)⁻¹ ∇L_z`` (Eqn 20), is compared with the actual change
 ``L_q(θ_method) − L_q(θˢ)`` under each retraining response (cold, warm, PBRF, two-stage),
-pooled over the M·T pairs, by Pearson and Spearman correlation.
+pooled over the M·T pairs, by Pearson and Spearman correlation. Per removed point it also
+reports the least-squares slope of actual on predicted changes and the removal leverage
+``ρ_z`` (``Responder.removal_leverage``): the PBRF slope is about ``1/(1 − ρ_z)``, so a point
+with large ``ρ_z`` has a PBRF effect several times its influence prediction and dominates
+the pooled Pearson.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -31,6 +35,13 @@ class CorrelationResult:
     predicted: Tensor
     actual: dict[str, Tensor]
     solver_report: dict[str, Any]
+    leverage: list[float] = field(default_factory=list)
+
+    def row_slopes(self, method: str) -> list[float]:
+        """Per removed point, the least-squares slope of actual on predicted changes
+        (``pᵀa / pᵀp``; 1 = influence predicts the size of the effect)."""
+        actual, predicted = self.actual[method], self.predicted
+        return ((predicted * actual).sum(1) / predicted.pow(2).sum(1)).tolist()
 
     def statistics(self) -> dict[str, dict[str, float | None]]:
         """``{method: {pearson, spearman}}`` against the influence prediction."""
@@ -44,6 +55,8 @@ class CorrelationResult:
             "statistics": self.statistics(),
             "predicted": self.predicted.tolist(),
             "actual": {m: a.tolist() for m, a in self.actual.items()},
+            "leverage": self.leverage,
+            "row_slopes": {m: self.row_slopes(m) for m in self.actual},
             "solver_report": self.solver_report,
         }
 
@@ -59,6 +72,14 @@ class CorrelationResult:
         for method, s in self.statistics().items():
             p, r = (f"{v:.3f}" if v is not None else "n/a" for v in (s["pearson"], s["spearman"]))
             lines.append(f"| {method} | {p} | {r} |")
+        if self.leverage and "pbrf" in self.actual:
+            k = max(range(m), key=lambda i: self.leverage[i])
+            rho, slope = self.leverage[k], self.row_slopes("pbrf")[k]
+            lines += [
+                "",
+                f"Largest removal leverage: train index {self.removed[k]}, ρ = {rho:.3f}, "
+                f"1/(1−ρ) = {1 / (1 - rho):.2f}; its PBRF/influence slope is {slope:.2f}.",
+            ]
         return "\n".join(lines) + "\n"
 
 
@@ -86,4 +107,5 @@ def correlate(
     )
     predicted = responder.predicted_changes(thetas["influence"], x, t)
     actual = {m: responder.actual_changes(thetas[m], x, t) for m in arguments.methods}
-    return CorrelationResult(removed, tests, predicted, actual, report)
+    leverage = responder.removal_leverage([[i] for i in removed], thetas["influence"])
+    return CorrelationResult(removed, tests, predicted, actual, report, leverage.tolist())

@@ -10,7 +10,7 @@ import torch
 
 from influence.experiments.__main__ import main
 from influence.experiments.config import ExperimentConfig
-from influence.experiments.correlation import correlate
+from influence.experiments.correlation import CorrelationResult, correlate
 from influence.experiments.mislabel import corrupt_labels, detect_mislabels, detection_curve
 from influence.experiments.sweep import run_decomposition, sweep
 from influence.response import Responder
@@ -67,6 +67,17 @@ def test_detection_curve_counts_found_labels() -> None:
     assert curve.tolist() == [0.0, 0.5, 0.5, 1.0, 1.0, 1.0]
 
 
+def test_correlation_row_slopes_and_leverage_note() -> None:
+    predicted = torch.tensor([[1.0, -2.0, 0.5], [0.1, 0.2, -0.3]])
+    actual = {"pbrf": predicted * torch.tensor([[4.0], [1.0]])}
+    result = CorrelationResult([9, 3], [0, 1, 2], predicted, actual, {}, [0.75, 0.01])
+    assert result.row_slopes("pbrf") == pytest.approx([4.0, 1.0])
+    assert result.to_dict()["row_slopes"]["pbrf"] == pytest.approx([4.0, 1.0])
+    assert "train index 9, ρ = 0.750, 1/(1−ρ) = 4.00; its PBRF/influence slope is 4.00" in (
+        result.markdown()
+    )
+
+
 def _write(tmp_path: Path, data: dict) -> Path:
     path = tmp_path / "config.json"
     path.write_text(json.dumps(data))
@@ -87,6 +98,7 @@ def test_cli_writes_json_markdown_and_figures(tmp_path: Path, command: str) -> N
         assert set(data["summary"]) == {
             "warm_start", "proximity", "non_convergence", "linearization", "solver"
         }  # fmt: skip
+        assert len(data["leverage"]) == 2 and all(0 < r < 1 for r in data["leverage"])
         library = run_decomposition(config).summary()
         assert data["summary"]["proximity"]["mean"] == pytest.approx(
             library["proximity"]["mean"], rel=1e-12

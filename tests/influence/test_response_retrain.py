@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -131,6 +132,30 @@ def test_linearization_gap_is_second_order_in_epsilon(logreg: Responder) -> None
         pbrf, lin = r.retrain("pbrf", [3]), r.retrain("linearized", [3])
         gaps.append(output_distance(r.outputs(pbrf), r.outputs(lin)))
     assert gaps[1] / gaps[0] == pytest.approx(0.01, rel=0.3)
+
+
+def test_removal_leverage_is_sherman_morrison_for_linear_regression() -> None:
+    # Linear model + squared error: PBRF is exactly quadratic with Hessian G + λI − ε x̃x̃ᵀ,
+    # so its step is the influence step / (1 − ρ), ρ = ε x̃ᵀ(G+λI)⁻¹x̃ (z's leverage).
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(30, 3, generator=gen, dtype=torch.float64)
+    x[7] = torch.tensor([6.0, -5.0, 4.0], dtype=torch.float64)  # a high-leverage point
+    t = x @ torch.tensor([[1.0], [-2.0], [0.5]], dtype=torch.float64) + 3.0
+    data = Dataset(x, t, {"name": "toy", "task": "regression"})
+    config = {"architecture": "mlp", "in_features": 3, "out_features": 1, "hidden": []}
+    recipe = replace(LR_RECIPE, loss="mse", epochs=3)
+    run = train(config, data, recipe, dtype=torch.float64)
+    r = Responder.from_run(run, data, ResponseArguments(damping=1e-3))
+    z = [7]
+    theta_inf = r.influence([z])[0]
+    rho = float(r.removal_leverage([z], theta_inf)[0])
+    xt = torch.cat([x, torch.ones(30, 1, dtype=torch.float64)], dim=1)  # (weight, bias) order
+    g = xt.T @ xt / 30 + (recipe.weight_decay + 1e-3) * torch.eye(4, dtype=torch.float64)
+    leverage = float(xt[7] @ torch.linalg.solve(g, xt[7])) / 30
+    assert rho == pytest.approx(leverage, rel=RTOL_SOLVE)
+    assert 0.3 < rho < 1  # a large effect, not a vacuous check
+    step = r.retrain("pbrf", z) - r.theta_s
+    assert torch.allclose(step, (theta_inf[0] - r.theta_s) / (1 - rho), rtol=1e-6, atol=1e-10)
 
 
 def test_two_stage_equals_warm_when_converged(logreg: Responder) -> None:
