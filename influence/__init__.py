@@ -13,6 +13,7 @@ from influence.errors import (
     SolverDivergedError,
     SolverError,
 )
+from influence.nystrom import NystromArguments, NystromPreconditioner
 from influence.operators import DampedCurvature
 from influence.scoring import JVP_MAX_DIRECTIONS, ScoreResult, TopK, top_k
 from influence.solvers import CG, Exact, Lanczos, LiSSA, SolverReport
@@ -28,6 +29,8 @@ __all__ = [
     "LiSSA",
     "NegativeCurvatureError",
     "NonFiniteError",
+    "NystromArguments",
+    "NystromPreconditioner",
     "ScoreResult",
     "SolverDivergedError",
     "SolverError",
