@@ -7,8 +7,8 @@ columns; the per-column list is in ``details["residuals"]``).
 
 - ``Exact``: dense matrix, Cholesky (eigendecomposition as fallback), small d only.
 - ``CG``: block (preconditioned) conjugate gradients on the full-batch operator.
-- ``LiSSA``: the stochastic Neumann recursion of appendix Eqn 49, scale chosen by
-  power iteration.
+- ``LiSSA``: the stochastic Neumann recursion of appendix Eqn 49, scale chosen by a
+  short Lanczos run (which also certifies an indefinite damped Hessian).
 - ``Lanczos``: rank-r eigendecomposition of G, the rest of the spectrum treated as its
   floor ``wd`` (approximate; scales to large d, used for self-influence).
 
@@ -394,12 +394,16 @@ class LiSSA:
     ``x₀ = v``; ``x_t = v + (1 − λ/σ) x_{t−1} − G_B x_{t−1}/σ`` with a fresh minibatch B
     (drawn without replacement) per step; the answer is ``x/σ`` averaged over R repeats.
     It converges only when ``σ > λ_max(G) + λ``, so by default σ = safety · (λ_max + λ)
-    with λ_max from full-batch power iteration.
+    with λ_max from a short full-batch Lanczos run (for ``hessian="full"`` the same run
+    looks for a direction of negative damped curvature and raises if it finds one).
 
-    Minibatch noise keeps the last iterate ``x_T`` away from the fixed point (on digits
-    the residual of ``x_T`` stays above 1), so by default ``x`` is the mean of the last
-    ``average`` fraction of the iterates (Polyak–Ruppert tail averaging: same fixed
-    point, noise averaged out); ``average=0`` returns the plain ``x_T`` of Eqn 49.
+    Minibatch noise keeps the last iterate ``x_t`` away from the fixed point (on digits
+    the residual of ``x_t`` stays above 1), so by default ``x`` is the mean of the recent
+    iterates (Polyak–Ruppert tail averaging: same fixed point, noise averaged out). The
+    tail grows with t: it starts at the largest ``window·2^j ≤ (1 − average)·t``, so it
+    covers between ``average`` and ``(1 + average)/2`` of the iterates so far. The
+    recursion stops once that mean changes by less than ``tol`` (relative, per column)
+    over one window; ``average=0`` returns the plain ``x_t`` of Eqn 49.
     """
 
     depth: int = field(
@@ -409,12 +413,14 @@ class LiSSA:
     batch_size: int = field(default=128, metadata={"help": "Minibatch size |B| per step."})
     scale: float | None = field(
         default=None,
-        metadata={"help": "σ; None: power-iteration estimate of λ_max(G), σ = safety·(λ_max+λ)."},
+        metadata={"help": "σ; None: Lanczos estimate of λ_max(G), σ = safety·(λ_max+λ)."},
     )
     seed: int = field(default=0, metadata={"help": "Seed of the minibatch sampler."})
     average: float = field(
         default=0.5,
-        metadata={"help": "Fraction of the last iterates averaged into x (0: x_T alone)."},
+        metadata={
+            "help": "Averaged tail: at least this fraction of the iterates so far (0: x_t alone)."
+        },
     )
     tol: float = field(
         default=1e-2,
@@ -423,16 +429,23 @@ class LiSSA:
             "relative, over one window."
         },
     )
-    window: int = field(default=200, metadata={"help": "Steps between early-stop checks."})
+    window: int = field(
+        default=50,
+        metadata={"help": "Steps between early-stop checks; the tail starts at window·2^j."},
+    )
     safety: float = field(
         default=1.1, metadata={"help": "σ = safety · (λ_max + λ) when scale is None."}
     )
-    power_iters: int = field(
-        default=30, metadata={"help": "Full-batch power-iteration steps to estimate λ_max."}
+    lanczos_steps: int = field(
+        default=100,
+        metadata={
+            "help": "Full-batch Lanczos products at most for the scale (G: stops once λ_max "
+            "has settled; full Hessian: also searches for negative curvature)."
+        },
     )
 
     def __post_init__(self) -> None:
-        for name in ("depth", "repeats", "batch_size", "window", "power_iters"):
+        for name in ("depth", "repeats", "batch_size", "window", "lanczos_steps"):
             value = getattr(self, name)
             _require(isinstance(value, int) and value >= 1, name, "must be an integer >= 1", value)
         _require(
@@ -458,8 +471,8 @@ class LiSSA:
             "average": self.average,
         }
         if self.scale is None:
-            scale, lam_max = self._estimate_scale(operator, generator)
-            details["lambda_max"] = lam_max
+            scale, found = self._estimate_scale(operator, generator)
+            details.update(found)
         else:
             scale = self.scale
         details["scale"] = scale
@@ -487,16 +500,13 @@ class LiSSA:
 
     def _estimate_scale(
         self, operator: DampedCurvature, generator: torch.Generator
-    ) -> tuple[float, float]:
-        """σ = safety · (λ_max + λ) and λ_max, by power iteration (for ``hessian="full"``
-        also a check that ``G + λI`` has no negative direction)."""
-        lam_max = _power_iteration(operator, generator, self.power_iters)
-        if operator.kind == "full":
-            _check_lowest_curvature(operator, generator, self.power_iters, lam_max)
-        return self.safety * (lam_max + operator.damping), lam_max
+    ) -> tuple[float, dict[str, Any]]:
+        """σ = safety · (λ_max + λ), and what the Lanczos run found (for the report)."""
+        found = _extreme_curvature(operator, generator, min(self.lanczos_steps, operator.size))
+        return self.safety * (found["lambda_max"] + operator.damping), found
 
     def calibrated(self, operator: DampedCurvature) -> LiSSA:
-        """This solver with σ fixed for ``operator`` (power iteration run once here when
+        """This solver with σ fixed for ``operator`` (the Lanczos run done once here when
         ``scale`` is None), for many solves on the same operator."""
         if self.scale is not None:
             return self
@@ -516,9 +526,11 @@ class LiSSA:
         floor = operator.damping + (operator.weight_decay if operator.kind == "gnh" else 0.0)
         # ‖x_t‖ ≤ σ‖v‖/λ_min(G+λI) while the recursion contracts; 10× that means divergence.
         bound = 10 * scale / floor * float(v.norm(dim=0).max()) if floor > 0 else math.inf
-        average_from = self.depth - max(1, math.floor(self.average * self.depth)) + 1
+        keep = 1 - self.average  # the averaged tail starts at or below keep·t
         x = v.clone()
-        tail_sum = torch.zeros_like(v)
+        start, tail = 0, torch.zeros_like(v)  # tail = Σ x_u for start < u ≤ t
+        upcoming = self.window  # next start of the schedule window·2^j
+        pending: list[tuple[int, Tensor]] = []  # (s, Σ x_u for s < u ≤ t), later starts
         previous: Tensor | None = None
         for t in range(1, self.depth + 1):
             batch = torch.randperm(n, generator=generator)[: self.batch_size].to(v.device)
@@ -526,18 +538,28 @@ class LiSSA:
             norm = float(x.norm(dim=0).max())
             if not math.isfinite(norm) or norm > bound:
                 _diverged(operator, x, t, norm, bound, scale)
-            if t >= average_from:
-                tail_sum += x
-            if t % self.window == 0 and (self.average == 0 or t >= average_from):
-                estimate = x if self.average == 0 else tail_sum / (t - average_from + 1)
+            if self.average > 0:
+                if t > upcoming:
+                    pending.append((upcoming, torch.zeros_like(v)))
+                    upcoming *= 2
+                tail += x
+                for _, later in pending:
+                    later += x
+                while pending and keep * t >= pending[0][0]:
+                    start, tail = pending.pop(0)
+            if t % self.window == 0:
+                if progress is not None:
+                    progress(t / self.depth, "solve")
+                if self.average > 0 and start == 0:
+                    continue  # still in burn-in: no tail yet
+                estimate = x if self.average == 0 else tail / (t - start)
                 if previous is not None:
                     change = (estimate - previous).norm(dim=0) / estimate.norm(dim=0)
                     if float(change.max()) < self.tol:
                         return estimate, t, True
                 previous = estimate.clone()
-            if progress is not None and t % self.window == 0:
-                progress(t / self.depth, "solve")
-        return tail_sum / (self.depth - average_from + 1), self.depth, False
+        final = x if self.average == 0 else tail / (self.depth - start)
+        return final, self.depth, False
 
 
 def phase_progress(progress: Progress | None, low: float, high: float) -> Progress | None:
@@ -552,34 +574,53 @@ def _rayleigh(operator: DampedCurvature, u: Tensor) -> float:
     return float(u @ operator.curvature(u) / (u @ u))
 
 
-def _power_iteration(operator: DampedCurvature, generator: torch.Generator, steps: int) -> float:
-    """Estimate λ_max(G) by full-batch power iteration (stops at 1e-3 relative change)."""
-    u = torch.randn(operator.size, generator=generator).to(operator.device, operator.dtype)
-    estimate = 0.0
-    for _ in range(steps):
-        gu = operator.curvature(u / u.norm())
-        new = float(gu.norm())
-        _check_finite(gu, "power iteration G·u")
-        u = gu
-        if abs(new - estimate) <= 1e-3 * new:
-            return new
-        estimate = new
-    return estimate
+_RITZ_TOL = 1e-2
+"""The top Ritz value θ has settled once its residual bound is ≤ this · θ."""
 
 
-def _check_lowest_curvature(
-    operator: DampedCurvature, generator: torch.Generator, steps: int, lam_max: float
-) -> None:
-    """Power iteration on ``λ_max·I − G`` toward G's lowest eigenvector; any Rayleigh
-    quotient with ``uᵀ(G+λI)u ≤ 0`` proves the damped Hessian indefinite."""
-    u = torch.randn(operator.size, generator=generator).to(operator.device, operator.dtype)
-    for _ in range(steps):
-        u = u / u.norm()
-        gu = operator.curvature(u)
-        damped = float(u @ gu) + operator.damping
-        if damped <= 0:
-            _negative_curvature(operator, damped, 1, "power iteration found uᵀ(G+λI)u/‖u‖² =")
-        u = lam_max * u - gu
+def _extreme_curvature(
+    operator: DampedCurvature, generator: torch.Generator, steps: int
+) -> dict[str, Any]:
+    """λ_max(G) for LiSSA's scale, by at most ``steps`` full-batch Lanczos products.
+
+    The top Ritz pair (θ, s) of the Lanczos matrix has residual bound ρ = β_m |s_m|: some
+    eigenvalue of G lies in [θ − ρ, θ + ρ]. The run stops once ρ ≤ 1e-2·θ and returns
+    ``θ + ρ``. For the full Hessian it also watches the lowest Ritz value: when that
+    reaches ≤ −λ, its Ritz vector y is checked with one more product, and
+    ``yᵀ(G+λI)y/‖y‖² ≤ 0`` proves ``G + λI`` indefinite (``NegativeCurvatureError``).
+    Lanczos cannot prove the opposite (a small residual bound near the bottom only shows
+    some eigenvalue nearby, and the Hessian's eigenvalues crowd around 0), so for the
+    full Hessian the run takes all ``steps`` and the report keeps the lowest Ritz value.
+    """
+    full = operator.kind == "full"
+    damping = operator.damping
+    state: dict[str, Any] = {"checked_below": -damping, "certificates": 0}
+
+    def stop(basis: Tensor, alphas: list[float], betas: list[float], beta: float) -> bool:
+        ritz, coords = _ritz(alphas, betas)
+        top, low = float(ritz[-1]), float(ritz[0])
+        top_bound = beta * float(coords[-1, -1].abs())
+        state["lambda_max"] = top + top_bound
+        if not full:
+            return top_bound <= _RITZ_TOL * abs(top)
+        state["lowest"] = low
+        if low <= state["checked_below"]:
+            state["certificates"] += 1
+            damped = _rayleigh(operator, (basis @ coords[:, 0]).to(operator.dtype)) + damping
+            if damped <= 0:
+                _negative_curvature(operator, damped, int((ritz + damping <= 0).sum()),
+                                    "a Lanczos Ritz vector y has yᵀ(G+λI)y/‖y‖² =")  # fmt: skip
+            state["checked_below"] = low - 0.1 * abs(low)  # rounding: look again lower down
+        return False
+
+    _, alphas, _ = _lanczos(operator, generator, steps, stop=stop, room=16)
+    found: dict[str, Any] = {
+        "lambda_max": state["lambda_max"],
+        "scale_products": len(alphas) + state["certificates"],
+    }
+    if full:
+        found["lowest_ritz_damped"] = state["lowest"] + damping
+    return found
 
 
 def _diverged(
@@ -599,6 +640,67 @@ def _diverged(
 
 
 # ----------------------------------------------------------------------------- Lanczos
+
+LanczosStop = Callable[[Tensor, list[float], list[float], float], bool]
+
+
+def _lanczos(
+    operator: DampedCurvature,
+    generator: torch.Generator,
+    steps: int,
+    *,
+    progress: Progress | None = None,
+    stop: LanczosStop | None = None,
+    room: int | None = None,
+) -> tuple[Tensor, list[float], list[float]]:
+    """Lanczos tridiagonalization of G (weight decay in, damping out) from a random unit
+    vector, full reorthogonalization, float64: ``G Q ≈ Q T`` with ``T`` tridiagonal.
+
+    Returns the basis ``Q[d, m]``, T's diagonal α (m values) and off-diagonal β (m − 1).
+    Stops after ``steps`` products, when the Krylov space is exhausted, or when
+    ``stop(Q, α, β, β_next)`` is true (``β_next``, the norm of the last step's residual,
+    bounds how far each Ritz pair of T is from an eigenpair of G). The basis starts with
+    ``room`` columns (default ``steps``) and doubles as needed, so that a run likely to
+    stop early need not hold the whole d × steps float64 basis.
+    """
+    d = operator.size
+    q = torch.randn(d, generator=generator, dtype=torch.float64).to(operator.device)
+    basis = torch.zeros(d, min(steps, room or steps), dtype=torch.float64, device=operator.device)
+    alphas: list[float] = []
+    betas: list[float] = []
+    q = q / q.norm()
+    for j in range(steps):
+        if j == basis.shape[1]:
+            more = min(steps, 2 * j) - j
+            basis = torch.cat([basis, basis.new_zeros(d, more)], dim=1)
+        basis[:, j] = q
+        w = operator.curvature(q.to(operator.dtype)).to(torch.float64)
+        _check_finite(w, f"Lanczos step {j}: G·q")
+        alphas.append(float(q @ w))
+        if progress is not None:
+            progress((j + 1) / steps, "curvature")
+        for _ in range(2):  # full reorthogonalization, twice for stability
+            w = w - basis[:, : j + 1] @ (basis[:, : j + 1].T @ w)
+        beta = float(w.norm())
+        if stop is not None and stop(basis[:, : j + 1], alphas, betas, beta):
+            break
+        if j == steps - 1 or beta <= 1e-12 * max(abs(a) for a in alphas):
+            break
+        betas.append(beta)
+        q = w / beta
+    return basis[:, : len(alphas)], alphas, betas
+
+
+def _ritz(alphas: list[float], betas: list[float]) -> tuple[Tensor, Tensor]:
+    """Eigenpairs (ascending) of the Lanczos tridiagonal matrix T (float64)."""
+    m = len(alphas)
+    tri = torch.diag(torch.tensor(alphas, dtype=torch.float64))
+    off = torch.tensor(betas[: m - 1], dtype=torch.float64)
+    tri += torch.diag(off, 1) + torch.diag(off, -1)
+    return torch.linalg.eigh(tri)
+
+
+# ----------------------------------------------------------------------------- Lanczos solver
 
 
 @dataclass(frozen=True)
@@ -633,30 +735,9 @@ class Lanczos:
         d = operator.size
         steps = self.steps(d)
         generator = torch.Generator().manual_seed(self.seed)
-        q = torch.randn(d, generator=generator, dtype=torch.float64).to(operator.device)
-        basis = torch.zeros(d, steps, dtype=torch.float64, device=operator.device)
-        alphas: list[float] = []
-        betas: list[float] = []
-        q = q / q.norm()
-        for j in range(steps):
-            basis[:, j] = q
-            w = operator.curvature(q.to(operator.dtype)).to(torch.float64)
-            _check_finite(w, f"Lanczos step {j}: G·q")
-            alphas.append(float(q @ w))
-            if progress is not None:
-                progress((j + 1) / steps, "curvature")
-            for _ in range(2):  # full reorthogonalization, twice for stability
-                w = w - basis[:, : j + 1] @ (basis[:, : j + 1].T @ w)
-            beta = float(w.norm())
-            if j == steps - 1 or beta <= 1e-12 * max(abs(a) for a in alphas):
-                break
-            betas.append(beta)
-            q = w / beta
+        basis, alphas, betas = _lanczos(operator, generator, steps, progress=progress)
         m = len(alphas)
-        tri = torch.diag(torch.tensor(alphas, dtype=torch.float64))
-        off = torch.tensor(betas[: m - 1], dtype=torch.float64)
-        tri += torch.diag(off, 1) + torch.diag(off, -1)
-        ritz, coords = torch.linalg.eigh(tri)
+        ritz, coords = _ritz(alphas, betas)
         lowest = float(ritz[0]) + operator.damping
         if lowest <= 0:
             _negative_curvature(operator, lowest, int((ritz + operator.damping <= 0).sum()),

@@ -174,7 +174,9 @@ class SolverSpec(_Schema):
         _default(LiSSA, "batch_size"), ge=1, le=65_536, description="LiSSA minibatch size"
     )
     scale: float | None = Field(
-        _default(LiSSA, "scale"), gt=0, description="LiSSA σ; None: estimated by power iteration"
+        _default(LiSSA, "scale"),
+        gt=0,
+        description="LiSSA σ; None: estimated by a short Lanczos run",
     )
     seed: int = Field(_default(LiSSA, "seed"), ge=0, description="LiSSA minibatch seed")
 

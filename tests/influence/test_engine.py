@@ -116,14 +116,14 @@ def test_self_influence_records_one_aggregated_report_and_warns_once() -> None:
 
 def test_self_influence_with_lissa_estimates_the_scale_once(monkeypatch) -> None:
     calls = 0
-    real = influence.solvers._power_iteration
+    real = influence.solvers._extreme_curvature
 
     def counting(*args, **kwargs):
         nonlocal calls
         calls += 1
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(influence.solvers, "_power_iteration", counting)
+    monkeypatch.setattr(influence.solvers, "_extreme_curvature", counting)
     engine = _tiny_engine()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)

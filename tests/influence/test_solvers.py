@@ -136,6 +136,62 @@ def test_lissa_with_too_small_a_scale_raises_diverged() -> None:
         LiSSA(scale=0.3 * lam_max, batch_size=16).solve(engine.operator, rhs)
 
 
+def _dense_lissa_iterates(matrix: torch.Tensor, v: torch.Tensor, scale: float, steps: int):
+    """x_1 … x_T of the LiSSA recursion with the exact (full-batch) damped matrix."""
+    x, out = v.clone(), []
+    for _ in range(steps):
+        x = v + x - matrix @ x / scale
+        out.append(x)
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize(("average", "start"), [(0.0, None), (0.5, 40), (0.8, 20)])
+def test_lissa_averages_the_documented_growing_tail(average: float, start: int | None) -> None:
+    """With the whole training set as the minibatch the recursion is deterministic, so
+    the answer must be the mean of x_{s+1} … x_T of a dense float64 recursion, s the
+    largest window·2^j ≤ (1 − average)·T (T = 130, window 10: s = 40 or 20)."""
+    engine = _tiny_engine()
+    op = engine.operator
+    rhs = engine.gradients(*tiny_data("classes3", 2, seed=2)).T
+    scale = 1.1 * float(torch.linalg.eigvalsh(op.dense())[-1])
+    solver = LiSSA(depth=130, window=10, average=average, scale=scale, tol=1e-300,
+                   batch_size=op.num_examples)  # fmt: skip
+    with pytest.warns(ConvergenceWarning, match="depth=130"):
+        solution, report = solver.solve(op, rhs)
+    iterates = _dense_lissa_iterates(op.dense(), rhs, scale, 130)
+    expected = iterates[-1] if start is None else iterates[start:].mean(dim=0)
+    assert rel_error(solution, expected / scale) < 1e-10
+    assert report.iterations == 130 and not report.converged
+
+
+def test_lissa_scale_comes_from_a_short_lanczos_run() -> None:
+    engine = _tiny_engine()
+    op = engine.operator
+    rhs = engine.gradients(*tiny_data("classes3", 2, seed=2)).T
+    top = float(torch.linalg.eigvalsh(op.dense())[-1]) - op.damping  # λ_max(G)
+    with pytest.warns(ConvergenceWarning):  # 50 steps: only the scale matters here
+        _, report = LiSSA(depth=50, batch_size=16).solve(op, rhs)
+    found = report.details
+    assert abs(found["lambda_max"] - top) <= 1e-2 * top
+    assert found["scale_products"] < op.size  # stopped once λ_max settled
+    assert found["scale"] == pytest.approx(1.1 * (found["lambda_max"] + op.damping))
+    assert "lowest_ritz_damped" not in found  # G is PSD: nothing to search for
+
+
+def test_lissa_on_a_positive_definite_damped_hessian_reports_its_lowest_ritz_value() -> None:
+    engine = _tiny_engine("full", damping=1.0)
+    op = engine.operator
+    eigenvalues = torch.linalg.eigvalsh(op.dense())
+    assert float(eigenvalues[0]) > 0
+    rhs = engine.gradients(*tiny_data("classes3", 2, seed=2)).T
+    solution, report = LiSSA(batch_size=16).solve(op, rhs)
+    # d = 57 < lanczos_steps: the run goes on until the Krylov space is exhausted (51
+    # products here: G has repeated eigenvalues), so the Ritz values are exact.
+    assert report.details["lowest_ritz_damped"] == pytest.approx(float(eigenvalues[0]), rel=1e-6)
+    assert report.details["scale_products"] <= op.size
+    assert rel_error(solution, torch.linalg.solve(op.dense(), rhs)) < 0.1
+
+
 def test_an_indefinite_damped_hessian_is_reported_by_every_solver() -> None:
     torch.manual_seed(3)
     model = tiny_mlp(3)
@@ -156,8 +212,12 @@ def test_an_indefinite_damped_hessian_is_reported_by_every_solver() -> None:
         CG(tol=1e-10).solve(engine.operator, rhs)
     assert cg.value.iteration >= 1 and cg.value.value <= 0
     for solver in (LiSSA(batch_size=16), Lanczos(rank=20)):
-        with pytest.raises(NegativeCurvatureError, match="not positive definite"):
+        with pytest.raises(NegativeCurvatureError, match="not positive definite") as error:
             solver.solve(engine.operator, rhs)
+        assert lowest * (1 + 1e-6) <= error.value.value <= 0
+    # LiSSA's certificate: a Ritz vector's damped Rayleigh quotient, before any recursion.
+    with pytest.raises(NegativeCurvatureError, match="Ritz vector y has"):
+        LiSSA(batch_size=16, depth=1).solve(engine.operator, rhs)
 
 
 def test_lanczos_at_full_rank_is_exact() -> None:
@@ -210,3 +270,4 @@ def test_lissa_defaults_reach_exact_quality_on_digits_and_report_an_honest_resid
     assert (error <= absolute / eigenvalues[0] * (1 + 1e-9)).all()
     assert lissa.report.details["scale"] > float(eigenvalues[-1])  # σ > λ_max(G) + λ
     assert lissa.report.relative_residual < 0.2
+    assert lissa.report.converged and lissa.report.iterations < LiSSA().depth  # early stop
