@@ -94,6 +94,11 @@ class NystromArguments:
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
 
+    def build(self, operator: DampedCurvature) -> NystromPreconditioner:
+        """The preconditioner these settings describe, fitted to ``operator`` (what
+        ``CG(preconditioner=NystromArguments(...))`` calls at solve time)."""
+        return NystromPreconditioner.fit(operator, self)
+
 
 class NystromPreconditioner:
     """``P⁻¹ ≈ (G + λI)⁻¹`` up to scale, from a rank-s Nyström approximation of ``G``.

@@ -44,6 +44,7 @@ __all__ = [
     "Exact",
     "Lanczos",
     "LiSSA",
+    "PreconditionerRecipe",
     "Progress",
     "Solver",
     "SolverReport",
@@ -53,6 +54,13 @@ __all__ = [
 ]
 
 Preconditioner = Callable[[Tensor], Tensor]
+
+
+class PreconditionerRecipe(Protocol):
+    """Settings of a preconditioner that is fitted to the operator at solve time (e.g.
+    ``influence.nystrom.NystromArguments``)."""
+
+    def build(self, operator: DampedCurvature) -> Preconditioner: ...
 
 
 @dataclass
@@ -75,12 +83,16 @@ def merge_reports(reports: Sequence[SolverReport], seconds: float) -> SolverRepo
     """One report for several solves of the same system with different right-hand sides
     (e.g. self-influence chunk by chunk): worst relative residual, converged only if
     every solve converged, the largest iteration count, and ``seconds`` in total.
-    ``details`` keeps the first solve's scalar settings and lists per solve."""
+    ``details`` keeps the first solve's scalar settings, the dict-valued details all
+    solves share (e.g. the preconditioner's report), and lists per solve."""
     if not reports:
         raise ValueError("merge_reports needs at least one report")
     first = reports[0]
     settings = {
-        k: v for k, v in first.details.items() if isinstance(v, str | int | float | bool | None)
+        k: v
+        for k, v in first.details.items()
+        if isinstance(v, str | int | float | bool | None)
+        or (isinstance(v, dict) and all(r.details.get(k) == v for r in reports))
     }
     return SolverReport(
         method=first.method,
@@ -298,34 +310,46 @@ class CG:
     max_iter: int = field(
         default=500, metadata={"help": "Iteration limit (warns ConvergenceWarning when hit)."}
     )
-    preconditioner: Preconditioner | None = field(
+    preconditioner: Preconditioner | PreconditionerRecipe | None = field(
         default=None,
-        metadata={"help": "M⁻¹ applied to a [d, k] residual block; None for plain CG."},
+        metadata={
+            "help": "M⁻¹ applied to a [d, k] residual block, or a recipe with "
+            "build(operator) fitted at solve time (e.g. NystromArguments()); None for plain CG."
+        },
     )
 
     def __post_init__(self) -> None:
         _require(0 < self.tol < 1, "tol", "must be in (0, 1)", self.tol)
         _require(self.max_iter >= 1, "max_iter", "must be >= 1", self.max_iter)
         _require(
-            self.preconditioner is None or callable(self.preconditioner),
+            self.preconditioner is None
+            or callable(self.preconditioner)
+            or callable(getattr(self.preconditioner, "build", None)),
             "preconditioner",
-            "must be callable (M⁻¹ r) or None",
+            "must be callable (M⁻¹ r), a recipe with build(operator), or None",
             self.preconditioner,
         )
 
-    def _precondition(self, residual: Tensor) -> Tensor:
-        return residual if self.preconditioner is None else self.preconditioner(residual)
+    def calibrated(self, operator: DampedCurvature) -> CG:
+        """This solver with a preconditioner recipe fitted to ``operator`` once, for many
+        solves on the same operator (e.g. self-influence chunk by chunk)."""
+        if self.preconditioner is None or callable(self.preconditioner):
+            return self
+        return replace(self, preconditioner=self.preconditioner.build(operator))
 
     def solve(
         self, operator: DampedCurvature, rhs: Tensor, progress: Progress | None = None
     ) -> tuple[Tensor, SolverReport]:
         """``(G + λI)⁻¹ V`` by (preconditioned) conjugate gradients."""
         started = time.perf_counter()
+        precondition = self.calibrated(operator).preconditioner
+        if precondition is None:
+            precondition = _identity
         b = _as_columns(rhs, operator)
         k = b.shape[1]
         x = torch.zeros_like(b)
         r = b.clone()
-        z = self._precondition(r)
+        z = precondition(r)
         p = z.clone()
         rz = (r * z).sum(dim=0)
         b_norm = b.norm(dim=0)
@@ -357,7 +381,7 @@ class CG:
             r_a = r[:, active] - alpha * ap
             r[:, active] = r_a
             rel[active] = r_a.norm(dim=0) / b_norm[active]
-            z_a = self._precondition(r_a)
+            z_a = precondition(r_a)
             rz_new = (r_a * z_a).sum(dim=0)
             p[:, active] = z_a + (rz_new / rz[active]) * p_a
             rz[active] = rz_new
@@ -380,8 +404,19 @@ class CG:
             converged=converged, shape=rhs.shape,
             details={"column_iterations": iterations.tolist(), "tol": self.tol,
                      "recursive_residuals": rel.tolist(),
-                     "preconditioned": self.preconditioner is not None},
+                     "preconditioned": self.preconditioner is not None,
+                     "preconditioner": _describe(precondition)},
         )  # fmt: skip
+
+
+def _identity(residual: Tensor) -> Tensor:
+    return residual
+
+
+def _describe(preconditioner: Preconditioner) -> dict[str, Any] | None:
+    """The preconditioner's own report (rank, fit seconds, ...) where it gives one."""
+    report = getattr(preconditioner, "report", None)
+    return report() if callable(report) else None
 
 
 # ----------------------------------------------------------------------------- LiSSA

@@ -17,7 +17,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from influence import CG, Exact, LiSSA
+from influence import CG, Exact, LiSSA, NystromArguments
 
 __all__ = [
     "ENGINE_VERSION",
@@ -179,13 +179,42 @@ class SolverSpec(_Schema):
         description="LiSSA σ; None: estimated by a short Lanczos run",
     )
     seed: int = Field(_default(LiSSA, "seed"), ge=0, description="LiSSA minibatch seed")
+    preconditioner: Literal["none", "nystrom"] = Field(
+        "none",
+        description="CG only: 'nystrom' fits a randomized Nyström preconditioner of G "
+        "(influence.NystromArguments) before the solve; fewer iterations on large models",
+    )
+    rank: int = Field(
+        _default(NystromArguments, "rank"),
+        ge=1,
+        le=4096,
+        description="Nyström sketch size s (preconditioner='nystrom')",
+    )
+    examples: int | None = Field(
+        _default(NystromArguments, "examples"),
+        ge=1,
+        description="Nyström: sketch G on this many highest-curvature training examples; "
+        "None: all of them",
+    )
+
+    @model_validator(mode="after")
+    def _preconditioner_with_cg(self) -> SolverSpec:
+        if self.preconditioner != "none" and self.name != "cg":
+            raise ValueError(
+                f"solver.preconditioner={self.preconditioner!r} needs solver.name='cg', "
+                f"got {self.name!r}"
+            )
+        return self
 
     def build(self) -> Exact | CG | LiSSA:
         """The engine solver these settings describe."""
         if self.name == "exact":
             return Exact()
         if self.name == "cg":
-            return CG(tol=self.tol, max_iter=self.max_iter)
+            recipe = None
+            if self.preconditioner == "nystrom":
+                recipe = NystromArguments(rank=self.rank, examples=self.examples)
+            return CG(tol=self.tol, max_iter=self.max_iter, preconditioner=recipe)
         return LiSSA(
             depth=self.depth,
             repeats=self.repeats,

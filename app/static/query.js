@@ -65,7 +65,14 @@ function solverSettings() {
       seed: numberField(form, "seed"),
     });
   }
-  if (name === "cg") return compact({ name, tol: numberField(form, "tol"), max_iter: numberField(form, "max_iter") });
+  if (name === "cg") {
+    return compact({
+      name,
+      tol: numberField(form, "tol"),
+      max_iter: numberField(form, "max_iter"),
+      preconditioner: form.elements.preconditioner.value,
+    });
+  }
   return { name };
 }
 

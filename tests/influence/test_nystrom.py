@@ -133,6 +133,33 @@ def test_pcg_reaches_the_dense_solve(settings: dict[str, object]) -> None:
     assert report.iterations < plain.iterations
 
 
+def test_cg_fits_a_recipe_at_solve_time_and_reports_it() -> None:
+    engine = _engine(20)
+    op = engine.operator
+    matrix = _data_gnh(20) + (DAMPING + WEIGHT_DECAY) * torch.eye(engine.num_params).double()
+    rhs = torch.randn(engine.num_params, 3, dtype=torch.float64)
+    solver = CG(tol=1e-12, preconditioner=NystromArguments(rank=12, examples=8))
+    x, report = solver.solve(op, rhs)
+    assert rel_error(x, torch.linalg.solve(matrix, rhs)) < RTOL_SOLVE
+    assert report.method == "pcg"
+    assert report.details["preconditioner"]["rank"] <= 12
+    assert report.details["preconditioner"]["examples"] == 8
+    fitted = solver.calibrated(op)
+    assert isinstance(fitted.preconditioner, NystromPreconditioner)
+    assert fitted.calibrated(op) is fitted
+    assert torch.equal(fitted.solve(op, rhs)[0], x)
+
+
+def test_self_influence_with_a_nystrom_recipe_matches_exact() -> None:
+    engine = _engine(20)
+    matrix = _data_gnh(20) + (DAMPING + WEIGHT_DECAY) * torch.eye(engine.num_params).double()
+    grads = engine.gradients(*tiny_data("classes3", 20))
+    expected = (grads * torch.linalg.solve(matrix, grads.T).T).sum(dim=1) / 20
+    solver = CG(tol=1e-12, preconditioner=NystromArguments(rank=16))
+    assert rel_error(engine.self_influence(solver), expected) < RTOL_SOLVE
+    assert engine.last_report.details["preconditioner"]["rank"] <= 16
+
+
 def test_float32_path_agrees_with_dense_float64() -> None:
     # float32 operators orthonormalise the sketch by Cholesky QR with a float64 Gram matrix
     engine = _engine(3, dtype=torch.float32)

@@ -7,7 +7,7 @@ import hashlib
 import pydantic
 import pytest
 
-from influence import CG, LiSSA
+from influence import CG, LiSSA, NystromArguments
 from models.checkpoints import canonical_json
 from worker.cache import _digest, query_content_id, result_key, s_test_key
 from worker.contract import ENGINE_VERSION, JobKind, SolverSpec, TestSpec
@@ -66,3 +66,8 @@ def test_keys_hash_the_canonical_json_and_solver_defaults_are_the_engines() -> N
     )
     assert (spec.tol, spec.max_iter) == (cg.tol, cg.max_iter)
     assert SolverSpec(name="lissa").build() == lissa
+    nystrom = SolverSpec(name="cg", preconditioner="nystrom", rank=50, examples=100)
+    assert nystrom.build() == CG(preconditioner=NystromArguments(rank=50, examples=100))
+    assert (spec.rank, spec.examples) == (NystromArguments().rank, NystromArguments().examples)
+    with pytest.raises(pydantic.ValidationError, match="preconditioner"):
+        SolverSpec(name="lissa", preconditioner="nystrom")
