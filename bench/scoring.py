@@ -35,6 +35,7 @@ from torch import Tensor
 from bench import peers, reference
 from influence import CG, Exact, InfluenceEngine, LiSSA, SolverError
 from influence.kfac import KFAC
+from influence.nystrom import NystromArguments
 
 RESULTS = Path(__file__).parent / "results"
 LARGE_N = 20_000
@@ -43,6 +44,8 @@ REFERENCE_TOL_B = 1e-4  # float32 CG on B's GNH; 1e-4 is near float32's floor th
 # Tolerances of the float32 solves, for Pearson ≥ 0.9999 (A) / ≥ 0.99 (B).
 CG_TOL = {"A": 1e-4, "B": 1e-2}
 LISSA_DEPTH = {"A": 5000, "B": 2000}
+# Nyström sketch for PCG: s test vectors on the examples of largest curvature trace.
+NYSTROM_RANK, NYSTROM_EXAMPLES = 100, 256
 # Peer runs on B that BENCHMARKS.md measured above ~2 minutes are not rerun here.
 PEERS_SKIPPED_ON_B = {
     "captum Naive": "dense Hessian of 301k parameters (363 GB)",
@@ -181,9 +184,14 @@ def _kfac_cg(tol: float, max_iter: int = 500) -> Callable[[InfluenceEngine], CG]
 
 def _our_methods(name: str) -> dict[str, tuple[str, Callable[[InfluenceEngine], Any]]]:
     tol, depth = CG_TOL[name], LISSA_DEPTH[name]
+    nystrom = NystromArguments(rank=NYSTROM_RANK, examples=NYSTROM_EXAMPLES)
     methods = {
         f"CG (tol {tol:g})": ("GNH", lambda _e: CG(tol=tol, max_iter=2000)),
         f"PCG EK-FAC (tol {tol:g})": ("GNH", _kfac_cg(tol)),
+        f"PCG Nyström (rank {NYSTROM_RANK}, top-{NYSTROM_EXAMPLES} examples, tol {tol:g})": (
+            "GNH",
+            lambda _e: CG(tol=tol, max_iter=500, preconditioner=nystrom),
+        ),
         f"LiSSA (auto scale, depth ≤ {depth})": ("GNH", lambda _e: LiSSA(depth=depth)),
     }
     if name == "A":

@@ -159,18 +159,40 @@ def per_example_directional(
     inputs: Tensor,
     targets: Tensor,
     directions: Tensor,
+    batch_size: int | None = None,
+    on_batch: Callable[[int], None] | None = None,
 ) -> Tensor:
-    """``[∇_θ L_i · s_j]_{j,i}`` for directions ``s[k, d]``, shape ``[k, B]``.
+    """``[∇_θ L_i · s_j]_{j,i}`` for directions ``s[k, d]``, shape ``[k, n]``.
 
-    One forward-mode pass per batch (``jvp``, vmapped over the k tangents); no
-    per-example gradient is ever formed.
+    ONE forward-mode transform (``jvp`` of the per-example losses; ``vmap`` over the
+    tangents only when k > 1) covers all n examples, which go through the network in
+    chunks of ``batch_size`` (default: one chunk): the transform's set-up is paid once,
+    not per chunk, and only one chunk's activations are live (under ``no_grad``, so none
+    are kept for a backward pass). No per-example gradient is formed. ``on_batch`` is
+    called with the end index of each chunk once it is done.
     """
-    losses_of = _per_example_losses(fmodel, loss, inputs, targets)
+    n = len(inputs)
+    if n == 0:
+        return directions.new_zeros(directions.shape[0], 0)
+    chunks = list(batch_slices(n, batch_size or n))
+
+    def losses_of(p: Tensor) -> Tensor:
+        params = fmodel.unflatten(p)
+        parts = []
+        for sl in chunks:
+            outputs = functional_call(fmodel.module, params, (inputs[sl],))
+            parts.append(loss.per_example(outputs, targets[sl]))
+            if on_batch is not None:
+                on_batch(sl.stop)
+        return torch.cat(parts)
 
     def along(s: Tensor) -> Tensor:
         return jvp(losses_of, (theta,), (s,))[1]
 
-    return vmap(along)(directions)
+    with torch.no_grad():
+        if directions.shape[0] == 1:
+            return along(directions[0]).unsqueeze(0)
+        return vmap(along)(directions)
 
 
 def summed_grad(

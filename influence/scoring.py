@@ -5,8 +5,9 @@ predicted change of test loss q when training point i is removed (DESIGN.md sign
 positive = helpful, negative = harmful). Two ways to get ``∇L_i · s_q``:
 
 - ``"jvp"``: a forward-mode pass along each s_q gives the directional derivative of
-  every per-example loss in the batch; no per-example gradient is stored. Cost grows
-  with the number of test points k (k tangents per pass).
+  every per-example loss; no per-example gradient is stored. One ``jvp`` covers the
+  whole shard, batch after batch, so its set-up is paid once. Cost grows with the
+  number of test points k (k tangents per pass).
 - ``"grad"``: per-example gradients by ``vmap(grad)``, then one matrix product with all
   k columns. Cost is independent of k but each batch holds a ``[B, d]`` gradient block.
 
@@ -130,13 +131,18 @@ def stream_scores(
         raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
     path = resolve_method(method, s_test.shape[0])
     n = len(inputs)
+
+    def done(stop: int) -> None:
+        if progress is not None:
+            progress(stop / n, "score")
+
+    if path == "jvp":  # one transform over all batches: its set-up is paid once
+        out = per_example_directional(
+            fmodel, loss, theta, inputs, targets, s_test, batch_size=batch_size, on_batch=done
+        )
+        return out / num_train
     out = torch.empty(s_test.shape[0], n, dtype=s_test.dtype, device=s_test.device)
     for sl in batch_slices(n, batch_size):
-        x, t = inputs[sl], targets[sl]
-        if path == "jvp":
-            out[:, sl] = per_example_directional(fmodel, loss, theta, x, t, s_test)
-        else:
-            out[:, sl] = s_test @ per_example_grads(fmodel, loss, theta, x, t).T
-        if progress is not None:
-            progress(sl.stop / n, "score")
+        out[:, sl] = s_test @ per_example_grads(fmodel, loss, theta, inputs[sl], targets[sl]).T
+        done(sl.stop)
     return out / num_train

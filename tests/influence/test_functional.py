@@ -42,6 +42,40 @@ def test_vmapped_gradients_and_jvps_match_a_loop(case: str) -> None:
     )
 
 
+@pytest.mark.parametrize("case", list(CASES))
+def test_directional_derivatives_in_chunks_with_one_direction_match_a_loop(case: str) -> None:
+    """The k = 1 path (plain ``jvp``) over uneven chunks (2 + 2 + 1 examples)."""
+    build, data_kind, loss_name = CASES[case]
+    model = build()
+    inputs, targets = tiny_data(data_kind, 5)
+    fmodel, theta = FlatModel.of(model)
+    reference = loop_grads(model, loss_name, inputs, targets)
+    direction = torch.randn(1, theta.numel(), dtype=torch.float64)
+    ends: list[int] = []
+    along = per_example_directional(
+        fmodel, get_loss(loss_name), theta, inputs, targets, direction, 2, ends.append
+    )
+    assert along.shape == (1, 5)
+    assert rel_error(along, direction @ reference.T) < RTOL_EXACT
+    assert ends == [2, 4, 5]
+
+
+def test_directional_derivatives_keep_no_graph_and_handle_no_examples() -> None:
+    """Activations are not kept for a backward pass even if θ requires grad (memory stays
+    one chunk's), and an empty batch gives ``[k, 0]``."""
+    model = tiny_mlp(3)
+    inputs, targets = tiny_data("classes3", 4)
+    fmodel, theta = FlatModel.of(model)
+    loss = get_loss("cross_entropy")
+    directions = torch.randn(2, theta.numel(), dtype=torch.float64)
+    along = per_example_directional(
+        fmodel, loss, theta.requires_grad_(True), inputs, targets, directions, 3
+    )
+    assert along.shape == (2, 4) and along.grad_fn is None and not along.requires_grad
+    empty = per_example_directional(fmodel, loss, theta, inputs[:0], targets[:0], directions)
+    assert empty.shape == (2, 0)
+
+
 def test_flat_model_round_trips_parameters_and_skips_frozen_ones() -> None:
     model = tiny_mlp(3)
     model[0].bias.requires_grad_(False)
