@@ -24,7 +24,10 @@ CASES = {
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_vmapped_gradients_and_jvps_match_a_loop(case: str) -> None:
+@pytest.mark.parametrize(("k", "chunk"), [(3, None), (1, 2)])
+def test_vmapped_gradients_and_jvps_match_a_loop(case: str, k: int, chunk: int | None) -> None:
+    """k = 3 directions (vmapped ``jvp``) in one chunk, and k = 1 (plain ``jvp``) over
+    uneven chunks of 2 + 2 + 1 examples, against a loop of ``grad``."""
     build, data_kind, loss_name = CASES[case]
     model = build()
     inputs, targets = tiny_data(data_kind, 5)
@@ -33,31 +36,17 @@ def test_vmapped_gradients_and_jvps_match_a_loop(case: str) -> None:
     reference = loop_grads(model, loss_name, inputs, targets)
     grads = per_example_grads(fmodel, loss, theta, inputs, targets)
     assert rel_error(grads, reference) < RTOL_EXACT
-    directions = torch.randn(3, theta.numel(), dtype=torch.float64)
-    along = per_example_directional(fmodel, loss, theta, inputs, targets, directions)
-    assert along.shape == (3, 5)
+    directions = torch.randn(k, theta.numel(), dtype=torch.float64)
+    ends: list[int] = []
+    along = per_example_directional(
+        fmodel, loss, theta, inputs, targets, directions, chunk, ends.append
+    )
+    assert along.shape == (k, 5)
     assert rel_error(along, directions @ reference.T) < RTOL_EXACT
+    assert ends == ([5] if chunk is None else [2, 4, 5])
     assert (
         rel_error(summed_grad(fmodel, loss, theta, inputs, targets), reference.sum(0)) < RTOL_EXACT
     )
-
-
-@pytest.mark.parametrize("case", list(CASES))
-def test_directional_derivatives_in_chunks_with_one_direction_match_a_loop(case: str) -> None:
-    """The k = 1 path (plain ``jvp``) over uneven chunks (2 + 2 + 1 examples)."""
-    build, data_kind, loss_name = CASES[case]
-    model = build()
-    inputs, targets = tiny_data(data_kind, 5)
-    fmodel, theta = FlatModel.of(model)
-    reference = loop_grads(model, loss_name, inputs, targets)
-    direction = torch.randn(1, theta.numel(), dtype=torch.float64)
-    ends: list[int] = []
-    along = per_example_directional(
-        fmodel, get_loss(loss_name), theta, inputs, targets, direction, 2, ends.append
-    )
-    assert along.shape == (1, 5)
-    assert rel_error(along, direction @ reference.T) < RTOL_EXACT
-    assert ends == [2, 4, 5]
 
 
 def test_directional_derivatives_keep_no_graph_and_handle_no_examples() -> None:
