@@ -203,17 +203,6 @@ class NystromPreconditioner:
             arguments=arguments,
         )
 
-    @classmethod
-    def from_operator(
-        cls,
-        operator: DampedCurvature,
-        arguments: NystromArguments | None = None,
-        **overrides: Any,
-    ) -> NystromPreconditioner:
-        """Same as :meth:`fit` (the constructor name ``KFAC`` uses):
-        ``CG(preconditioner=NystromPreconditioner.from_operator(engine.operator))``."""
-        return cls.fit(operator, arguments, **overrides)
-
     def __call__(self, v: Tensor) -> Tensor:
         """``P⁻¹ v`` for ``v`` of shape ``[d]`` or ``[d, k]``."""
         if v.dim() not in (1, 2) or v.shape[0] != self.dim:

@@ -218,7 +218,7 @@ def test_fit_and_call_validate_their_inputs() -> None:
     undamped = InfluenceEngine(tiny_mlp(3), train=tiny_data("classes3", 5), damping=0.0)
     with pytest.raises(ValueError, match="damping"):
         NystromPreconditioner.fit(undamped.operator, rank=3)
-    p = NystromPreconditioner.from_operator(engine.operator, NystromArguments(rank=3))
+    p = NystromPreconditioner.fit(engine.operator, NystromArguments(rank=3))
     with pytest.raises(ValueError, match="expected a vector"):
         p(torch.zeros(engine.num_params + 1, dtype=torch.float64))
     report = p.report()
