@@ -29,8 +29,10 @@ from torch.func import functional_call, grad, jvp, vjp, vmap
 from models.losses import Loss
 
 __all__ = [
+    "BatchProduct",
     "CurvatureKind",
     "FlatModel",
+    "batch_product",
     "batch_slices",
     "dataset_product",
     "gnh_product",
@@ -117,6 +119,22 @@ def hessian_product(
 
 _PRODUCTS: dict[str, Callable[..., Tensor]] = {"gnh": gnh_product, "full": hessian_product}
 
+BatchProduct = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
+"""``(θ, inputs, targets, V) ↦ Σ_{i∈batch} C_i V``, V ``[d]`` or ``[d, k]``."""
+
+
+def batch_product(kind: CurvatureKind, fmodel: FlatModel, loss: Loss) -> BatchProduct:
+    """The summed curvature product of one batch (``gnh_product`` or ``hessian_product``),
+    vmapped over the columns of ``V`` when it is a matrix."""
+    product = _PRODUCTS[kind]
+    columns = vmap(product, in_dims=(None, None, None, None, None, 1), out_dims=1)
+
+    def apply(theta: Tensor, inputs: Tensor, targets: Tensor, vectors: Tensor) -> Tensor:
+        fn = columns if vectors.dim() == 2 else product
+        return fn(fmodel, loss, theta, inputs, targets, vectors)
+
+    return apply
+
 
 def dataset_product(
     kind: CurvatureKind,
@@ -132,12 +150,10 @@ def dataset_product(
 
     ``vectors`` is ``[d]`` or ``[d, k]``; all k columns share each chunk's forward pass.
     """
-    product = _PRODUCTS[kind]
-    if vectors.dim() == 2:
-        product = vmap(product, in_dims=(None, None, None, None, None, 1), out_dims=1)
+    product = batch_product(kind, fmodel, loss)
     total = torch.zeros_like(vectors)
     for sl in batch_slices(len(inputs), batch_size):
-        total += product(fmodel, loss, theta, inputs[sl], targets[sl], vectors)
+        total += product(theta, inputs[sl], targets[sl], vectors)
     return total / len(inputs)
 
 

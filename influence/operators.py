@@ -9,17 +9,20 @@ and, for small d, ``dense``.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
+from torch.fx.experimental.proxy_tensor import make_fx
 
-from influence.functional import CurvatureKind, FlatModel, dataset_product
+from influence.functional import CurvatureKind, FlatModel, batch_product, dataset_product
 from models.losses import Loss
 from models.training import Progress
 
-__all__ = ["DampedCurvature"]
+__all__ = ["DampedCurvature", "ReplayedCurvature"]
 
 _DENSE_BLOCK = 128  # columns of the identity pushed through one vmapped pass by dense()
+_REPLAY_RTOL = 1e-5  # a traced product's replay vs the eager product, relative (float32 ops)
 
 
 class DampedCurvature:
@@ -105,6 +108,10 @@ class DampedCurvature:
         )  # fmt: skip
         return product + self.weight_decay * vectors
 
+    def replayed_curvature(self) -> ReplayedCurvature:
+        """``(V, indices) ↦ G_B V`` like ``curvature``, replayed from a trace (for LiSSA)."""
+        return ReplayedCurvature(self)
+
     def matmat(self, vectors: Tensor) -> Tensor:
         """``(G + λI) V`` on the full training set; ``V`` is ``[d]`` or ``[d, k]``."""
         return self.curvature(vectors) + self.damping * vectors
@@ -129,3 +136,51 @@ class DampedCurvature:
             matrix = torch.cat(columns, dim=1)
             self._dense = (matrix + matrix.T) / 2
         return self._dense
+
+
+class ReplayedCurvature:
+    """``(V, indices) ↦ G_B V`` (weight decay included), as ``DampedCurvature.curvature``,
+    for long loops of minibatch products of one shape (LiSSA's recursion).
+
+    Each eager product pays ``torch.func``'s transform overhead on every op, which
+    dominates on small models (a 128-example, 10-column product on a 3.5k-parameter MLP:
+    about 1 ms, against 0.05 ms for one plain forward pass). Here the first call of a
+    shape traces the product with ``make_fx`` into a graph of plain aten ops (a few tenths
+    of a second), which later calls of that shape replay (about half the time there). The
+    first replay, on a new minibatch, is checked against the eager product: a model whose
+    Python control flow depends on its inputs cannot be replayed, and if the two differ
+    (or tracing fails) that shape stays eager. ``status`` maps each shape seen to
+    ``"traced"`` (replay not yet checked), ``"replayed"`` or ``"eager"``.
+    """
+
+    def __init__(self, operator: DampedCurvature) -> None:
+        self.operator = operator
+        self.status: dict[tuple, str] = {}
+        self._product = batch_product(operator.kind, operator.fmodel, operator.loss)
+        self._graphs: dict[tuple, Callable[..., Tensor]] = {}
+
+    def __call__(self, vectors: Tensor, indices: Tensor) -> Tensor:
+        op = self.operator
+        if len(indices) > op.batch_size:  # more than one pass: chunked, eager
+            return op.curvature(vectors, indices)
+        args = (op.theta, op.inputs[indices], op.targets[indices], vectors)
+        key = tuple((tuple(a.shape), a.dtype) for a in args)
+        status = self.status.get(key)
+        if status is None:
+            try:
+                self._graphs[key] = make_fx(self._product)(*args)
+                status = self.status[key] = "traced"
+            except Exception:  # whatever make_fx cannot trace stays eager
+                status = self.status[key] = "eager"
+            # A trace is faithful for the inputs it was made on.
+            total = self._graphs[key](*args) if status == "traced" else self._product(*args)
+        elif status == "traced":
+            total = self._product(*args)
+            error = (self._graphs[key](*args) - total).norm()
+            faithful = bool(error <= _REPLAY_RTOL * total.norm())
+            self.status[key] = "replayed" if faithful else "eager"
+        elif status == "replayed":
+            total = self._graphs[key](*args)
+        else:
+            total = self._product(*args)
+        return total / len(indices) + op.weight_decay * vectors

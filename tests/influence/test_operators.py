@@ -112,3 +112,76 @@ def test_matvec_rejects_a_matrix() -> None:
     op = _operator(tiny_mlp(3), "cross_entropy", tiny_data("classes3", 4), "gnh")
     with pytest.raises(ValueError, match=r"shape \[d\]"):
         op.matvec(torch.zeros(op.size, 2, dtype=torch.float64))
+
+
+@pytest.mark.parametrize(
+    "case", ["mlp-cross_entropy", "cnn-cross_entropy", "lm-token_cross_entropy"]
+)
+@pytest.mark.parametrize("kind", ["gnh", "full"])
+def test_replayed_minibatch_products_match_dense_subset_matrices(case: str, kind: str) -> None:
+    """Traced once, replayed on other minibatches: still the subset's exact curvature."""
+    build, data_kind, loss = CASES[case]
+    model, data = build(), tiny_data(data_kind, 9)
+    op = _operator(model, loss, data, kind)
+    replayed = op.replayed_curvature()
+    dense = dense_gnh if kind == "gnh" else dense_hessian
+    vectors = torch.randn(op.size, 2, dtype=torch.float64)
+    for subset in ([0, 3, 5], [1, 2, 8], [4, 6, 7], [8, 0, 2]):
+        index = torch.tensor(subset)
+        reference = dense(model, loss, data[0][index], data[1][index], weight_decay=WEIGHT_DECAY)
+        assert rel_error(replayed(vectors, index), reference @ vectors) < RTOL_EXACT
+    assert list(replayed.status.values()) == ["replayed"]
+
+
+class _SignSwitch(nn.Module):
+    """tanh or sin of a linear map, chosen by the sign of the batch's input sum: Python
+    control flow on input values, which make_fx refuses to trace."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(5, 3).double()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.linear(x)
+        return torch.tanh(z) if float(x.sum()) > 0 else torch.sin(z)
+
+
+class _Tempered(nn.Module):
+    """A linear map divided by a plain Python float, whose value a trace bakes in."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(5, 3).double()
+        self.temperature = 1.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x) / self.temperature
+
+
+def _operator_on_signed_inputs(module: nn.Module) -> DampedCurvature:
+    torch.manual_seed(0)
+    inputs = torch.cat([torch.rand(4, 5), -torch.rand(4, 5)]).double()
+    return _operator(module, "cross_entropy", (inputs, torch.randint(3, (8,))), "gnh")
+
+
+def test_replay_stays_eager_for_a_model_make_fx_cannot_trace() -> None:
+    op = _operator_on_signed_inputs(_SignSwitch())
+    replayed = op.replayed_curvature()
+    vectors = torch.randn(op.size, 2, dtype=torch.float64)
+    for subset in ([0, 1, 2], [5, 6, 7], [1, 2, 3]):
+        index = torch.tensor(subset)
+        assert rel_error(replayed(vectors, index), op.curvature(vectors, index)) < RTOL_EXACT
+    assert list(replayed.status.values()) == ["eager"]
+
+
+def test_replay_stays_eager_when_its_first_replay_disagrees_with_eager() -> None:
+    module = _Tempered()
+    op = _operator_on_signed_inputs(module)
+    replayed = op.replayed_curvature()
+    vectors = torch.randn(op.size, 2, dtype=torch.float64)
+    replayed(vectors, torch.tensor([0, 1, 2]))  # traced at temperature 1
+    module.temperature = 2.0
+    for subset in ([5, 6, 7], [1, 2, 3]):
+        index = torch.tensor(subset)
+        assert rel_error(replayed(vectors, index), op.curvature(vectors, index)) < RTOL_EXACT
+    assert list(replayed.status.values()) == ["eager"]

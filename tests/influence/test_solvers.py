@@ -164,6 +164,19 @@ def test_lissa_averages_the_documented_growing_tail(average: float, start: int |
     assert report.iterations == 130 and not report.converged
 
 
+def test_lissa_replayed_minibatch_products_give_the_eager_answer() -> None:
+    engine = _tiny_engine()
+    rhs = engine.gradients(*tiny_data("classes3", 2, seed=2)).T
+    answers, reports = {}, {}
+    for replay in (True, False):
+        solver = LiSSA(depth=130, window=10, tol=1e-300, batch_size=16, replay=replay)
+        with pytest.warns(ConvergenceWarning):
+            answers[replay], reports[replay] = solver.solve(engine.operator, rhs)
+    assert reports[True].details["minibatch_product"] == ["replayed"]
+    assert "minibatch_product" not in reports[False].details
+    assert rel_error(answers[True], answers[False]) < 1e-12
+
+
 def test_lissa_scale_comes_from_a_short_lanczos_run() -> None:
     engine = _tiny_engine()
     op = engine.operator
