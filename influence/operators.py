@@ -75,6 +75,7 @@ class DampedCurvature:
         self.damping = float(damping)
         self.batch_size = batch_size
         self._dense: Tensor | None = None
+        self._replayed: ReplayedCurvature | None = None
 
     @property
     def size(self) -> int:
@@ -109,8 +110,11 @@ class DampedCurvature:
         return product + self.weight_decay * vectors
 
     def replayed_curvature(self) -> ReplayedCurvature:
-        """``(V, indices) ↦ G_B V`` like ``curvature``, replayed from a trace (for LiSSA)."""
-        return ReplayedCurvature(self)
+        """``(V, indices) ↦ G_B V`` like ``curvature``, replayed from a trace (for LiSSA);
+        one per operator, so its traces serve every later solve on it."""
+        if self._replayed is None:
+            self._replayed = ReplayedCurvature(self)
+        return self._replayed
 
     def matmat(self, vectors: Tensor) -> Tensor:
         """``(G + λI) V`` on the full training set; ``V`` is ``[d]`` or ``[d, k]``."""
@@ -150,18 +154,21 @@ class ReplayedCurvature:
     first replay, on a new minibatch, is checked against the eager product: a model whose
     Python control flow depends on its inputs cannot be replayed, and if the two differ
     (or tracing fails) that shape stays eager. ``status`` maps each shape seen to
-    ``"traced"`` (replay not yet checked), ``"replayed"`` or ``"eager"``.
+    ``"traced"`` (replay not yet checked), ``"replayed"`` or ``"eager"``; ``last`` is the
+    status of the latest call's shape.
     """
 
     def __init__(self, operator: DampedCurvature) -> None:
         self.operator = operator
         self.status: dict[tuple, str] = {}
+        self.last: str | None = None
         self._product = batch_product(operator.kind, operator.fmodel, operator.loss)
         self._graphs: dict[tuple, Callable[..., Tensor]] = {}
 
     def __call__(self, vectors: Tensor, indices: Tensor) -> Tensor:
         op = self.operator
         if len(indices) > op.batch_size:  # more than one pass: chunked, eager
+            self.last = "eager"
             return op.curvature(vectors, indices)
         args = (op.theta, op.inputs[indices], op.targets[indices], vectors)
         key = tuple((tuple(a.shape), a.dtype) for a in args)
@@ -183,4 +190,5 @@ class ReplayedCurvature:
             total = self._graphs[key](*args)
         else:
             total = self._product(*args)
+        self.last = self.status[key]
         return total / len(indices) + op.weight_decay * vectors

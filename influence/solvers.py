@@ -537,8 +537,8 @@ class LiSSA:
                 stacklevel=2,
             )
         details["steps"] = steps
-        if replayed is not None and replayed.status:
-            details["minibatch_product"] = sorted(set(replayed.status.values()))
+        if replayed is not None and max(steps) > self.window:
+            details["minibatch_product"] = replayed.last
         return _finish(
             "lissa", operator, total / self.repeats, v, iterations=sum(steps), started=started,
             converged=settled, shape=rhs.shape, details=details,
