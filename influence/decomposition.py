@@ -26,6 +26,7 @@ from torch import Tensor
 from torch.func import jvp
 
 from influence.engine import InfluenceEngine
+from influence.operators import DampedCurvature
 from influence.response import Responder, output_distance
 from models import Progress
 
@@ -65,8 +66,8 @@ class DecompositionArguments:
         default=False,
         metadata={
             "help": "Also report the proximity gap's first-order closed form "
-            "‖J[H⁻¹ − (H+λI)⁻¹] ε∇L_z‖ with H the true Hessian (meaningful at a converged "
-            "θˢ; needs H positive definite)."
+            "‖J[H_Q⁻¹ − (H_Q+λI)⁻¹] ε∇L_z‖ with H_Q the true Hessian of the down-weighted "
+            "cost (meaningful at a converged θˢ; needs H_Q positive definite)."
         },
     )
 
@@ -97,32 +98,37 @@ def sample_removed(n: int, arguments: DecompositionArguments) -> list[list[int]]
 def first_order_proximity(
     responder: Responder, removed_sets: Sequence[Sequence[int]]
 ) -> list[float]:
-    """``‖J [H⁻¹ − (H+λI)⁻¹] ε Σ_z ∇L_z‖`` per removed set: warm − proximal to first order
-    in ε at a converged θˢ (Eqns 5 and 7 linearised; ``J`` is the output Jacobian on the
-    training set). ``H`` is the true Hessian of the cost (``wd·I`` included), whatever
-    ``arguments.hessian`` says, since warm and proximal minimise the true objectives; it
-    must be positive definite (θˢ a strict minimum). For GLMs (e.g. logistic regression)
-    it equals the Gauss-Newton matrix; exact there as ε → 0. Solved by the responder's
-    solver."""
+    """``‖J [H_Q⁻¹ − (H_Q+λI)⁻¹] ε Σ_z ∇L_z‖`` per removed set: warm − proximal, each the
+    Newton step from a converged θˢ on its own objective (Eqns 5 and 7; ``J`` is the
+    output Jacobian on the training set). ``H_Q = H − ε ∇²Σ_z L_z`` is the true Hessian of
+    the down-weighted cost Q that both minimise (``wd·I`` included), whatever
+    ``arguments.hessian`` says; it must be positive definite (θˢ a strict minimum). The
+    full-data H instead would miss z's own curvature, a first-order fraction ρ_z of
+    the step (``Responder.removal_leverage``). Solved by the responder's solver."""
+    weight_decay = responder.recipe.weight_decay
+    train = (responder.inputs, responder.targets)
 
-    def engine(damping: float) -> InfluenceEngine:
+    def hessian(damping: float) -> DampedCurvature:
         return InfluenceEngine(
-            responder.model, responder.loss, train=(responder.inputs, responder.targets),
-            hessian="full", damping=damping, weight_decay=responder.recipe.weight_decay,
-        )  # fmt: skip
+            responder.model, responder.loss, train=train, hessian="full", damping=damping,
+            weight_decay=weight_decay,
+        ).operator  # fmt: skip
 
-    damped_engine = responder.engine
-    if responder.arguments.hessian != "full":
-        damped_engine = engine(responder.arguments.damping)
-    problems = [responder.problem(z) for z in removed_sets]
-    rhs = torch.stack([p.epsilon * p.removed_gradient for p in problems], dim=1)
-    plain, _ = responder.solver.solve(engine(0.0).operator, rhs)
-    damped, _ = responder.solver.solve(damped_engine.operator, rhs)
+    plain, damped = hessian(0.0), hessian(responder.arguments.damping)
 
     def outputs(theta: Tensor) -> Tensor:
         return responder.fmodel(theta, responder.inputs)
 
-    return [float(jvp(outputs, (responder.theta_s,), (v,))[1].norm()) for v in (plain - damped).T]
+    gaps = []
+    for z in removed_sets:
+        problem = responder.problem(z)
+        rhs = problem.epsilon * problem.removed_gradient
+        steps = [
+            responder.solver.solve(op.downweighted(problem.removed, problem.epsilon), rhs)[0]
+            for op in (plain, damped)
+        ]
+        gaps.append(float(jvp(outputs, (responder.theta_s,), (steps[0] - steps[1],))[1].norm()))
+    return gaps
 
 
 def compute_responses(

@@ -107,7 +107,19 @@ class DampedCurvature:
             self.kind, self.fmodel, self.loss, self.theta, inputs, targets, vectors,
             self.batch_size,
         )  # fmt: skip
+        return self._complete(product, vectors)
+
+    def _complete(self, product: Tensor, vectors: Tensor) -> Tensor:
+        """The data term ``product`` (``Σ_{i∈B} C_i V / |B|``) plus the operator's other
+        terms: ``wd·V`` (and, down-weighted, ``− ε Σ_z C_z V``)."""
         return product + self.weight_decay * vectors
+
+    def downweighted(self, indices: Tensor, epsilon: float) -> DampedCurvature:
+        """The curvature of the down-weighted objective ``(1/N) Σ_i L_i − ε Σ_{z} L_z``
+        (appendix Eqn 5; ε = 1/N removes the examples ``indices``), which warm-start and
+        proximal retraining minimise: ``G − ε Σ_z C_z`` (+ wd·I, + λI). On a minibatch it
+        is ``G_B − ε Σ_z C_z``, still unbiased."""
+        return _Downweighted(self, indices, epsilon)
 
     def replayed_curvature(self) -> ReplayedCurvature:
         """``(V, indices) ↦ G_B V`` like ``curvature``, replayed from a trace (for LiSSA);
@@ -191,4 +203,24 @@ class ReplayedCurvature:
         else:
             total = self._product(*args)
         self.last = self.status[key]
-        return total / len(indices) + op.weight_decay * vectors
+        return op._complete(total / len(indices), vectors)
+
+
+class _Downweighted(DampedCurvature):
+    """``DampedCurvature`` minus ``ε Σ_z C_z`` (see ``DampedCurvature.downweighted``)."""
+
+    def __init__(self, base: DampedCurvature, indices: Tensor, epsilon: float) -> None:
+        super().__init__(
+            base.fmodel, base.theta, base.loss, base.inputs, base.targets, kind=base.kind,
+            weight_decay=base.weight_decay, damping=base.damping, batch_size=base.batch_size,
+        )  # fmt: skip
+        self.removed = torch.as_tensor(indices, dtype=torch.long, device=base.device).reshape(-1)
+        self.epsilon = float(epsilon)
+
+    def _complete(self, product: Tensor, vectors: Tensor) -> Tensor:
+        own = dataset_product(
+            self.kind, self.fmodel, self.loss, self.theta, self.inputs[self.removed],
+            self.targets[self.removed], vectors, self.batch_size,
+        )  # fmt: skip
+        scale = self.epsilon * len(self.removed)  # own is the mean over the removed examples
+        return super()._complete(product, vectors) - scale * own

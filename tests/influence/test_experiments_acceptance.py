@@ -1,15 +1,13 @@
 """Acceptance-size runs of the shipped example configs (slow: minutes each on 2 cores).
 
-They assert what docs/experiments/README.md reports. Three of issue 4's targets are not
+They assert what docs/experiments/README.md reports. Two of issue 4's targets are not
 met there; they are recorded as strict xfails so that meeting them (or a regression in
-what is met) shows up. All three come from one second-order effect, checked here and in
+what is met) shows up. Both come from one second-order effect, checked here and in
 docs/experiments/README.md: the removed point's own curvature ε∇²L_z, which the PBRF keeps
 and influence drops, cancels a fraction ρ_z (its removal leverage) of the damped curvature
 along the influence step, so the PBRF step is ≈ 1/(1 − ρ_z) times the influence step.
 - logistic regression: linearization gap ≤ 1e-3 (measured mean 0.030, median 2e-4; the
-  five points with leverage ≥ 0.05 give 99% of it) and the mean proximity gap within 10%
-  of its first-order closed form (measured 19% above; the median ratio is 1.009). At
-  ε = 0.1/N both targets hold.
+  five points with leverage ≥ 0.05 give 99% of it). At ε = 0.1/N it holds.
 - MLP on digits: pooled PBRF Pearson ≥ 0.9 (measured 0.83; train point 651 has ρ = 0.78,
   so its PBRF effect is 4.5× its influence prediction).
 """
@@ -56,17 +54,14 @@ def test_cancer_logreg_decomposition(cancer_result) -> None:
     summary = result.summary()
     for gap in ("warm_start", "non_convergence", "solver"):
         assert summary[gap]["mean"] <= 1e-3, gap
-    ratio = torch.tensor(result.gaps["proximity"]) / torch.tensor(
-        result.gaps["proximity_first_order"]
-    )
-    assert abs(float(ratio.median()) - 1) < 0.1
     # The linearization gap is the removed point's second-order effect: it grows with ρ_z.
     assert spearmanr(result.gaps["linearization"], result.leverage).statistic > 0.9
 
 
 @pytest.mark.slow
 def test_cancer_logreg_targets_hold_at_smaller_epsilon() -> None:
-    # The unmet ε = 1/N targets below are O(ε²): at ε = 0.1/N they hold.
+    # The unmet ε = 1/N linearization target is O(ε²): at ε = 0.1/N it holds, and so does
+    # the proximity closed form.
     data = json.loads((CONFIGS / "cancer_logreg.json").read_text())
     data["response"]["epsilon"] = 0.1 / 455
     result = run_decomposition(ExperimentConfig.from_dict(data))
@@ -109,13 +104,15 @@ def test_cancer_logreg_linearization_gap_target(cancer_result) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True, reason="issue 4 target not met: mean proximity gap 19% above its closed form"
-)
-def test_cancer_logreg_proximity_mean_target(cancer_result) -> None:
+def test_cancer_logreg_proximity_gap_equals_its_closed_form(cancer_result) -> None:
+    # Closed form with the Hessian of the down-weighted cost Q (measured mean ratio 0.987).
     summary = cancer_result.summary()
     ratio = summary["proximity"]["mean"] / summary["proximity_first_order"]["mean"]
     assert abs(ratio - 1) < 0.1
+    gaps = torch.tensor(cancer_result.gaps["proximity"])
+    closed = torch.tensor(cancer_result.gaps["proximity_first_order"])
+    above_floor = gaps > 1e-4  # L-BFGS retraining is converged to about 1e-6 in d
+    assert ((gaps / closed)[above_floor] - 1).abs().max() < 0.1
 
 
 @pytest.mark.slow

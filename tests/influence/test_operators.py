@@ -185,3 +185,21 @@ def test_replay_stays_eager_when_its_first_replay_disagrees_with_eager() -> None
         index = torch.tensor(subset)
         assert rel_error(replayed(vectors, index), op.curvature(vectors, index)) < RTOL_EXACT
     assert list(replayed.status.values()) == ["eager"]
+
+
+@pytest.mark.parametrize("kind", ["gnh", "full"])
+def test_downweighted_operator_drops_epsilon_of_the_removed_examples_curvature(kind) -> None:
+    model, data = tiny_mlp(3), tiny_data("classes3", 8)
+    dense = dense_gnh if kind == "gnh" else dense_hessian
+    removed, epsilon = torch.tensor([2, 5]), 0.1
+    op = _operator(model, "cross_entropy", data, kind, damping=0.5)
+    down = op.downweighted(removed, epsilon)
+    own = dense(model, "cross_entropy", data[0][removed], data[1][removed], weight_decay=0.0)
+    full = dense(model, "cross_entropy", *data, weight_decay=WEIGHT_DECAY)
+    expected = full - epsilon * len(removed) * own + 0.5 * torch.eye(op.size, dtype=torch.float64)
+    assert rel_error(down.dense(), expected) < RTOL_EXACT
+    subset = torch.tensor([0, 2, 7])
+    v = torch.randn(op.size, dtype=torch.float64)
+    on_subset = op.curvature(v, subset) - epsilon * len(removed) * own @ v
+    assert rel_error(down.curvature(v, subset), on_subset) < RTOL_EXACT
+    assert rel_error(down.replayed_curvature()(v, subset), on_subset) < RTOL_EXACT

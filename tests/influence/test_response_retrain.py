@@ -54,10 +54,11 @@ def logreg() -> Responder:
 
 
 def _closed_form_proximity(r: Responder, removed: list[int]) -> float:
-    """``‖J[H⁻¹ − (H+λI)⁻¹] ε∇L_z‖`` with dense J (output Jacobian) and H (Hessian of J)."""
+    """``‖J[H_Q⁻¹ − (H_Q+λI)⁻¹] ε∇L_z‖`` with dense J (output Jacobian) and H_Q (Hessian
+    of the down-weighted cost Q, by ``torch.func.hessian``)."""
     p = r.problem(removed)
     d = r.theta_s.numel()
-    h = torch.func.hessian(p.cost)(r.theta_s)
+    h = torch.func.hessian(p.downweighted)(r.theta_s)
     jac = jacrev(r.fmodel, argnums=0)(r.theta_s, r.inputs).reshape(r.n, d)
     g = p.epsilon * p.removed_gradient
     damped = h + r.arguments.damping * torch.eye(d, dtype=h.dtype)
@@ -74,7 +75,7 @@ def test_converged_logistic_regression_gaps(logreg: Responder) -> None:
     for a, b in (("cold", "warm"), ("proximal", "pbrf"), ("linearized", "influence")):
         assert output_distance(out[a], out[b]) < 1e-6 * max(1.0, moved), (a, b)
     proximity = output_distance(out["warm"], out["proximal"])
-    assert proximity == pytest.approx(_closed_form_proximity(logreg, removed), rel=0.15)
+    assert proximity == pytest.approx(_closed_form_proximity(logreg, removed), rel=0.1)
 
 
 def test_proximity_gap_matches_closed_form_to_first_order(logreg: Responder) -> None:
