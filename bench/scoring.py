@@ -95,8 +95,8 @@ def scoring_cost(problem: reference.ReferenceProblem, n: int, device: str) -> di
         _synchronize(device)
 
     row: dict[str, Any] = {"N": n, "forward_s": _best_of(forward, SCORING_REPEATS)}
-    floor = _tangent_floor(engine.model, inputs, engine.operator.targets, direction[0], batch)
     op = engine.operator
+    floor = _tangent_floor(engine.model, inputs, op.targets, direction[0], batch)
     directional = per_example_directional(
         op.fmodel, op.loss, op.theta, inputs, op.targets, direction, batch_size=batch
     )[0]
