@@ -6,9 +6,11 @@ Prints three Markdown tables and writes them, with every figure, to
 ``bench/results/scoring-<UTC time>.json``:
 
 (a) scoring cost: time to score every training point against one s_test, divided by one
-    plain (no-grad) forward pass over the same points in the same batches, for the JVP and
-    the per-example-gradient paths; peak extra memory (RSS, measured in a fresh process)
-    at N = 1,437 and at a synthetic N = 20,000 (model B's architecture);
+    plain (no-grad) forward pass over the same points in the same batches, for the JVP
+    path (eager, and compiled: ``compile_scoring``, timed once compiled, with the time of
+    the compiling call beside it) and the per-example-gradient path; peak extra memory
+    (RSS, measured in a fresh process) at N = 1,437 and at a synthetic N = 20,000 (model
+    B's architecture); beside them a hand-written tangent and the multiply-add count;
 (b) s_test for 10 queries: time, iterations and relative residual of each solver;
 (c) all methods and the peers side by side: time for 10 queries × all training points
     (after the model is loaded) and Pearson against the reference scores (A: dense
@@ -40,7 +42,7 @@ from influence.nystrom import NystromArguments
 
 RESULTS = Path(__file__).parent / "results"
 LARGE_N = 20_000
-SCORING_REPEATS = 3
+SCORING_REPEATS = 5
 REFERENCE_TOL_B = 1e-4  # float32 CG on B's GNH; 1e-4 is near float32's floor there
 # Tolerances of the float32 solves, for Pearson ≥ 0.9999 (A) / ≥ 0.99 (B).
 CG_TOL = {"A": 1e-4, "B": 1e-2}
@@ -104,11 +106,19 @@ def scoring_cost(problem: reference.ReferenceProblem, n: int, device: str) -> di
     assert error < 1e-4, f"hand-written tangent disagrees with the engine: {error:.1e}"
     row["floor_s"] = _best_of(floor, SCORING_REPEATS)
     row["floor_ratio"] = row["floor_s"] / row["forward_s"]
-    for path in ("jvp", "grad"):
-        repeats = SCORING_REPEATS if path == "jvp" else 1
+    row["multiply_add_ratio"] = _multiply_add_ratio(engine.model)
+    compiled = InfluenceEngine(problem.model, train=train, device=device, compile_scoring=True)
+    started = time.perf_counter()
+    compiled.scores_from_s_test(direction, method="jvp")
+    _synchronize(device)
+    row["compile_s"] = time.perf_counter() - started
+    row["compiled_status"] = compiled.compiled_scoring.status
+    for path in ("jvp", "jvp_compiled", "grad"):
+        repeats = 1 if path == "grad" else SCORING_REPEATS
+        scorer = compiled if path == "jvp_compiled" else engine
 
-        def score(p: str = path) -> None:
-            engine.scores_from_s_test(direction, method=p)
+        def score(e: InfluenceEngine = scorer, p: str = path) -> None:
+            e.scores_from_s_test(direction, method="grad" if p == "grad" else "jvp")
             _synchronize(device)
 
         seconds = _best_of(score, repeats)
@@ -122,6 +132,13 @@ def scoring_cost(problem: reference.ReferenceProblem, n: int, device: str) -> di
             score()
             row[f"{path}_peak_mb"] = (torch.cuda.max_memory_allocated() - before) / 2**20
     return row
+
+
+def _multiply_add_ratio(model: nn.Sequential) -> float:
+    """Multiply-adds of a JVP of an MLP over those of its forward pass: each layer's
+    ``W h`` once more for ``dW h``, and once more for ``W dh`` past the first layer."""
+    sizes = [m.weight.numel() for m in model if isinstance(m, nn.Linear)]
+    return (2 * sum(sizes) + sum(sizes[1:])) / sum(sizes)
 
 
 def _tangent_floor(
@@ -177,12 +194,15 @@ def _memory_in_subprocess(name: str, n: int, path: str) -> float:
 def _memory_probe(name: str, n: int, path: str) -> None:
     problem = reference.load(name)
     train = problem.train if n == len(problem.train[0]) else _synthetic_train(n)
-    engine = InfluenceEngine(problem.model, train=train)
+    compiled = path == "jvp_compiled"
+    engine = InfluenceEngine(problem.model, train=train, compile_scoring=compiled)
     direction = engine.gradients(*problem.queries)[:1]
-    engine.scores_from_s_test(direction, 0, min(n, 8), method=path)  # warm-up
+    method = "grad" if path == "grad" else "jvp"
+    # warm-up; compiling (its shapes are those of the whole set) is not part of the peak
+    engine.scores_from_s_test(direction, 0, n if compiled else min(n, 8), method=method)
     before_kb = _status_kb("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # reset the peak (VmHWM) to the current RSS
-    engine.scores_from_s_test(direction, method=path)
+    engine.scores_from_s_test(direction, method=method)
     peak_kb = _status_kb("VmHWM")
     print(max(0, peak_kb - before_kb) / 1024)
 
@@ -347,15 +367,20 @@ def markdown(results: dict[str, Any]) -> str:
     lines = [
         "(a) Scoring every training point against one s_test (model B's architecture)",
         "",
-        "| N | forward | JVP | JVP ÷ forward | JVP peak MB | per-example grads | grads ÷ forward "
-        "| grads peak MB | hand-written tangent ÷ forward (floor) |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| N | forward | JVP | JVP ÷ forward | compiled JVP ÷ forward (compiling) | JVP peak MB "
+        "| compiled peak MB | per-example grads | grads ÷ forward | grads peak MB "
+        "| hand-written tangent ÷ forward | multiply-adds ÷ forward |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results["scoring"]:
+        compiled = f"{r['jvp_compiled_ratio']:.2f} ({r['compile_s']:.1f} s)"
+        if r["compiled_status"] != "compiled":
+            compiled += f" {r['compiled_status']}"
         lines.append(
             f"| {r['N']:,} | {r['forward_s'] * 1e3:.1f} ms | {r['jvp_s'] * 1e3:.1f} ms "
-            f"| {r['jvp_ratio']:.2f} | {r['jvp_peak_mb']:.0f} | {r['grad_s']:.2f} s "
-            f"| {r['grad_ratio']:.0f} | {r['grad_peak_mb']:.0f} | {r['floor_ratio']:.2f} |"
+            f"| {r['jvp_ratio']:.2f} | {compiled} | {r['jvp_peak_mb']:.0f} "
+            f"| {r['jvp_compiled_peak_mb']:.0f} | {r['grad_s']:.2f} s | {r['grad_ratio']:.0f} "
+            f"| {r['grad_peak_mb']:.0f} | {r['floor_ratio']:.2f} | {r['multiply_add_ratio']:.2f} |"
         )
     lines += [
         "",

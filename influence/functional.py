@@ -29,9 +29,11 @@ from torch.func import functional_call, grad, jvp, vjp, vmap
 from models.losses import Loss
 
 __all__ = [
+    "BatchDirectional",
     "BatchProduct",
     "CurvatureKind",
     "FlatModel",
+    "batch_directional",
     "batch_product",
     "batch_slices",
     "dataset_product",
@@ -122,6 +124,9 @@ _PRODUCTS: dict[str, Callable[..., Tensor]] = {"gnh": gnh_product, "full": hessi
 BatchProduct = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
 """``(θ, inputs, targets, V) ↦ Σ_{i∈batch} C_i V``, V ``[d]`` or ``[d, k]``."""
 
+BatchDirectional = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
+"""``(θ, s[k, d], inputs, targets) ↦ [∇_θ L_i · s_j]_{j,i}``, shape ``[k, B]``."""
+
 
 def batch_product(kind: CurvatureKind, fmodel: FlatModel, loss: Loss) -> BatchProduct:
     """The summed curvature product of one batch (``gnh_product`` or ``hessian_product``),
@@ -168,6 +173,26 @@ def per_example_grads(
     return vmap(grad(single), in_dims=(None, 0, 0))(theta, inputs, targets)
 
 
+def _each_direction(along: Callable[[Tensor], Tensor], directions: Tensor) -> Tensor:
+    """``along`` applied to every row of ``directions[k, d]``, stacked ``[k, ...]``
+    (``vmap`` over the tangents only when k > 1)."""
+    if directions.shape[0] == 1:
+        return along(directions[0]).unsqueeze(0)
+    return vmap(along)(directions)
+
+
+def batch_directional(fmodel: FlatModel, loss: Loss) -> BatchDirectional:
+    """``(θ, s[k, d], inputs, targets) ↦ [∇_θ L_i · s_j]_{j,i}`` for one batch, shape
+    ``[k, B]``: one ``jvp`` of the batch's per-example losses along each s_j. A pure
+    function of tensors, so ``torch.compile`` can take it whole (``influence.compiled``)."""
+
+    def apply(theta: Tensor, directions: Tensor, inputs: Tensor, targets: Tensor) -> Tensor:
+        losses_of = _per_example_losses(fmodel, loss, inputs, targets)
+        return _each_direction(lambda s: jvp(losses_of, (theta,), (s,))[1], directions)
+
+    return apply
+
+
 def per_example_directional(
     fmodel: FlatModel,
     loss: Loss,
@@ -202,13 +227,8 @@ def per_example_directional(
                 on_batch(sl.stop)
         return torch.cat(parts)
 
-    def along(s: Tensor) -> Tensor:
-        return jvp(losses_of, (theta,), (s,))[1]
-
     with torch.no_grad():
-        if directions.shape[0] == 1:
-            return along(directions[0]).unsqueeze(0)
-        return vmap(along)(directions)
+        return _each_direction(lambda s: jvp(losses_of, (theta,), (s,))[1], directions)
 
 
 def summed_grad(

@@ -11,7 +11,9 @@ positive = helpful, negative = harmful). Two ways to get ``∇L_i · s_q``:
 - ``"grad"``: per-example gradients by ``vmap(grad)``, then one matrix product with all
   k columns. Cost is independent of k but each batch holds a ``[B, d]`` gradient block.
 
-``"auto"`` uses ``"jvp"`` for k ≤ ``JVP_MAX_DIRECTIONS`` and ``"grad"`` above.
+``"auto"`` uses ``"jvp"`` for k ≤ ``JVP_MAX_DIRECTIONS`` and ``"grad"`` above. The JVP
+path can run through ``torch.compile`` (``influence.compiled``; the engine's
+``compile_scoring``): about 15% faster once compiled, seconds to compile.
 Memory is flat in N: only one batch is live at a time.
 """
 
@@ -23,6 +25,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from influence.compiled import CompiledDirectional
 from influence.functional import (
     FlatModel,
     batch_slices,
@@ -111,11 +114,13 @@ def stream_scores(
     batch_size: int,
     method: ScoringMethod = "auto",
     progress: Progress | None = None,
+    compiled: CompiledDirectional | None = None,
 ) -> Tensor:
     """``(1/num_train) [∇L_i · s_q]_{q,i}`` for the given examples, shape ``[k, n]``.
 
     ``s_test`` is ``[k, d]`` (d = ``theta.numel()``); ``num_train`` (> 0) is the full
     training-set size N of the ``1/N`` factor, which may exceed ``len(inputs)`` (a shard).
+    ``compiled`` (for this fmodel and loss) runs the JVP path through ``torch.compile``.
     Raises ``ValueError`` for a malformed ``s_test``, ``num_train`` or ``batch_size``.
     """
     d = theta.numel()
@@ -136,6 +141,8 @@ def stream_scores(
         if progress is not None:
             progress(stop / n, "score")
 
+    if path == "jvp" and compiled is not None:
+        return compiled(theta, inputs, targets, s_test, batch_size, done) / num_train
     if path == "jvp":  # one transform over all batches: its set-up is paid once
         out = per_example_directional(
             fmodel, loss, theta, inputs, targets, s_test, batch_size=batch_size, on_batch=done

@@ -126,6 +126,7 @@ class Context:
                 damping=spec.damping,
                 weight_decay=spec.weight_decay,
                 device=self.device,
+                compile_scoring=self.settings.compile_scoring,
             ),
         )
 

@@ -113,6 +113,12 @@ class Settings(BaseSettings):
     )
     rate_limit_burst: int = Field(100, ge=1, description="Burst size of the per-key rate limit.")
     device: str = Field("cpu", description='Torch device of a worker: "cpu", "cuda", "cuda:1".')
+    compile_scoring: bool = Field(
+        False,
+        description="Workers score through torch.compile (InfluenceEngine compile_scoring): "
+        "the first scoring of each model compiles (seconds), later ones run about 15% faster. "
+        "Worth it for large training sets queried often.",
+    )
     dead_letter_max: int = Field(
         10_000,
         ge=1,

@@ -59,11 +59,18 @@ def test_influence_job_equals_the_engine_and_is_cached(
     assert cached is not None and cached[0] == record.result["s_test"]
 
 
+@pytest.mark.parametrize("compile_scoring", [False, True])
 def test_sharded_influence_job_assembles_the_same_matrix(
-    queue: JobQueue, store: ArtifactStore, tiny: dict, thread_worker
+    queue: JobQueue,
+    store: ArtifactStore,
+    tiny: dict,
+    thread_worker,
+    compile_scoring: bool,
+    recwarn: pytest.WarningsRecorder,
 ) -> None:
     job = queue.submit(JobKind.INFLUENCE, influence_payload(tiny), tenant=TENANT)
-    thread_worker(shard_size=16)  # one thread: torch's forward-AD state is per process
+    # one thread: torch's forward-AD state is per process
+    thread_worker(shard_size=16, compile_scoring=compile_scoring)
     record = wait_for(queue, job, finished)
     assert record.status == JobStatus.SUCCEEDED, record.error
     assert record.attempts == 1 and queue.shards_total(job) == 3
@@ -75,6 +82,7 @@ def test_sharded_influence_job_assembles_the_same_matrix(
     assert [r.id for r in queue.list(TENANT)] == [job]  # shard jobs are internal
     events = [e for _, e in queue.events(job)]
     assert [e["progress"] for e in events] == sorted(e["progress"] for e in events)
+    assert not [w for w in recwarn if "scoring eagerly" in str(w.message)]
 
 
 def test_s_test_is_reused_by_a_new_query(
