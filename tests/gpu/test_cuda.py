@@ -1,4 +1,5 @@
-"""The engine's exactness checks and the K-FAC preconditioner on CUDA (skipped without it).
+"""The engine's exactness checks, the K-FAC preconditioner and compiled scoring on CUDA
+(skipped without it).
 
 Run by ``bench/gpu_check.sh`` on a machine with a GPU; on CPU-only machines every test
 here is skipped with a reason.
@@ -46,10 +47,13 @@ def test_cuda_scores_match_dense_cpu_solve(solver: str) -> None:
     torch.testing.assert_close(result.scores.cpu(), expected, rtol=RTOL_SOLVE, atol=0)
 
 
-def test_cuda_jvp_and_gradient_scoring_agree_in_float32() -> None:
+@pytest.mark.parametrize("compiled", [False, True])
+def test_cuda_jvp_and_gradient_scoring_agree_in_float32(compiled: bool) -> None:
     model, x, t = _problem(torch.float32)
-    engine = InfluenceEngine(model, train=(x, t), device="cuda")
+    engine = InfluenceEngine(model, train=(x, t), device="cuda", compile_scoring=compiled)
     s_test = torch.randn(2, engine.num_params, device="cuda")
     jvp = engine.scores_from_s_test(s_test, method="jvp")
     grad = engine.scores_from_s_test(s_test, method="grad")
     torch.testing.assert_close(jvp, grad, rtol=RTOL_F32, atol=RTOL_F32 * float(grad.abs().max()))
+    if compiled:
+        assert engine.compiled_scoring.status == "compiled"
