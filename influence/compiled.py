@@ -115,9 +115,9 @@ class CompiledDirectional:
     batch padded), the directions one at a time when k = 1, else in groups of
     ``DIRECTION_GROUP`` (padded with zero directions). The first call compiles (seconds;
     ``compile_seconds``) and is checked against the eager pass. If compiling fails (no
-    C++ compiler, an op Dynamo cannot trace, Dynamo's recompile limit) or the two
-    disagree, a ``RuntimeWarning`` says why and every later call is eager. ``status``
-    is ``"pending"`` (not yet called), ``"compiled"`` or ``"eager: <reason>"``.
+    C++ compiler, an op Dynamo cannot trace, more shapes than Dynamo's recompile limit)
+    or the two disagree, a ``RuntimeWarning`` says why and every later call is eager.
+    ``status`` is ``"pending"`` (not yet called), ``"compiled"`` or ``"eager: <reason>"``.
     """
 
     DIRECTION_GROUP = 4
@@ -132,6 +132,7 @@ class CompiledDirectional:
         )
         self.status = "pending"
         self.compile_seconds: float | None = None
+        self._shapes: set[tuple] = set()
 
     def __call__(
         self,
@@ -169,12 +170,17 @@ class CompiledDirectional:
         return out
 
     def _batch(self, *args: Tensor) -> Tensor:
+        shape = tuple((a.shape, a.dtype, a.device) for a in args)
+        if shape not in self._shapes and not self.status.startswith("eager"):
+            # Past its recompile limit Dynamo would run this code eagerly, unannounced.
+            if len(self._shapes) >= torch._dynamo.config.recompile_limit:
+                self._fall_back(f"more than {len(self._shapes)} input shapes")
+            self._shapes.add(shape)
         if self.status.startswith("eager"):
             return self._eager(*args)
         started = time.perf_counter()
         try:
-            with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
-                result = self._compiled(*args)
+            result = self._compiled(*args)
         except Exception as error:  # whatever cannot be compiled stays eager
             self._fall_back(f"{type(error).__name__}: {str(error).splitlines()[0][:200]}")
             return self._eager(*args)

@@ -86,3 +86,20 @@ def test_compiled_scoring_falls_back_to_eager_with_a_warning(failure: str) -> No
     assert compiled.status.startswith("eager: ") and reason in compiled.status
     again = engine.scores_from_s_test(direction, method="jvp")  # stays eager, no new warning
     assert rel_error(again, expected) < RTOL_F32
+
+
+def test_more_shapes_than_dynamo_compiles_fall_back_to_eager_with_a_warning(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
+    model = tiny_mlp(3).float()
+    inputs, targets = tiny_data("classes3", 20)
+    engine = InfluenceEngine(model, train=(inputs.float(), targets), compile_scoring=True)
+    directions = torch.randn(3, engine.num_params)
+    engine.scores_from_s_test(directions[:1], method="jvp")
+    assert engine.compiled_scoring.status == "compiled"
+    with pytest.warns(RuntimeWarning, match="more than 1 input shapes"):
+        scores = engine.scores_from_s_test(directions, method="jvp")  # a group of 4: new shape
+    expected = engine.scores_from_s_test(directions, method="grad")
+    assert rel_error(scores, expected) < RTOL_F32
+    assert engine.compiled_scoring.status.startswith("eager: ")
