@@ -15,6 +15,7 @@ training sets scored many times (a long-lived worker), not for one small query.
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 import types
@@ -39,7 +40,6 @@ __all__ = ["CompiledDirectional", "JvpProducts"]
 aten = torch.ops.aten
 
 _ALIGN = 16  # batch rows, for vector-width-friendly matrix products
-_CHECK_RTOL = 1e-4  # compiled vs eager on the first batch; float32 sums are reordered
 _VIEWS = (aten.expand.default, aten.view.default, aten.permute.default, aten.t.default)
 # product → (index of its first matrix operand, contracted dim of it, of the second)
 _CONTRACTED = {
@@ -66,11 +66,20 @@ class JvpProducts(CustomGraphPass):
     1. A product (``mm``, ``bmm``, ``addmm``) with an all-zero operand, the tangent of
        the network's input, is made to contract over zero of its columns: the same
        result (zeros, or ``addmm``'s addend) with no multiply-adds and no change of shape.
+       (Unlike the dense product it does not turn an ``inf`` of the other operand into
+       NaN.)
     2. ``addmm(C, A, B)`` becomes ``C + A @ B``. Inductor then fuses the addition into
        the elementwise op that consumes the sum (an activation, its derivative mask),
        where ``addmm`` would first copy C into its output: a whole pass over the
        activations for every bias and every two-term tangent.
+
+    ``zero_products`` and ``unfused`` count the rewrites of graphs compiled through this
+    instance (Inductor's cache skips the pass for a graph it has compiled before).
     """
+
+    def __init__(self) -> None:
+        self.zero_products = 0
+        self.unfused = 0
 
     def __call__(self, graph: fx.Graph) -> None:
         for node in list(graph.nodes):
@@ -83,6 +92,7 @@ class JvpProducts(CustomGraphPass):
                     a = graph.call_function(aten.slice.Tensor, (a, dim_a, 0, 0))
                     b = graph.call_function(aten.slice.Tensor, (b, dim_b, 0, 0))
                 node.args = (*node.args[:first], a, b, *node.args[first + 2 :])
+                self.zero_products += 1
             if node.target == aten.addmm.default and not node.kwargs:
                 with graph.inserting_before(node):
                     product = graph.call_function(aten.mm.default, (a, b))
@@ -91,6 +101,7 @@ class JvpProducts(CustomGraphPass):
                 total.meta.update(node.meta)
                 node.replace_all_uses_with(total)
                 graph.erase_node(node)
+                self.unfused += 1
         graph.eliminate_dead_code()
 
     def uuid(self) -> bytes:
@@ -108,31 +119,35 @@ def _own_code(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
 
 class CompiledDirectional:
     """``[∇_θ L_i · s_j]_{j,i}`` like ``functional.per_example_directional``, batch by
-    batch through one ``torch.compile``d forward-mode pass (``batch_directional``).
+    batch through one ``torch.compile``d forward-mode pass (``batch_directional``,
+    whole-graph: ``fullgraph=True``).
 
-    Shapes are static and few, so that each compiles once: the examples go in equal
-    batches of at most ``batch_size`` rows (a multiple of 16 where that fits; the last
-    batch padded), the directions one at a time when k = 1, else in groups of
-    ``DIRECTION_GROUP`` (padded with zero directions). The first call compiles (seconds;
-    ``compile_seconds``) and is checked against the eager pass. If compiling fails (no
-    C++ compiler, an op Dynamo cannot trace, more shapes than Dynamo's recompile limit)
-    or the two disagree, a ``RuntimeWarning`` says why and every later call is eager.
-    ``status`` is ``"pending"`` (not yet called), ``"compiled"`` or ``"eager: <reason>"``.
+    Shapes are static and few, since each compiles once: the examples go in equal,
+    contiguous batches of at most ``batch_size`` rows (a multiple of 16 where that fits;
+    the last batch padded), the directions in groups of 4, then 2, then 1 (k = 7: 4, 2,
+    1). The first batch of each new shape is compiled (seconds; ``compile_seconds`` is
+    the first compiling call) and checked against the eager pass, to ``√eps`` of the
+    dtype. If compiling fails (no C++ compiler, an op Dynamo cannot trace whole) or a
+    check fails, a ``RuntimeWarning`` says why and every later call is eager; a shape
+    beyond Dynamo's recompile limit runs eagerly, with a warning, and the compiled
+    shapes stay compiled. ``status`` is ``"pending"`` (not yet called), ``"compiled"``
+    or ``"eager: <reason>"``; ``graph_pass`` is the :class:`JvpProducts` used.
     """
-
-    DIRECTION_GROUP = 4
 
     def __init__(self, fmodel: FlatModel, loss: Loss) -> None:
         self.fmodel, self.loss = fmodel, loss
+        self.graph_pass = JvpProducts()
         self._eager: BatchDirectional = batch_directional(fmodel, loss)
         self._compiled = torch.compile(
             _own_code(self._eager),
+            fullgraph=True,
             dynamic=False,
-            options={"post_grad_custom_post_pass": JvpProducts()},
+            options={"post_grad_custom_post_pass": self.graph_pass},
         )
         self.status = "pending"
         self.compile_seconds: float | None = None
-        self._shapes: set[tuple] = set()
+        self._compiled_shapes: set[tuple] = set()
+        self._eager_shapes: set[tuple] = set()
 
     def __call__(
         self,
@@ -146,7 +161,6 @@ class CompiledDirectional:
         """Shape ``[k, n]`` for ``directions[k, d]`` and n examples in chunks of
         ``batch_size``; ``on_batch`` gets the end index of each finished chunk."""
         n, k = len(inputs), directions.shape[0]
-        group = 1 if k == 1 else self.DIRECTION_GROUP
         rows = _batch_rows(n, batch_size)
         out = directions.new_empty(k, n)
         done = 0
@@ -154,11 +168,11 @@ class CompiledDirectional:
             for sl in batch_slices(n, rows):
                 if self.status.startswith("eager"):
                     break
-                x, t = _padded(inputs[sl], rows), _padded(targets[sl], rows)
-                for lo in range(0, k, group):
-                    some = directions[lo : lo + group]
-                    values = self._batch(theta, _padded(some, group, zeros=True), x, t)
-                    out[lo : lo + len(some), sl] = values[: len(some), : sl.stop - sl.start]
+                x = _padded(inputs[sl], rows).contiguous()
+                t = _padded(targets[sl], rows).contiguous()
+                for group in _direction_groups(k):
+                    values = self._batch(theta, directions[group].contiguous(), x, t)
+                    out[group, sl] = values[:, : sl.stop - sl.start]
                 done = sl.stop
                 if on_batch is not None:
                     on_batch(done)
@@ -171,33 +185,48 @@ class CompiledDirectional:
 
     def _batch(self, *args: Tensor) -> Tensor:
         shape = tuple((a.shape, a.dtype, a.device) for a in args)
-        if shape not in self._shapes and not self.status.startswith("eager"):
-            # Past its recompile limit Dynamo would run this code eagerly, unannounced.
-            if len(self._shapes) >= torch._dynamo.config.recompile_limit:
-                self._fall_back(f"more than {len(self._shapes)} input shapes")
-            self._shapes.add(shape)
-        if self.status.startswith("eager"):
+        if self.status.startswith("eager") or shape in self._eager_shapes:
+            return self._eager(*args)
+        new = shape not in self._compiled_shapes
+        if new and len(self._compiled_shapes) >= torch._dynamo.config.recompile_limit:
+            # Dynamo would run it eagerly, unannounced; say so, and keep the others.
+            self._eager_shapes.add(shape)
+            self._warn(f"more than {len(self._compiled_shapes)} input shapes; this one")
             return self._eager(*args)
         started = time.perf_counter()
         try:
             result = self._compiled(*args)
+        except torch.OutOfMemoryError:
+            raise
         except Exception as error:  # whatever cannot be compiled stays eager
-            self._fall_back(f"{type(error).__name__}: {str(error).splitlines()[0][:200]}")
+            self.status = f"eager: {type(error).__name__}: {str(error).splitlines()[0][:200]}"
+            self._warn("from now on")
             return self._eager(*args)
-        if self.status == "pending":
-            self.compile_seconds = time.perf_counter() - started
+        if new:
+            self._compiled_shapes.add(shape)
+            if self.compile_seconds is None:
+                self.compile_seconds = time.perf_counter() - started
             expected = self._eager(*args)
             error = float((result - expected).norm() / expected.norm().clamp_min(1e-30))
-            if not error <= _CHECK_RTOL:
-                self._fall_back(f"compiled pass differs from eager by {error:.1e} (relative)")
+            if not error <= torch.finfo(expected.dtype).eps ** 0.5:
+                self.status = f"eager: compiled pass differs from eager by {error:.1e} (relative)"
+                self._warn("from now on")
                 return expected
             self.status = "compiled"
         return result
 
-    def _fall_back(self, reason: str) -> None:
-        self.status = f"eager: {reason}"
-        warnings.warn(f"compiled scoring unavailable, scoring eagerly ({reason})",
-                      RuntimeWarning, stacklevel=4)  # fmt: skip
+    def _warn(self, what: str) -> None:
+        reason = "" if self.status in ("pending", "compiled") else f" ({self.status[7:]})"
+        # stack: _warn, _batch, __call__, stream_scores, scores_from_s_test, its caller
+        warnings.warn(f"compiled scoring: {what} scoring eagerly{reason}",
+                      RuntimeWarning, stacklevel=6)  # fmt: skip
+
+
+def _direction_groups(k: int) -> list[slice]:
+    """Row slices of k directions: groups of 4, then one of 2, then one of 1."""
+    sizes = [4] * (k // 4) + [2] * (k % 4 // 2) + [1] * (k % 2)
+    starts = itertools.accumulate(sizes, initial=0)
+    return [slice(start, start + size) for start, size in zip(starts, sizes, strict=False)]
 
 
 def _batch_rows(n: int, batch_size: int) -> int:
@@ -207,14 +236,9 @@ def _batch_rows(n: int, batch_size: int) -> int:
     return max(1, min(batch_size, _ALIGN * math.ceil(even / _ALIGN)))
 
 
-def _padded(rows: Tensor, size: int, zeros: bool = False) -> Tensor:
-    """``rows`` extended to ``size`` rows with zeros or copies of its first row."""
+def _padded(rows: Tensor, size: int) -> Tensor:
+    """``rows`` extended to ``size`` rows with copies of its first row."""
     missing = size - len(rows)
     if missing <= 0:
         return rows
-    filler = (
-        rows.new_zeros(missing, *rows.shape[1:])
-        if zeros
-        else rows[:1].expand(missing, *rows.shape[1:])
-    )
-    return torch.cat([rows, filler])
+    return torch.cat([rows, rows[:1].expand(missing, *rows.shape[1:])])

@@ -1,8 +1,12 @@
-"""Compiled JVP scoring: the zero-product pass on a graph, compiled scores against
-per-example gradients (MLP with a partial last batch, CNN, k = 1 and k = 3), and the
-fallbacks to eager when compiling fails or disagrees."""
+"""Compiled JVP scoring: the graph pass on a hand-built graph and on the real scoring
+graph, compiled scores against per-example gradients (MLP and CNN, k = 1 and k = 3), the
+check of every new shape against eager, and the fallbacks to eager (compiling fails,
+disagrees, fails partway, too many shapes)."""
 
 from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -55,7 +59,8 @@ def test_compiled_scores_match_per_example_gradients_in_float32(problem: str) ->
     compiled = InfluenceEngine(model, train=train, batch_size=16, compile_scoring=True)
     eager = InfluenceEngine(model, train=train, batch_size=16)
     directions = torch.randn(3, eager.num_params)
-    for k in (1, 3):  # the last batch is partial: a second shape
+    # k = 1, then k = 3 in groups of 2 and 1; the last batch of examples is padded
+    for k in (1, 3):
         scores = compiled.scores_from_s_test(directions[:k], method="jvp")
         expected = eager.scores_from_s_test(directions[:k], method="grad")
         assert rel_error(scores, expected) < RTOL_F32
@@ -63,43 +68,95 @@ def test_compiled_scores_match_per_example_gradients_in_float32(problem: str) ->
     assert compiled.compiled_scoring.compile_seconds > 0
 
 
-@pytest.mark.parametrize("failure", ["raises", "disagrees"])
-def test_compiled_scoring_falls_back_to_eager_with_a_warning(failure: str) -> None:
+def test_the_graph_pass_rewrites_the_compiled_scoring_graph() -> None:
     model = tiny_mlp(3).float()
     inputs, targets = tiny_data("classes3", 20)
     engine = InfluenceEngine(model, train=(inputs.float(), targets), compile_scoring=True)
-    compiled = engine.compiled_scoring
-    eager_pass = compiled._eager
+    with torch._inductor.config.patch(fx_graph_cache=False):  # the pass runs only on a miss
+        engine.scores_from_s_test(torch.randn(1, engine.num_params), method="jvp")
+    graph_pass = engine.compiled_scoring.graph_pass
+    assert graph_pass.zero_products == 1  # the first layer's product with the input's tangent
+    assert graph_pass.unfused >= 4  # the primal's two biases and both layers' tangents
 
+
+def _engine_with(compiled_pass: Callable[..., Tensor]) -> InfluenceEngine:
+    model = tiny_mlp(3).float()
+    inputs, targets = tiny_data("classes3", 20)
+    engine = InfluenceEngine(model, train=(inputs.float(), targets), compile_scoring=True)
+    engine.compiled_scoring._compiled = compiled_pass
+    return engine
+
+
+@pytest.mark.parametrize("failure", ["raises", "disagrees"])
+def test_compiled_scoring_falls_back_to_eager_with_a_warning(failure: str) -> None:
     def broken(*args: Tensor) -> Tensor:
         if failure == "raises":
             raise RuntimeError("no compiler here")
-        return eager_pass(*args) * 1.01
+        return engine.compiled_scoring._eager(*args) * 1.01
 
-    compiled._compiled = broken
+    engine = _engine_with(broken)
     direction = torch.randn(1, engine.num_params)
     with pytest.warns(RuntimeWarning, match="scoring eagerly"):
         scores = engine.scores_from_s_test(direction, method="jvp")
     expected = engine.scores_from_s_test(direction, method="grad")
     assert rel_error(scores, expected) < RTOL_F32
+    status = engine.compiled_scoring.status
     reason = "RuntimeError: no compiler here" if failure == "raises" else "differs from eager"
-    assert compiled.status.startswith("eager: ") and reason in compiled.status
-    again = engine.scores_from_s_test(direction, method="jvp")  # stays eager, no new warning
+    assert status.startswith("eager: ") and reason in status
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # eager from now on, without new warnings
+        again = engine.scores_from_s_test(direction, method="jvp")
     assert rel_error(again, expected) < RTOL_F32
 
 
-def test_more_shapes_than_dynamo_compiles_fall_back_to_eager_with_a_warning(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
+def test_each_new_shape_is_checked_against_eager() -> None:
+    def wrong_for_pairs(*args: Tensor) -> Tensor:
+        values = engine.compiled_scoring._eager(*args)
+        return values * 1.5 if args[1].shape[0] == 2 else values
+
+    engine = _engine_with(wrong_for_pairs)
+    directions = torch.randn(2, engine.num_params)
+    engine.scores_from_s_test(directions[:1], method="jvp")
+    assert engine.compiled_scoring.status == "compiled"
+    with pytest.warns(RuntimeWarning, match="differs from eager"):
+        scores = engine.scores_from_s_test(directions, method="jvp")
+    expected = engine.scores_from_s_test(directions, method="grad")
+    assert rel_error(scores, expected) < RTOL_F32
+
+
+def test_a_failure_partway_finishes_eagerly_with_progress_in_order() -> None:
+    calls = 0
+
+    def fails_second_time(*args: Tensor) -> Tensor:
+        nonlocal calls
+        calls += 1
+        if calls == 2:
+            raise RuntimeError("lost the compiler")
+        return engine.compiled_scoring._eager(*args)
+
+    engine = _engine_with(fails_second_time)
+    engine.operator.batch_size = 7  # batches of 7 rows: 20 = 7 + 7 + 6 (padded)
+    direction = torch.randn(1, engine.num_params)
+    reported: list[float] = []
+    with pytest.warns(RuntimeWarning, match="lost the compiler"):
+        scores = engine.scores_from_s_test(
+            direction, method="jvp", progress=lambda fraction, _: reported.append(fraction)
+        )
+    expected = engine.scores_from_s_test(direction, method="grad")
+    assert rel_error(scores, expected) < RTOL_F32
+    assert reported == [7 / 20, 14 / 20, 1.0]
+
+
+def test_shapes_past_dynamos_recompile_limit_run_eagerly_with_a_warning() -> None:
     model = tiny_mlp(3).float()
     inputs, targets = tiny_data("classes3", 20)
     engine = InfluenceEngine(model, train=(inputs.float(), targets), compile_scoring=True)
-    directions = torch.randn(3, engine.num_params)
-    engine.scores_from_s_test(directions[:1], method="jvp")
-    assert engine.compiled_scoring.status == "compiled"
-    with pytest.warns(RuntimeWarning, match="more than 1 input shapes"):
-        scores = engine.scores_from_s_test(directions, method="jvp")  # a group of 4: new shape
+    directions = torch.randn(2, engine.num_params)
+    # not monkeypatch: its undo deletes the setting from Dynamo's config module
+    with torch._dynamo.config.patch(recompile_limit=1):
+        engine.scores_from_s_test(directions[:1], method="jvp")
+        with pytest.warns(RuntimeWarning, match="more than 1 input shapes; this one scoring"):
+            scores = engine.scores_from_s_test(directions, method="jvp")  # a pair: new shape
     expected = engine.scores_from_s_test(directions, method="grad")
     assert rel_error(scores, expected) < RTOL_F32
-    assert engine.compiled_scoring.status.startswith("eager: ")
+    assert engine.compiled_scoring.status == "compiled"  # the first shape stays compiled

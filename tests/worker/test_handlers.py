@@ -8,6 +8,7 @@ import torch
 
 import models
 from influence import CG, Exact, InfluenceEngine
+from influence.compiled import CompiledDirectional
 from influence.response import VerifyArguments, VerifyResult, verify
 from tests.conftest import RTOL_F32
 from tests.worker.conftest import (
@@ -66,8 +67,17 @@ def test_sharded_influence_job_assembles_the_same_matrix(
     tiny: dict,
     thread_worker,
     compile_scoring: bool,
-    recwarn: pytest.WarningsRecorder,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    statuses: list[str] = []  # of every compiled scoring pass the worker ran
+    compiled_pass = CompiledDirectional.__call__
+
+    def spy(self: CompiledDirectional, *args, **kwargs) -> torch.Tensor:
+        result = compiled_pass(self, *args, **kwargs)
+        statuses.append(self.status)
+        return result
+
+    monkeypatch.setattr(CompiledDirectional, "__call__", spy)
     job = queue.submit(JobKind.INFLUENCE, influence_payload(tiny), tenant=TENANT)
     # one thread: torch's forward-AD state is per process
     thread_worker(shard_size=16, compile_scoring=compile_scoring)
@@ -82,7 +92,7 @@ def test_sharded_influence_job_assembles_the_same_matrix(
     assert [r.id for r in queue.list(TENANT)] == [job]  # shard jobs are internal
     events = [e for _, e in queue.events(job)]
     assert [e["progress"] for e in events] == sorted(e["progress"] for e in events)
-    assert not [w for w in recwarn if "scoring eagerly" in str(w.message)]
+    assert statuses == (["compiled"] * 3 if compile_scoring else [])  # one per shard
 
 
 def test_s_test_is_reused_by_a_new_query(
