@@ -3,7 +3,7 @@
 Eager ``torch.func.jvp`` pays for every primal and tangent op separately, and its forward
 rule for a matrix product also multiplies the *zero* tangent of the network's input by
 the first layer's weights (``addmm``'s rule is ``self_t + mat1_t @ mat2 + mat1 @ mat2_t``
-whatever is zero). On the 301k-parameter reference MLP that makes scoring 3.3–3.5× one
+whatever is zero). On the 301k-parameter reference MLP that makes scoring 3.3–3.6× one
 plain forward pass, when the multiply-adds that are needed come to 2.89×.
 
 ``torch.compile`` (Inductor) fuses the elementwise work between the matrix products, and
