@@ -147,8 +147,9 @@ def _tangent_floor(
     """A measuring stick for (a), not a product path: ``∇L_i · s`` for every i with the
     tangent written out by hand for an MLP of Linear and ReLU layers under cross-entropy,
     each layer's primal and tangent one fused ``addmm`` apiece and no product with the
-    inputs' zero tangent, which ``torch.func.jvp`` (like any forward-mode AD of addmm in
-    torch 2.13) still computes. Its ratio is the floor a generic JVP can approach here."""
+    inputs' zero tangent, which eager ``torch.func.jvp`` (like any forward-mode AD of addmm
+    in torch 2.13) still computes. It is still eager: a bias or a second tangent term is a
+    pass of its own over the activations, as in the eager JVP."""
     layers = [m for m in model if isinstance(m, nn.Linear)]
     chunks = iter(direction.split([p.numel() for m in layers for p in (m.weight, m.bias)]))
     tangents = [(next(chunks).view_as(m.weight), next(chunks)) for m in layers]

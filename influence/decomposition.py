@@ -25,7 +25,6 @@ import torch
 from torch import Tensor
 from torch.func import jvp
 
-from influence.engine import InfluenceEngine
 from influence.operators import DampedCurvature
 from influence.response import Responder, output_distance
 from models import Progress
@@ -105,14 +104,13 @@ def first_order_proximity(
     ``arguments.hessian`` says; it must be positive definite (θˢ a strict minimum). The
     full-data H instead would miss z's own curvature, a first-order fraction ρ_z of
     the step (``Responder.removal_leverage``). Solved by the responder's solver."""
-    weight_decay = responder.recipe.weight_decay
-    train = (responder.inputs, responder.targets)
 
     def hessian(damping: float) -> DampedCurvature:
-        return InfluenceEngine(
-            responder.model, responder.loss, train=train, hessian="full", damping=damping,
-            weight_decay=weight_decay,
-        ).operator  # fmt: skip
+        return DampedCurvature(
+            responder.fmodel, responder.theta_s, responder.loss, responder.inputs,
+            responder.targets, kind="full", weight_decay=responder.recipe.weight_decay,
+            damping=damping,
+        )  # fmt: skip
 
     plain, damped = hessian(0.0), hessian(responder.arguments.damping)
 

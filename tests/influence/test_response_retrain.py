@@ -94,13 +94,13 @@ def test_first_order_proximity_uses_the_true_hessian(logreg: Responder, monkeypa
     """Warm and proximal minimise the true objectives, so the closed form takes the full
     Hessian even when the responder's influence uses the Gauss-Newton one."""
     kinds: list[str] = []
-    real = influence.decomposition.InfluenceEngine
+    real = influence.decomposition.DampedCurvature
 
     def spy(*args, **kwargs):
-        kinds.append(kwargs["hessian"])
+        kinds.append(kwargs["kind"])
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(influence.decomposition, "InfluenceEngine", spy)
+    monkeypatch.setattr(influence.decomposition, "DampedCurvature", spy)
     assert logreg.arguments.hessian == "gnh"
     value = first_order_proximity(logreg, [[3]])[0]
     assert kinds and set(kinds) == {"full"}
