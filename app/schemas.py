@@ -191,6 +191,8 @@ class DecompositionRequest(DecompositionPayload):
     def _response(cls, value: dict[str, Any]) -> dict[str, Any]:
         if "damping" in value:
             raise ValueError("give damping at the top level, not in response")
+        if "device" in value:
+            raise ValueError("response.device is the worker's (INFLUENCE_DEVICE), not a job's")
         response = _validated(lambda v: ResponseArguments(**v), value, "response arguments")
         _at_most(response.epochs, MAX_RETRAIN_EPOCHS, "response.epochs")
         _at_most(response.lbfgs_steps, MAX_LBFGS_STEPS, "response.lbfgs_steps")

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# GPU check: the engine's exactness tests and the scoring benchmark on CUDA.
+# GPU check: the engine's and the response functions' exactness tests, and the scoring
+# benchmark, on CUDA.
 # Skips cleanly (exit 0, one line saying why) where CUDA is not available.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -56,6 +56,7 @@ from models import (
     train,
 )
 from models.losses import Loss, get_loss
+from models.training import resolve_device
 
 __all__ = [
     "RETRAIN_METHODS",
@@ -105,7 +106,8 @@ class ResponseProblem:
 
     ``model`` fixes the architecture; ``theta_s`` (default: its current parameters) is θˢ.
     ``removed`` indexes the removed set z into ``inputs``/``targets``; ``epsilon`` is the
-    downweighting per removed point (default ``1/N``).
+    downweighting per removed point (default ``1/N``). Everything is computed on the device
+    of ``inputs``, which should be that of ``model`` (and ``theta_s``).
     """
 
     model: nn.Module
@@ -130,6 +132,7 @@ class ResponseProblem:
             raise ValueError("removed: at least one training index is needed")
         if int(self.removed.min()) < 0 or int(self.removed.max()) >= n:
             raise ValueError(f"removed: indices must lie in [0, {n}), got {self.removed.tolist()}")
+        self.removed = self.removed.to(self.inputs.device)
         if self.epsilon is None:
             self.epsilon = 1.0 / n
         for name in ("weight_decay", "damping"):
@@ -254,6 +257,14 @@ class ResponseArguments:
     dtype: str = field(
         default="float64", metadata={"help": "'float64' (exact gaps) or 'float32' (faster)."}
     )
+    device: str = field(
+        default="cpu",
+        metadata={
+            "help": "Torch device of the responses, the influence solve and the base training "
+            "of the experiments: 'cpu', 'cuda' or 'cuda:N'. θ⁰ and the batch orders are drawn "
+            "on the CPU, so only rounding differs between devices."
+        },
+    )
 
     def __post_init__(self) -> None:
         if self.epsilon is not None and not math.isfinite(self.epsilon):
@@ -273,6 +284,11 @@ class ResponseArguments:
                 raise ValueError(
                     f"{name} must be one of {list(valid)}, got {getattr(self, name)!r}"
                 )
+        if not isinstance(self.device, str):
+            raise ValueError(
+                f"device must be a string such as 'cpu' or 'cuda', got {self.device!r}"
+            )
+        resolve_device(self.device, "device", ValueError)
 
     def make_solver(self) -> Solver:
         """The engine's solver named by ``solver``."""
@@ -292,6 +308,11 @@ class Responder:
     objective), so the optimiser, schedule and batching are the base run's.
     ``solver``: the influence solver object (e.g. ``CG(tol=1e-8, max_iter=1000)``);
     None builds the one ``arguments`` names (``ResponseArguments.make_solver``).
+
+    Everything is computed on ``arguments.device``: the model, θˢ, the training data and
+    the engine live there, retraining runs there (``models.train(device=...)``), and the
+    flat θ, outputs and losses returned are on it (``.cpu()`` them to serialise).
+    ``dataset``, ``theta0`` and ``batch_order`` stay as given (normally CPU).
     """
 
     def __init__(
@@ -309,11 +330,12 @@ class Responder:
         self.arguments = arguments or ResponseArguments()
         self.solver: Solver = solver if solver is not None else self.arguments.make_solver()
         self.dtype = getattr(torch, self.arguments.dtype)
+        self.device = resolve_device(self.arguments.device, "device", ValueError)
         self.config, self.recipe, self.dataset = dict(config), recipe, dataset
         self.theta0, self.batch_order = theta0, list(batch_order or [])
         self.model = build(self.config).to(self.dtype)
         self.model.load_state_dict(dict(thetas), strict=True)
-        self.model.eval()
+        self.model.to(self.device).eval()
         self.fmodel, self.theta_s = FlatModel.of(self.model)
         self.loss = get_loss(recipe.loss)
         self.inputs, self.targets = self._cast(dataset.inputs), self._cast(dataset.targets)
@@ -373,6 +395,7 @@ class Responder:
             run = train(
                 self.config, self.dataset, recipe, init=init, batch_order=batch_order,
                 epochs=epochs, schedule_epochs=schedule_epochs, dtype=self.dtype,
+                device=self.device,
                 objective=lambda m, _x, _t, idx: objective(live_parameters(m), idx),
             )  # fmt: skip
         except TrainingError as exc:
@@ -381,10 +404,14 @@ class Responder:
                 "below, e.g. PBRF for a ReLU network with cross-entropy when the damping is "
                 "small: raise damping, lower the learning rate, or use the linearized response"
             ) from exc
-        return torch.cat([run.thetas[name].reshape(-1) for name in self.fmodel.names])
+        flat = torch.cat([run.thetas[name].reshape(-1) for name in self.fmodel.names])
+        return flat.to(self.device)  # TrainRun keeps θ on the CPU
 
     def _cast(self, tensor: Tensor) -> Tensor:
-        return tensor.to(self.dtype) if tensor.is_floating_point() else tensor
+        """``tensor`` on the responder's device, floating ones in its dtype."""
+        if tensor.is_floating_point():
+            return tensor.to(device=self.device, dtype=self.dtype)
+        return tensor.to(self.device)
 
     def _state(self, theta: Tensor) -> dict[str, Tensor]:
         return {k: v.detach().clone() for k, v in self.fmodel.unflatten(theta).items()}
@@ -431,7 +458,8 @@ class Responder:
         rhs = torch.stack([p.removed_gradient for p in problems], dim=1)
         eps = [p.epsilon for p in problems]
         solution, report = self.solver.solve(self.engine.operator, rhs, progress)
-        deltas = solution.T * torch.tensor(eps, dtype=solution.dtype)[:, None]
+        scale = torch.tensor(eps, dtype=solution.dtype, device=solution.device)
+        deltas = solution.T * scale[:, None]
         return self.theta_s + deltas.to(self.theta_s.dtype), report
 
     def removal_leverage(

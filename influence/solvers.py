@@ -657,7 +657,8 @@ def _extreme_curvature(
         state["lowest"] = low
         if low <= state["checked_below"]:
             state["certificates"] += 1
-            damped = _rayleigh(operator, (basis @ coords[:, 0]).to(operator.dtype)) + damping
+            ritz_vector = basis @ coords[:, 0].to(basis.device)
+            damped = _rayleigh(operator, ritz_vector.to(operator.dtype)) + damping
             if damped <= 0:
                 _negative_curvature(operator, damped, int((ritz + damping <= 0).sum()),
                                     "a Lanczos Ritz vector y has yᵀ(G+λI)y/‖y‖² =")  # fmt: skip
@@ -794,8 +795,8 @@ class Lanczos:
             _negative_curvature(operator, lowest, int((ritz + operator.damping <= 0).sum()),
                                 "a Lanczos Ritz value of G + λI is")  # fmt: skip
         keep = min(self.rank, m)
-        vectors = basis[:, :m] @ coords[:, -keep:]
-        values = ritz[-keep:] + operator.damping
+        vectors = basis[:, :m] @ coords[:, -keep:].to(basis.device)
+        values = (ritz[-keep:] + operator.damping).to(basis.device)
         rest = None if keep == d else operator.weight_decay + operator.damping
         if rest is not None and rest <= 0:
             raise ValueError(

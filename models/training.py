@@ -9,7 +9,8 @@ Determinism (CPU, same thread count): weights are initialised by ``torch.manual_
 then ``build(config)`` (the global RNG state is restored afterwards), and each epoch's
 batch order is one ``torch.randperm`` drawn from a ``torch.Generator`` seeded with
 ``seed``. A :class:`TrainRun` records θ⁰, θˢ and every epoch's order, so replaying it
-reproduces θˢ bit for bit.
+reproduces θˢ bit for bit. Both are drawn on the CPU whatever ``train``'s ``device``, so
+θ⁰ and the orders are the same on every device (θˢ then differs by rounding only).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from models.errors import CheckpointError, TrainingError
 from models.losses import LOSSES, get_loss
 from models.safetensors_io import read_file, write_file
 
-__all__ = ["Objective", "Progress", "Recipe", "TrainRun", "train"]
+__all__ = ["Objective", "Progress", "Recipe", "TrainRun", "resolve_device", "train"]
 
 Objective = Callable[[nn.Module, Tensor, Tensor, Tensor], Tensor]
 Progress = Callable[[float, str], None]
@@ -157,8 +158,48 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
-def _clone(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    return {k: v.detach().clone() for k, v in state.items()}
+def _cpu_clone(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    return {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
+
+
+def resolve_device(
+    device: str | torch.device | None,
+    what: str = "device",
+    error: type[ValueError] = TrainingError,
+) -> torch.device:
+    """The ``torch.device`` that ``device`` names (None = the CPU), checked usable here.
+
+    Accepts ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or such a ``torch.device``; anything else,
+    or CUDA where this torch build sees none, raises ``error`` with a message starting
+    with ``what``.
+    """
+    if device is None:
+        return torch.device("cpu")
+    if not isinstance(device, str | torch.device):
+        raise error(
+            f"{what} must be a device name such as 'cpu', 'cuda' or 'cuda:1', "
+            f"got {type(device).__name__}"
+        )
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise error(
+            f"{what} {device!r} is not a torch device name; use 'cpu', 'cuda' or 'cuda:N'"
+        ) from None
+    if resolved.type == "cpu":
+        return resolved
+    if resolved.type != "cuda":
+        raise error(f"{what} {device!r}: only 'cpu' and 'cuda' devices are supported")
+    if not torch.cuda.is_available():
+        build = "is a CPU-only build" if torch.version.cuda is None else "sees no GPU"
+        raise error(
+            f"{what} {device!r}: CUDA is not available (torch {torch.__version__} {build}); "
+            "README.md's GPU section says how to install the CUDA build of torch"
+        )
+    count = torch.cuda.device_count()
+    if resolved.index is not None and resolved.index >= count:
+        raise error(f"{what} {device!r}: this machine has {count} CUDA device(s)")
+    return resolved
 
 
 @dataclass(eq=False)
@@ -179,7 +220,7 @@ class TrainRun:
     def model(self, final: bool = True) -> nn.Module:
         """The network at θˢ (``final=True``) or at θ⁰, in eval mode."""
         model = build_skeleton(self.config, "training run").to(self.dtype)
-        model.load_state_dict(_clone(self.thetas if final else self.theta0), assign=True)
+        model.load_state_dict(_cpu_clone(self.thetas if final else self.theta0), assign=True)
         return model.eval()
 
     @property
@@ -241,7 +282,7 @@ class TrainRun:
 
 
 def _check_order(order: Tensor, n: int, epoch: int) -> Tensor:
-    order = torch.as_tensor(order)
+    order = torch.as_tensor(order).cpu()  # recorded on the CPU whatever the device
     if order.dtype != torch.int64 or order.shape != (n,):
         raise TrainingError(
             f"batch_order[{epoch}] must be an int64 tensor of shape [{n}], got "
@@ -283,6 +324,7 @@ def train(
     objective: Objective | None = None,
     progress: Progress | None = None,
     dtype: torch.dtype | None = None,
+    device: str | torch.device | None = None,
 ) -> TrainRun:
     """Train ``build(config)`` on ``dataset`` with ``recipe`` and record the run.
 
@@ -309,6 +351,14 @@ def train(
       ``weight_decay=0``.
     - ``dtype``: train in this floating dtype (e.g. ``torch.float64``); the seeded
       initialisation is built as usual and then cast, so θ⁰ equals the default-dtype θ⁰.
+    - ``device``: train on this torch device (``"cpu"``, ``"cuda"``, ``"cuda:1"`` or a
+      ``torch.device``; None = the CPU). The seeded initialisation and the batch orders
+      are still drawn on the CPU, so θ⁰ and the orders are identical on every device;
+      the model, the dataset's inputs/targets and ``example_weights`` are then moved to
+      ``device`` and the objective gets ``idx`` on it. The returned :class:`TrainRun` is
+      on the CPU whatever the device (θ⁰, θˢ and the orders), so runs save and compare
+      alike; ``device="cpu"`` is bit-identical to None. An unknown device, or CUDA where
+      torch sees none, raises :class:`TrainingError`.
     - ``progress(fraction, "train")`` is called at the start and after every epoch; it
       may raise to abort training.
 
@@ -330,6 +380,7 @@ def train(
     if objective is not None and example_weights is not None:
         raise TrainingError("pass example_weights or objective, not both (objective gets idx)")
     replay = [_check_order(o, n, e) for e, o in enumerate(batch_order or [])]
+    target = resolve_device(device)
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(recipe.seed)
@@ -338,23 +389,25 @@ def train(
         if not dtype.is_floating_point:
             raise TrainingError(f"dtype must be a floating dtype, got {dtype}")
         model = model.to(dtype)
+    model = model.to(target)
     if init is not None:
         expected = model.state_dict()
         init = {k: v.to(expected[k].dtype) if k in expected else v for k, v in init.items()}
         check_state_dict(expected, init, "init", TrainingError)
         model.load_state_dict(init, strict=True)
-    theta0 = _clone(model.state_dict())
+    theta0 = _cpu_clone(model.state_dict())
     params = list(model.parameters())
     param_dtype = params[0].dtype
-    inputs = (
-        dataset.inputs.to(param_dtype) if dataset.inputs.is_floating_point() else dataset.inputs
-    )
-    targets = (
-        dataset.targets.to(param_dtype) if dataset.targets.is_floating_point() else dataset.targets
-    )
+
+    def place(tensor: Tensor) -> Tensor:
+        if tensor.is_floating_point():
+            return tensor.to(device=target, dtype=param_dtype)
+        return tensor.to(target)
+
+    inputs, targets = place(dataset.inputs), place(dataset.targets)
     weights = None
     if example_weights is not None:
-        weights = torch.as_tensor(example_weights).to(param_dtype)
+        weights = place(torch.as_tensor(example_weights).to(param_dtype))
         if weights.shape != (n,) or not bool(torch.isfinite(weights).all()):
             raise TrainingError(
                 f"example_weights must be {n} finite values, got shape {list(weights.shape)}"
@@ -389,7 +442,7 @@ def train(
             group["lr"] = recipe.lr_at(epoch, horizon)
         epoch_loss = 0.0
         for step, start in enumerate(range(0, n, batch)):
-            idx = order[start : start + batch]
+            idx = order[start : start + batch].to(target)
 
             def closure(idx: Tensor = idx) -> Tensor:
                 optimizer.zero_grad(set_to_none=True)
@@ -411,4 +464,5 @@ def train(
     bad = [k for k, v in model.state_dict().items() if nonfinite(v)]
     if bad:
         raise TrainingError(f"training produced non-finite weights in {bad}")
-    return TrainRun(dict(config), recipe, theta0, _clone(model.state_dict()), orders, losses)
+    thetas = _cpu_clone(model.state_dict())
+    return TrainRun(dict(config), recipe, theta0, thetas, orders, losses)

@@ -347,7 +347,9 @@ def _decomposition(ctx: Context, claim: Claim, progress: Progress) -> Outcome:
         model.state_dict(),
         models.Recipe.from_dict(payload.recipe),
         ctx.dataset(tenant, payload.train),
-        ResponseArguments(**{**payload.response, "damping": payload.damping}),
+        ResponseArguments(
+            **{**payload.response, "damping": payload.damping, "device": str(ctx.device)}
+        ),
     )
     mislabel = None
     if payload.mislabel is not None:

@@ -1,5 +1,6 @@
 """``python -m influence.experiments {decomposition,correlation,mislabel,sweep}
---config FILE.json --out DIR``: JSON result, Markdown table and figures in DIR."""
+--config FILE.json --out DIR [--device cuda]``: JSON result, Markdown table and figures
+in DIR."""
 
 from __future__ import annotations
 
@@ -71,9 +72,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--config", required=True, type=Path, help="experiment JSON config")
     parser.add_argument("--out", required=True, type=Path, help="output directory")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    parser.add_argument(
+        "--device",
+        help="torch device of the base training, the responses and the influence solves: "
+        "'cpu', 'cuda' or 'cuda:N' (default: the config's response.device, itself 'cpu' "
+        "by default); overrides response.device",
+    )
     args = parser.parse_args(argv)
     try:
-        config = ExperimentConfig.load(args.config)
+        config = ExperimentConfig.load(args.config, device=args.device)
     except ValueError as exc:
         parser.error(str(exc))
     torch.set_num_threads(args.threads)

@@ -110,8 +110,12 @@ class SweepArguments:
 def train_base(
     model_config: dict[str, Any], train_set: Dataset, recipe: Recipe, response: ResponseArguments
 ) -> TrainRun:
-    """A base run (θ⁰ → θˢ, K epochs, from the recipe's seed) in the response dtype."""
-    return train(model_config, train_set, recipe, dtype=getattr(torch, response.dtype))
+    """A base run (θ⁰ → θˢ, K epochs, from the recipe's seed) in the response dtype, trained
+    on the response device (the run itself is recorded on the CPU)."""
+    return train(
+        model_config, train_set, recipe, dtype=getattr(torch, response.dtype),
+        device=response.device,
+    )  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -157,12 +161,18 @@ class ExperimentConfig:
         return cls(**data)
 
     @classmethod
-    def load(cls, path: str | Path) -> ExperimentConfig:
-        """Read a JSON config file."""
+    def load(cls, path: str | Path, *, device: str | None = None) -> ExperimentConfig:
+        """Read a JSON config file; ``device`` (e.g. ``"cuda"``) replaces its
+        ``response.device`` before validation, so a config naming a device this machine
+        lacks still loads with another one."""
         try:
             data = json.loads(Path(path).read_text())
         except (OSError, json.JSONDecodeError) as exc:
             raise ValueError(f"cannot read config {str(path)!r}: {exc}") from None
+        if device is not None and isinstance(data, dict):
+            response = data.get("response", {})
+            if isinstance(response, dict):
+                data = {**data, "response": {**response, "device": device}}
         return cls.from_dict(data)
 
     def datasets(self) -> tuple[Dataset, Dataset]:
@@ -175,7 +185,7 @@ class ExperimentConfig:
         return train_set, test_set
 
     def train_base(self, train_set: Dataset) -> TrainRun:
-        """The base run (θ⁰ → θˢ, K epochs) in the response dtype."""
+        """The base run (θ⁰ → θˢ, K epochs) in the response dtype, on the response device."""
         return train_base(self.model, train_set, self.recipe, self.response)
 
     def with_value(self, parameter: str, value: float) -> ExperimentConfig:

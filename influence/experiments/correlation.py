@@ -105,7 +105,8 @@ def correlate(
     thetas, report = compute_responses(
         responder, [[i] for i in removed], ["influence", *arguments.methods], progress
     )
-    predicted = responder.predicted_changes(thetas["influence"], x, t)
-    actual = {m: responder.actual_changes(thetas[m], x, t) for m in arguments.methods}
+    # The result is kept on the CPU (plots and JSON) whatever the responder's device.
+    predicted = responder.predicted_changes(thetas["influence"], x, t).cpu()
+    actual = {m: responder.actual_changes(thetas[m], x, t).cpu() for m in arguments.methods}
     leverage = responder.removal_leverage([[i] for i in removed], thetas["influence"])
     return CorrelationResult(removed, tests, predicted, actual, report, leverage.tolist())

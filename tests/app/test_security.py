@@ -271,6 +271,7 @@ def test_client_raises_api_error_with_detail(live: LiveServer) -> None:
         ({"arguments": {"num_points": 10_000}}, ["body", "arguments"], "num_points = 10000"),
         ({"response": {"lbfgs_steps": 10**6}}, ["body", "response"], "lbfgs_steps"),
         ({"response": {"damping": 1.0}}, ["body", "response"], "top level"),
+        ({"response": {"device": "cuda"}}, ["body", "response"], "worker's (INFLUENCE_DEVICE)"),
         ({"correlation": {"num_test": 5}}, ["body"], "needs 'test'"),
         ({"damping": 0.0}, ["body", "damping"], "greater than 0"),
         (

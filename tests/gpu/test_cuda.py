@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from influence import CG, Exact, InfluenceEngine
+from influence import CG, Exact, InfluenceEngine, Lanczos
 from influence.kfac import KFAC
 from tests.conftest import RTOL_F32, RTOL_SOLVE
 from tests.influence.problems import dense_gnh, reference_scores
@@ -57,3 +57,16 @@ def test_cuda_jvp_and_gradient_scoring_agree_in_float32(compiled: bool) -> None:
     torch.testing.assert_close(jvp, grad, rtol=RTOL_F32, atol=RTOL_F32 * float(grad.abs().max()))
     if compiled:
         assert engine.compiled_scoring.status == "compiled"
+
+
+def test_cuda_lanczos_self_influence_matches_cpu() -> None:
+    # The Ritz pairs come from a CPU tridiagonal eigensolve; the basis lives on the device.
+    model, x, t = _problem(torch.float64)
+    solver = Lanczos(rank=16, iterations=40)
+    on = {
+        device: InfluenceEngine(model, train=(x, t), damping=DAMPING, device=device)
+        for device in ("cpu", "cuda")
+    }
+    cpu, cuda = (on[d].self_influence(solver) for d in ("cpu", "cuda"))
+    assert cuda.device.type == "cuda"
+    torch.testing.assert_close(cuda.cpu(), cpu, rtol=1e-6, atol=0)

@@ -1,0 +1,123 @@
+"""``ResponseArguments.device`` and the experiments' ``--device`` on the CPU: validation,
+bit-identical results for ``device="cpu"``, and the device reaching the base training
+(tests/gpu/test_response_cuda.py runs the responses on CUDA)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import fields
+from pathlib import Path
+
+import pytest
+import torch
+
+import influence.experiments.config
+from influence.decomposition import DecompositionArguments, decompose
+from influence.experiments.__main__ import main
+from influence.experiments.config import ExperimentConfig
+from influence.response import Responder, ResponseArguments
+from models import Dataset, Recipe, train
+
+CONFIG = {"architecture": "mlp", "in_features": 3, "out_features": 3, "hidden": [4],
+          "activation": "tanh"}  # fmt: skip
+RECIPE = Recipe(optimizer="sgd", lr=0.2, epochs=4, batch_size=8, weight_decay=1e-2, seed=1)
+NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")
+TINY = {
+    "name": "tiny-cancer",
+    "dataset": "breast_cancer",
+    "train_size": 20,
+    "model": {"architecture": "logistic_regression", "in_features": 30, "num_classes": 2},
+    "recipe": {"optimizer": "lbfgs", "epochs": 2, "weight_decay": 0.01, "loss": "bce"},
+}
+
+
+@pytest.fixture(scope="module")
+def data() -> Dataset:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(24, 3, generator=g, dtype=torch.float64)
+    t = (x[:, 0] > 0).long() + (x[:, 1] > 0.5).long()
+    return Dataset(x, t, {"task": "classification", "num_classes": 3})
+
+
+def test_device_field_defaults_to_cpu_with_help() -> None:
+    assert ResponseArguments().device == "cpu"
+    (device,) = [f for f in fields(ResponseArguments) if f.name == "device"]
+    assert "'cuda'" in device.metadata["help"]
+
+
+@pytest.mark.parametrize(
+    ("device", "fragment"),
+    [
+        ("gpu", "device 'gpu' is not a torch device name"),
+        ("meta", "device 'meta': only 'cpu' and 'cuda'"),
+        (None, "device must be a string"),
+        (torch.device("cpu"), "device must be a string"),
+    ],
+)
+def test_bad_device_is_a_value_error_naming_the_field(device, fragment: str) -> None:
+    with pytest.raises(ValueError, match=fragment):
+        ResponseArguments(device=device)
+
+
+@NO_CUDA
+def test_cuda_without_cuda_is_refused_up_front() -> None:
+    with pytest.raises(ValueError, match="device 'cuda': CUDA is not available") as info:
+        ResponseArguments(device="cuda")
+    assert "README.md" in str(info.value)
+    with pytest.raises(ValueError, match="config 'response': device 'cuda:1': CUDA is not"):
+        ExperimentConfig.from_dict({**TINY, "response": {"device": "cuda:1"}})
+
+
+def test_cpu_device_is_bit_identical_to_the_default(data: Dataset) -> None:
+    run = train(CONFIG, data, RECIPE, dtype=torch.float64)
+    responders = [
+        Responder.from_run(run, data, ResponseArguments(damping=1e-2, **extra))
+        for extra in ({}, {"device": "cpu"})
+    ]
+    assert all(r.device == torch.device("cpu") for r in responders)
+    assert all(r.engine.operator.device.type == "cpu" for r in responders)
+    plain, placed = responders
+    for method in ("pbrf", "two_stage"):
+        assert torch.equal(placed.retrain(method, [3]), plain.retrain(method, [3]))
+    assert torch.equal(placed.influence([[3], [5, 7]])[0], plain.influence([[3], [5, 7]])[0])
+    arguments = DecompositionArguments(num_points=1)
+    assert decompose(placed, arguments).gaps == decompose(plain, arguments).gaps
+
+
+def test_train_base_uses_the_response_device(monkeypatch) -> None:
+    seen = {}
+
+    def fake_train(*args, **kwargs):
+        seen.update(kwargs)
+
+    monkeypatch.setattr(influence.experiments.config, "train", fake_train)
+    config = ExperimentConfig.from_dict({**TINY, "response": {"device": "cpu"}})
+    config.train_base(config.datasets()[0])
+    assert seen["device"] == "cpu" and seen["dtype"] == torch.float64
+
+
+def _write(tmp_path: Path, config: dict) -> Path:
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(config))
+    return path
+
+
+def test_load_device_overrides_the_configs_response_device(tmp_path: Path) -> None:
+    path = _write(tmp_path, {**TINY, "response": {"device": "cuda:7", "damping": 0.01}})
+    config = ExperimentConfig.load(path, device="cpu")
+    assert config.response.device == "cpu" and config.response.damping == 0.01
+    plain = _write(tmp_path, TINY)
+    assert ExperimentConfig.load(plain).response.device == "cpu"
+    assert ExperimentConfig.load(plain, device="cpu").response.device == "cpu"
+
+
+def test_cli_device_flag(tmp_path: Path, capsys) -> None:
+    path, out = _write(tmp_path, TINY), tmp_path / "out"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["decomposition", "--config", str(path), "--out", str(out), "--device", "gpu"])
+    assert exit_info.value.code == 2
+    assert "device 'gpu' is not a torch device name" in capsys.readouterr().err
+    assert not out.exists()
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "--device" in capsys.readouterr().out
