@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from influence.experiments.config import ExperimentConfig, MislabelArguments, train_base
-from influence.response import Responder, ResponseArguments
+from influence.response import Responder, ResponseArguments, pearson_spearman
 from influence.solvers import Exact, Lanczos
 from models import Dataset, Progress, Recipe
 
@@ -28,6 +28,7 @@ __all__ = [
     "detect_mislabels",
     "detect_mislabels_on",
     "detection_curve",
+    "pbrf_self_influence",
 ]
 
 
@@ -98,6 +99,13 @@ class MislabelResult:
         for name in self.curves:
             row = " | ".join(f"{found[p][name]:.1%}" for p in points)
             lines.append(f"| {name} | {row} |")
+        pbrf = self.details.get("pbrf_self_influence")
+        if pbrf is not None and pbrf["spearman"] is not None:
+            lines += [
+                "",
+                f"PBRF vs influence self-influence on the {len(pbrf['indices'])} highest-loss "
+                f"points: Pearson {pbrf['pearson']:.3f}, Spearman {pbrf['spearman']:.3f}.",
+            ]
         return "\n".join(lines) + "\n"
 
 
@@ -134,28 +142,47 @@ def detect_mislabels_on(
     gen = torch.Generator().manual_seed(arguments.seed + 1)
     n = len(corrupted_set)
     orders = {
-        "self-influence": self_influence.argsort(descending=True, stable=True),
-        "training loss": losses.argsort(descending=True, stable=True),
+        "self-influence": self_influence.argsort(descending=True, stable=True).cpu(),
+        "training loss": losses.argsort(descending=True, stable=True).cpu(),
         "random": torch.randperm(n, generator=gen),
     }
     details: dict[str, Any] = {"train_loss": run.losses[-1]}
     if arguments.pbrf_points:
-        orders["PBRF self-influence (top of loss list)"] = _pbrf_order(
-            responder, orders["training loss"], arguments.pbrf_points
+
+        def scaled(fraction: float, phase: str) -> None:
+            if progress is not None:
+                progress(0.8 + 0.2 * fraction, phase)
+
+        count = min(arguments.pbrf_points, n)
+        head = orders["training loss"][:count]
+        gains = pbrf_self_influence(responder, head, scaled)
+        ranked = head[gains.argsort(descending=True, stable=True)]
+        orders["PBRF self-influence (top of loss list)"] = torch.cat(
+            [ranked, orders["training loss"][count:]]
         )
         details["pbrf_points"] = arguments.pbrf_points
+        details["pbrf_self_influence"] = {
+            "indices": head.tolist(),
+            "pbrf": gains.tolist(),
+            "influence": self_influence[head].tolist(),
+            **pearson_spearman(self_influence[head], gains),
+        }
     curves = {name: detection_curve(order, corrupted, n) for name, order in orders.items()}
     return MislabelResult(corrupted.tolist(), curves, details)
 
 
-def _pbrf_order(responder: Responder, loss_order: Tensor, count: int) -> Tensor:
-    """PBRF self-influence ``L_i(θ_PBRF(i)) − L_i(θˢ)`` re-ranks the ``count`` highest-loss
-    points; the rest keep the loss order."""
-    head = loss_order[:count]
+def pbrf_self_influence(
+    responder: Responder, indices: Tensor, progress: Progress | None = None
+) -> Tensor:
+    """PBRF self-influence ``L_i(θ_PBRF(i)) − L_i(θˢ)`` of each training point i in
+    ``indices``: the increase of its own loss when the PBRF (Eqn 8) removes it, one PBRF
+    solve per point. To first order in ε it is the self-influence
+    ``ε ∇L_iᵀ(G+λI)⁻¹∇L_i``; returns ``[len(indices)]``."""
     x, t = responder.inputs, responder.targets
     gains = []
-    for i in head.tolist():
+    for k, i in enumerate(indices.tolist()):
         theta = responder.retrain("pbrf", [i])
         gains.append(float(responder.actual_changes(theta[None], x[[i]], t[[i]])[0, 0]))
-    ranked = head[torch.tensor(gains).argsort(descending=True, stable=True)]
-    return torch.cat([ranked, loss_order[count:]])
+        if progress is not None:
+            progress((k + 1) / len(indices), "pbrf_self_influence")
+    return torch.tensor(gains, dtype=torch.float64)

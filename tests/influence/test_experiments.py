@@ -11,9 +11,15 @@ import torch
 from influence.experiments.__main__ import main
 from influence.experiments.config import ExperimentConfig
 from influence.experiments.correlation import CorrelationResult, correlate
-from influence.experiments.mislabel import corrupt_labels, detect_mislabels, detection_curve
+from influence.experiments.mislabel import (
+    corrupt_labels,
+    detect_mislabels,
+    detection_curve,
+    pbrf_self_influence,
+)
 from influence.experiments.sweep import run_decomposition, sweep
-from influence.response import Responder
+from influence.response import Responder, ResponseArguments
+from influence.solvers import Exact
 from models import Dataset
 
 TINY = {
@@ -128,15 +134,18 @@ def test_cli_is_deterministic(tmp_path: Path) -> None:
     assert first["gaps"] == second["gaps"]
 
 
+TINY_DIGITS = {
+    "name": "tiny-digits",
+    "dataset": "digits",
+    "train_size": 200,
+    "model": {"architecture": "logistic_regression", "in_features": 64, "num_classes": 10},
+    "recipe": {"optimizer": "lbfgs", "epochs": 3, "weight_decay": 0.01, "lbfgs_max_iter": 30},
+    "mislabel": {"fraction": 0.1, "seed": 0},
+}
+
+
 def test_cli_mislabel_on_digits_subset(tmp_path: Path) -> None:
-    config = {
-        "name": "tiny-digits",
-        "dataset": "digits",
-        "train_size": 200,
-        "model": {"architecture": "logistic_regression", "in_features": 64, "num_classes": 10},
-        "recipe": {"optimizer": "lbfgs", "epochs": 3, "weight_decay": 0.01, "lbfgs_max_iter": 30},
-        "mislabel": {"fraction": 0.1, "seed": 0},
-    }
+    config = TINY_DIGITS
     out = tmp_path / "out"
     main(["mislabel", "--config", str(_write(tmp_path, config)), "--out", str(out)])
     data = json.loads((out / "mislabel.json").read_text())
@@ -148,6 +157,44 @@ def test_cli_mislabel_on_digits_subset(tmp_path: Path) -> None:
     assert 0.05 < found["random"] < 0.5
     library = detect_mislabels(ExperimentConfig.from_dict(config)).found_at(0.2)
     assert found == pytest.approx(library, rel=1e-12)
+
+
+def test_pbrf_self_influence_is_self_influence_to_first_order() -> None:
+    # For small ε the PBRF's increase of L_i is ε ∇L_iᵀ(G+λI)⁻¹∇L_i (exact dense solve).
+    config = ExperimentConfig.from_dict(TINY)
+    train_set, _ = config.datasets()
+    n = len(train_set)
+    arguments = ResponseArguments(damping=1e-3, epsilon=1e-3 / n, optimizer="lbfgs")
+    responder = Responder.from_run(config.train_base(train_set), train_set, arguments)
+    points = torch.tensor([7, 21])  # gains ≈ 1e-4; point 0's 3e-8 is at L-BFGS's floor
+    phases = []
+    gains = pbrf_self_influence(responder, points, lambda f, phase: phases.append((f, phase)))
+    expected = 1e-3 * responder.engine.self_influence(Exact())[points]
+    assert torch.allclose(gains, expected.to(gains.dtype), rtol=5e-3, atol=0)  # measured 7e-4
+    assert phases[-1] == (1.0, "pbrf_self_influence") and len(phases) == 2
+
+
+def test_mislabel_pbrf_ranking_reorders_only_the_top_of_the_loss_list(tmp_path: Path) -> None:
+    config = {
+        **TINY_DIGITS,
+        "train_size": 60,
+        "response": {"optimizer": "lbfgs", "lbfgs_steps": 3},
+        "mislabel": {"fraction": 0.1, "seed": 0, "pbrf_points": 5},
+    }
+    phases: list[str] = []
+    result = detect_mislabels(
+        ExperimentConfig.from_dict(config), lambda f, phase: phases.append(phase)
+    )
+    pbrf = result.curves["PBRF self-influence (top of loss list)"]
+    loss = result.curves["training loss"]
+    # Re-ranking the 5 highest-loss points changes the curve inside them only.
+    assert torch.equal(pbrf[5:], loss[5:])
+    assert "pbrf_self_influence" in phases and result.details["pbrf_points"] == 5
+    pairs = result.details["pbrf_self_influence"]
+    assert len(pairs["indices"]) == len(pairs["pbrf"]) == len(pairs["influence"]) == 5
+    # Removing a point raises its own loss, under the PBRF as under influence.
+    assert min(pairs["pbrf"]) > 0 and min(pairs["influence"]) > 0
+    assert "PBRF vs influence self-influence on the 5 highest-loss" in result.markdown()
 
 
 def test_shipped_configs_are_valid() -> None:
