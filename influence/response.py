@@ -583,6 +583,7 @@ def verify(
     arguments: VerifyArguments | None = None,
     solver: Solver | None = None,
     progress: Progress | None = None,
+    device: str = "cpu",
 ) -> VerifyResult:
     """Check influence estimates by retraining, one removed training point at a time.
 
@@ -594,7 +595,8 @@ def verify(
     (see :class:`VerifyArguments`). ``hessian`` (``"gnh"`` or ``"full"``), ``damping`` and
     ``weight_decay`` define the curvature ``G + λI`` as for the influence query being
     checked; ``solver`` (a solver object, e.g. ``CG(tol=1e-8)`` or ``LiSSA(depth=2000)``)
-    replaces the default one named by ``arguments.solver``.
+    replaces the default one named by ``arguments.solver``. ``device`` runs the solve and
+    the retraining there (``ResponseArguments.device``); the result is on the CPU.
     """
     arguments = arguments or VerifyArguments()
     if method not in VERIFY_METHODS:
@@ -611,7 +613,7 @@ def verify(
     )  # fmt: skip
     response = ResponseArguments(
         epsilon=arguments.epsilon, damping=damping, epochs=arguments.steps,
-        pbrf_lr_factor=1.0, hessian=hessian, solver=arguments.solver,
+        pbrf_lr_factor=1.0, hessian=hessian, solver=arguments.solver, device=device,
     )  # fmt: skip
     responder = Responder(config, model.state_dict(), recipe, train_set, response, solver=solver)
     removed = [[int(i)] for i in train_indices]
@@ -623,4 +625,5 @@ def verify(
         if progress is not None:
             progress((k + 1) / len(removed), f"retrain:{method}")
     actual = responder.actual_changes(torch.stack(retrained), test_set.inputs, test_set.targets)
-    return VerifyResult(method, [z[0] for z in removed], predicted, actual, report.to_dict())
+    indices = [z[0] for z in removed]
+    return VerifyResult(method, indices, predicted.cpu(), actual.cpu(), report.to_dict())

@@ -169,9 +169,9 @@ def resolve_device(
 ) -> torch.device:
     """The ``torch.device`` that ``device`` names (None = the CPU), checked usable here.
 
-    Accepts ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or such a ``torch.device``; anything else,
-    or CUDA where this torch build sees none, raises ``error`` with a message starting
-    with ``what``.
+    Accepts ``"cpu"``, ``"cuda"``, ``"cuda:N"``, ``"mps"`` or such a ``torch.device``;
+    anything else, or a GPU this torch build does not see, raises ``error`` with a message
+    starting with ``what``.
     """
     if device is None:
         return torch.device("cpu")
@@ -188,8 +188,12 @@ def resolve_device(
         ) from None
     if resolved.type == "cpu":
         return resolved
+    if resolved.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise error(f"{what} {device!r}: this torch build or machine has no MPS")
+        return resolved
     if resolved.type != "cuda":
-        raise error(f"{what} {device!r}: only 'cpu' and 'cuda' devices are supported")
+        raise error(f"{what} {device!r}: only 'cpu', 'cuda' and 'mps' devices are supported")
     if not torch.cuda.is_available():
         build = "is a CPU-only build" if torch.version.cuda is None else "sees no GPU"
         raise error(

@@ -330,6 +330,7 @@ def _verify(ctx: Context, claim: Claim, progress: Progress) -> Outcome:
         arguments=VerifyArguments(steps=payload.steps, solver=query.solver.name),
         solver=query.solver.build(),
         progress=progress,
+        device=str(ctx.device),
     )
     result = outcome.to_dict()
     return Outcome(result, result.get("solver_report"))

@@ -27,6 +27,7 @@ from influence.experiments.plots import (
 from influence.experiments.sweep import run_decomposition, sweep
 from influence.response import Responder
 from models import Progress
+from models.training import resolve_device
 
 COMMANDS = ("decomposition", "correlation", "mislabel", "sweep")
 
@@ -80,6 +81,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     try:
+        if args.device is not None:
+            resolve_device(args.device, "--device", ValueError)
         config = ExperimentConfig.load(args.config, device=args.device)
     except ValueError as exc:
         parser.error(str(exc))

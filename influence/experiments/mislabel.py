@@ -19,7 +19,7 @@ from torch import Tensor
 
 from influence.experiments.config import ExperimentConfig, MislabelArguments, train_base
 from influence.response import Responder, ResponseArguments, pearson_spearman
-from influence.solvers import Exact, Lanczos
+from influence.solvers import Exact, Lanczos, phase_progress
 from models import Dataset, Progress, Recipe
 
 __all__ = [
@@ -148,19 +148,14 @@ def detect_mislabels_on(
     }
     details: dict[str, Any] = {"train_loss": run.losses[-1]}
     if arguments.pbrf_points:
-
-        def scaled(fraction: float, phase: str) -> None:
-            if progress is not None:
-                progress(0.8 + 0.2 * fraction, phase)
-
         count = min(arguments.pbrf_points, n)
         head = orders["training loss"][:count]
-        gains = pbrf_self_influence(responder, head, scaled)
+        gains = pbrf_self_influence(responder, head, phase_progress(progress, 0.8, 1.0))
         ranked = head[gains.argsort(descending=True, stable=True)]
         orders["PBRF self-influence (top of loss list)"] = torch.cat(
             [ranked, orders["training loss"][count:]]
         )
-        details["pbrf_points"] = arguments.pbrf_points
+        details["pbrf_points"] = count
         details["pbrf_self_influence"] = {
             "indices": head.tolist(),
             "pbrf": gains.tolist(),

@@ -7,12 +7,15 @@ batch orders are drawn on the CPU on both), so they agree to ``RTOL_SOLVE``.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
 from influence.decomposition import DecompositionArguments, decompose, first_order_proximity
-from influence.experiments.config import CorrelationArguments
+from influence.experiments.config import CorrelationArguments, MislabelArguments
 from influence.experiments.correlation import correlate
+from influence.experiments.mislabel import detect_mislabels_on
 from influence.response import Responder, ResponseArguments
 from models import Dataset, Recipe, TrainRun, train
 from tests.conftest import RTOL_SOLVE, rel_error
@@ -127,3 +130,17 @@ def test_correlation_on_cuda_matches_cpu_and_comes_back_on_cpu(
     for method, actual in expected.actual.items():
         assert rel_error(got.actual[method], actual) < RTOL_SOLVE, method
     assert got.to_dict()["removed"] == expected.to_dict()["removed"]
+
+
+@pytest.mark.parametrize("solver", ["exact", "lanczos"])
+def test_mislabel_detection_on_cuda_matches_cpu(data: Dataset, solver: str) -> None:
+    arguments = MislabelArguments(fraction=0.25, seed=0, solver=solver, pbrf_points=4)
+    results = [
+        detect_mislabels_on(CONFIG, RECIPE, data, replace(ARGUMENTS, device=device), arguments)
+        for device in ("cpu", "cuda")
+    ]
+    cpu, cuda = (r.details["pbrf_self_influence"] for r in results)
+    assert cuda["indices"] == cpu["indices"]
+    for key in ("pbrf", "influence"):
+        assert rel_error(torch.tensor(cuda[key]), torch.tensor(cpu[key])) < RTOL_SOLVE, key
+    assert results[1].curves.keys() == results[0].curves.keys()

@@ -187,13 +187,16 @@ def test_mislabel_pbrf_ranking_reorders_only_the_top_of_the_loss_list(tmp_path: 
     )
     pbrf = result.curves["PBRF self-influence (top of loss list)"]
     loss = result.curves["training loss"]
-    # Re-ranking the 5 highest-loss points changes the curve inside them only.
-    assert torch.equal(pbrf[5:], loss[5:])
-    assert "pbrf_self_influence" in phases and result.details["pbrf_points"] == 5
     pairs = result.details["pbrf_self_influence"]
     assert len(pairs["indices"]) == len(pairs["pbrf"]) == len(pairs["influence"]) == 5
-    # Removing a point raises its own loss, under the PBRF as under influence.
-    assert min(pairs["pbrf"]) > 0 and min(pairs["influence"]) > 0
+    # The 5 highest-loss points in decreasing PBRF self-influence, then the loss order.
+    head = torch.tensor(pairs["indices"])
+    ranked = head[torch.tensor(pairs["pbrf"]).argsort(descending=True, stable=True)]
+    expected = detection_curve(ranked, torch.tensor(result.corrupted), 60)
+    assert torch.equal(pbrf[:6], expected[:6]) and torch.equal(pbrf[5:], loss[5:])
+    assert "pbrf_self_influence" in phases and result.details["pbrf_points"] == 5
+    # The PBRF optimum lowers its objective below θˢ's 0, so removal raises L_i.
+    assert min(pairs["pbrf"]) > 0
     assert "PBRF vs influence self-influence on the 5 highest-loss" in result.markdown()
 
 

@@ -92,7 +92,7 @@ def test_digits_mlp_pbrf_slope_is_predicted_by_removal_leverage(digits_result) -
 @pytest.mark.slow
 def test_digits_mislabel_detection() -> None:
     config = ExperimentConfig.load(CONFIGS / "digits_mlp.json")
-    # The config's PBRF re-ranking (300 PBRF solves, about 27 min) is left to its CLI run.
+    # The config's PBRF re-ranking (300 PBRF solves, about 25 min) is left to its CLI run.
     config = replace(config, mislabel=replace(config.mislabel, pbrf_points=0))
     found = detect_mislabels(config).found_at(0.2)
     assert found["self-influence"] >= 0.8

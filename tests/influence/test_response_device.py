@@ -12,10 +12,10 @@ import pytest
 import torch
 
 import influence.experiments.config
-from influence.decomposition import DecompositionArguments, decompose
+import influence.response
 from influence.experiments.__main__ import main
 from influence.experiments.config import ExperimentConfig
-from influence.response import Responder, ResponseArguments
+from influence.response import Responder, ResponseArguments, verify
 from models import Dataset, Recipe, train
 
 CONFIG = {"architecture": "mlp", "in_features": 3, "out_features": 3, "hidden": [4],
@@ -49,7 +49,7 @@ def test_device_field_defaults_to_cpu_with_help() -> None:
     ("device", "fragment"),
     [
         ("gpu", "device 'gpu' is not a torch device name"),
-        ("meta", "device 'meta': only 'cpu' and 'cuda'"),
+        ("meta", "device 'meta': only 'cpu', 'cuda' and 'mps'"),
         (None, "device must be a string"),
         (torch.device("cpu"), "device must be a string"),
     ],
@@ -68,20 +68,25 @@ def test_cuda_without_cuda_is_refused_up_front() -> None:
         ExperimentConfig.from_dict({**TINY, "response": {"device": "cuda:1"}})
 
 
-def test_cpu_device_is_bit_identical_to_the_default(data: Dataset) -> None:
+def test_responder_and_verify_retrain_on_their_device(data: Dataset, monkeypatch) -> None:
+    seen: list[object] = []
+    real_train = influence.response.train
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["device"])
+        return real_train(*args, **kwargs)
+
+    monkeypatch.setattr(influence.response, "train", spy)
     run = train(CONFIG, data, RECIPE, dtype=torch.float64)
-    responders = [
-        Responder.from_run(run, data, ResponseArguments(damping=1e-2, **extra))
-        for extra in ({}, {"device": "cpu"})
-    ]
-    assert all(r.device == torch.device("cpu") for r in responders)
-    assert all(r.engine.operator.device.type == "cpu" for r in responders)
-    plain, placed = responders
-    for method in ("pbrf", "two_stage"):
-        assert torch.equal(placed.retrain(method, [3]), plain.retrain(method, [3]))
-    assert torch.equal(placed.influence([[3], [5, 7]])[0], plain.influence([[3], [5, 7]])[0])
-    arguments = DecompositionArguments(num_points=1)
-    assert decompose(placed, arguments).gaps == decompose(plain, arguments).gaps
+    responder = Responder.from_run(run, data, ResponseArguments(damping=1e-2, device="cpu:0"))
+    for method in ("cold", "pbrf", "two_stage"):
+        responder.retrain(method, [3])
+    assert seen == [torch.device("cpu", 0)] * 4  # two_stage retrains twice
+    seen.clear()
+    model = run.model()
+    result = verify((model, run.config), data, data.subset(torch.arange(3)), [1, 2],
+                    loss=RECIPE.loss, damping=1e-2, device="cpu:0")  # fmt: skip
+    assert seen == [torch.device("cpu", 0)] * 2 and result.actual.device.type == "cpu"
 
 
 def test_train_base_uses_the_response_device(monkeypatch) -> None:
@@ -116,7 +121,7 @@ def test_cli_device_flag(tmp_path: Path, capsys) -> None:
     with pytest.raises(SystemExit) as exit_info:
         main(["decomposition", "--config", str(path), "--out", str(out), "--device", "gpu"])
     assert exit_info.value.code == 2
-    assert "device 'gpu' is not a torch device name" in capsys.readouterr().err
+    assert "--device 'gpu' is not a torch device name" in capsys.readouterr().err
     assert not out.exists()
     with pytest.raises(SystemExit):
         main(["--help"])

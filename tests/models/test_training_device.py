@@ -71,7 +71,7 @@ def test_run_is_recorded_on_the_cpu(data: Dataset) -> None:
         ("gpu", "'gpu' is not a torch device name"),
         ("", "'' is not a torch device name"),
         ("cuda:x", "'cuda:x' is not a torch device name"),
-        ("meta", "only 'cpu' and 'cuda' devices are supported"),
+        ("meta", "only 'cpu', 'cuda' and 'mps' devices are supported"),
         (3, "device must be a device name such as 'cpu'"),
     ],
 )
