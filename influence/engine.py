@@ -73,6 +73,8 @@ def _as_pair(
             raise ValueError(f"{name}: inputs contain NaN or infinite values")
     if targets.is_floating_point():
         targets = targets.to(dtype)
+        if not torch.isfinite(targets).all():
+            raise ValueError(f"{name}: targets contain NaN or infinite values")
     return inputs.to(device), targets.to(device)
 
 
@@ -127,6 +129,8 @@ class InfluenceEngine:
         self.model = copy.deepcopy(model).to(device=self.device, dtype=self.dtype).eval()
         self.loss = get_loss(loss)
         self.fmodel, self.theta = FlatModel.of(self.model)
+        if not torch.isfinite(self.theta).all():
+            raise ValueError("model parameters contain NaN or infinite values")
         inputs, targets = _as_pair(train, "train", self.dtype, self.device)
         self.operator = DampedCurvature(
             self.fmodel, self.theta, self.loss, inputs, targets,

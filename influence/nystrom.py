@@ -159,6 +159,12 @@ class NystromPreconditioner:
         overrides of its fields (``rank=``, ``examples=``, ``selection=``, ...)."""
         arguments = replace(arguments or NystromArguments(), **overrides)
         started = time.perf_counter()
+        if operator.kind != "gnh":
+            raise ValueError(
+                "the Nyström preconditioner sketches the positive semi-definite Gauss-Newton "
+                f"curvature; got hessian={operator.kind!r}: use hessian='gnh', or CG without "
+                "a preconditioner"
+            )
         mu = operator.damping + operator.weight_decay
         if mu <= 0:
             raise ValueError("the Nyström preconditioner needs damping + weight_decay > 0")
@@ -263,7 +269,8 @@ def _stable_nystrom(omega: Tensor, sketch: Tensor) -> tuple[Tensor, Tensor]:
         smallest = float(torch.linalg.eigvalsh(core)[0])
         raise NegativeCurvatureError(
             f"Nyström sketch: Ωᵀ(G + νI)Ω is not positive definite (smallest eigenvalue "
-            f"{smallest:.4g}); the curvature is indefinite: use hessian='gnh'",
+            f"{smallest:.4g}): the sketch lost positive definiteness to rounding; fit it in "
+            f"float64 or with a smaller rank",
             value=smallest,
         )
     r_factor, q_rows = _orthonormalise(shifted)

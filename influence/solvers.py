@@ -65,7 +65,14 @@ class PreconditionerRecipe(Protocol):
 
 @dataclass
 class SolverReport:
-    """How a solve went: its method, cost, and how far the answer is from exact."""
+    """How a solve went: its method, cost, and how far the answer is from exact.
+
+    ``relative_residual`` is the worst ``‖(G+λI)x − v‖/‖v‖`` over the right-hand sides,
+    on the full training set. ``converged`` says the method met its own stopping rule:
+    always for Exact; CG and LiSSA below their tolerance before their iteration cap; for
+    Lanczos, a fixed-rank approximation with no tolerance, it only says the rank was
+    built, and ``relative_residual`` is the measure of its accuracy.
+    """
 
     method: str
     iterations: int
@@ -136,14 +143,17 @@ def _as_columns(rhs: Tensor, operator: DampedCurvature) -> Tensor:
             f"rhs must have shape [d] or [d, k] with d = {operator.size}, got {tuple(rhs.shape)}"
         )
     _check_finite(rhs, "right-hand side")
-    return rhs.reshape(operator.size, -1).to(operator.dtype)
+    return rhs.reshape(operator.size, -1).to(device=operator.device, dtype=operator.dtype)
 
 
 def relative_residuals(operator: DampedCurvature, solution: Tensor, rhs: Tensor) -> Tensor:
     """``‖(G+λI)x_j − v_j‖ / ‖v_j‖`` per column on the full training set (``‖r‖`` if v = 0)."""
-    residual = (operator.matmat(solution) - rhs).norm(dim=0)
-    norms = rhs.norm(dim=0)
-    return torch.where(norms > 0, residual / norms.clamp_min(torch.finfo(rhs.dtype).tiny), residual)
+    return _relative((operator.matmat(solution) - rhs).norm(dim=0), rhs.norm(dim=0))
+
+
+def _relative(errors: Tensor, norms: Tensor) -> Tensor:
+    """``errors / norms`` per column, the absolute error where a norm is 0."""
+    return torch.where(norms > 0, errors / norms.clamp_min(torch.finfo(norms.dtype).tiny), errors)
 
 
 def _finish(
@@ -265,6 +275,7 @@ class Exact:
                 f"float64 matrix would need {gib:.1f} GiB; use CG or LiSSA instead"
             )
         matrix = operator.dense(progress).to(torch.float64)
+        _check_finite(matrix, "curvature matrix G + λI")
         factor, info = torch.linalg.cholesky_ex(matrix)
         if int(info) == 0:
             return CholeskyInverse(factor)
@@ -514,7 +525,7 @@ class LiSSA:
             "average": self.average,
         }
         if self.scale is None:
-            scale, found = self._estimate_scale(operator, generator)
+            scale, found = self._estimate_scale(operator)
             details.update(found)
         else:
             scale = self.scale
@@ -544,10 +555,11 @@ class LiSSA:
             converged=settled, shape=rhs.shape, details=details,
         )  # fmt: skip
 
-    def _estimate_scale(
-        self, operator: DampedCurvature, generator: torch.Generator
-    ) -> tuple[float, dict[str, Any]]:
-        """σ = safety · (λ_max + λ), and what the Lanczos run found (for the report)."""
+    def _estimate_scale(self, operator: DampedCurvature) -> tuple[float, dict[str, Any]]:
+        """σ = safety · (λ_max + λ), and what the Lanczos run found (for the report).
+        Its start vector has a generator of its own, so the minibatch draws of a solve
+        are the same whether σ was estimated in it or by :meth:`calibrated`."""
+        generator = torch.Generator().manual_seed(self.seed)
         found = _extreme_curvature(operator, generator, min(self.lanczos_steps, operator.size))
         return self.safety * (found["lambda_max"] + operator.damping), found
 
@@ -556,8 +568,7 @@ class LiSSA:
         ``scale`` is None), for many solves on the same operator."""
         if self.scale is not None:
             return self
-        generator = torch.Generator().manual_seed(self.seed)
-        return replace(self, scale=self._estimate_scale(operator, generator)[0])
+        return replace(self, scale=self._estimate_scale(operator)[0])
 
     def _recursion(
         self,
@@ -587,7 +598,12 @@ class LiSSA:
             batch = torch.randperm(n, generator=generator)[: self.batch_size].to(v.device)
             x = v + (1 - operator.damping / scale) * x - curvature(x, batch) / scale
             norm = float(x.norm(dim=0).max())
-            if not math.isfinite(norm) or norm > bound:
+            if math.isnan(norm):
+                raise NonFiniteError(
+                    f"LiSSA step {t}: the minibatch curvature product is NaN (non-finite "
+                    f"training data or parameters)"
+                )
+            if math.isinf(norm) or norm > bound:
                 _diverged(operator, x, t, norm, bound, scale)
             if self.average > 0:
                 if t > upcoming:
@@ -605,7 +621,8 @@ class LiSSA:
                     continue  # still in burn-in: no tail yet
                 estimate = x if self.average == 0 else tail / (t - start)
                 if previous is not None:
-                    change = (estimate - previous).norm(dim=0) / estimate.norm(dim=0)
+                    # a column that is zero and stays zero has settled
+                    change = _relative((estimate - previous).norm(dim=0), estimate.norm(dim=0))
                     if float(change.max()) < self.tol:
                         return estimate, t, True
                 previous = estimate.clone()
@@ -684,8 +701,8 @@ def _diverged(
         if damped <= 0:
             _negative_curvature(operator, damped, 1, "LiSSA's growing iterate has uᵀ(G+λI)u/‖u‖² =")
     raise SolverDivergedError(
-        f"LiSSA diverged at step {step}: iterate norm {norm:.3g} exceeds the bound {bound:.3g} "
-        f"(or is not finite); the scale σ = {scale:.4g} is too small: it must exceed "
+        f"LiSSA diverged at step {step}: iterate norm {norm:.3g} exceeds the bound {bound:.3g}; "
+        f"the scale σ = {scale:.4g} is too small: it must exceed "
         f"λ_max(G) + λ, and minibatch curvature can be larger than the full-batch one "
         f"(use scale=None, or raise safety or batch_size)"
     )

@@ -235,6 +235,10 @@ def test_top_k_rankings_match_an_independent_dense_reference(solver) -> None:
             "4 inputs and 3 targets",
         ),
         ({"train": (torch.full((4, 5), float("nan")), torch.zeros(4, dtype=torch.long))}, "NaN"),
+        (
+            {"train": (torch.zeros(4, 5), torch.full((4, 3), float("nan"))), "loss": "mse"},
+            "targets contain NaN",
+        ),
         ({"train": [1, 2, 3]}, "pair or a Dataset"),
         ({"loss": "hinge"}, "unknown loss"),
         ({"hessian": "diag"}, "hessian"),
@@ -246,6 +250,14 @@ def test_bad_engine_arguments_name_the_problem(kwargs: dict, message: str) -> No
     options = {"train": tiny_data("classes3", 4), **kwargs}
     with pytest.raises(ValueError, match=message):
         InfluenceEngine(tiny_mlp(3), **options)
+
+
+def test_a_model_with_non_finite_parameters_is_refused() -> None:
+    model = tiny_mlp(3)
+    with torch.no_grad():
+        next(model.parameters())[0, 0] = float("inf")
+    with pytest.raises(ValueError, match="model parameters contain NaN or infinite"):
+        InfluenceEngine(model, train=tiny_data("classes3", 4))
 
 
 def test_progress_reaches_one_and_a_raising_callback_aborts() -> None:

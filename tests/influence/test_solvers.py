@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 
 import pytest
 import torch
@@ -18,6 +19,7 @@ from influence import (
     NonFiniteError,
     SolverDivergedError,
 )
+from influence.operators import DampedCurvature
 from tests.conftest import RTOL_SOLVE, pearson, rel_error
 from tests.influence.problems import (
     dense_gnh,
@@ -126,6 +128,50 @@ def test_non_finite_right_hand_side_is_a_named_error() -> None:
     rhs[3] = float("nan")
     with pytest.raises(NonFiniteError, match="right-hand side"):
         CG().solve(engine.operator, rhs)
+
+
+def _nan_curvature_operator() -> DampedCurvature:
+    """The tiny problem's operator with one parameter NaN (the engine refuses such a model;
+    a solver handed the operator directly must still name the failure)."""
+    op = _tiny_engine().operator
+    theta = op.theta.clone()
+    theta[0] = float("nan")
+    return DampedCurvature(op.fmodel, theta, op.loss, op.inputs, op.targets,
+                           weight_decay=WEIGHT_DECAY, damping=DAMPING, batch_size=16)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "solver", [Exact(), CG(), LiSSA(scale=10.0, batch_size=16)], ids=["exact", "cg", "lissa"]
+)
+def test_non_finite_curvature_is_a_named_error(solver) -> None:
+    op = _nan_curvature_operator()
+    with pytest.raises(NonFiniteError, match="NaN"):
+        solver.solve(op, torch.ones(op.size, dtype=op.dtype))
+
+
+def test_lissa_settles_a_zero_right_hand_side_column_without_warning() -> None:
+    engine = _tiny_engine()
+    rhs = engine.gradients(*tiny_data("classes3", 2, seed=2)).T
+    rhs[:, 1] = 0
+    solver = LiSSA(
+        batch_size=16, scale=1.1 * float(torch.linalg.eigvalsh(engine.operator.dense())[-1])
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConvergenceWarning)
+        solution, report = solver.solve(engine.operator, rhs)
+    assert report.converged and report.iterations < solver.depth
+    assert torch.equal(solution[:, 1], torch.zeros_like(solution[:, 1]))
+
+
+def test_lissa_minibatches_do_not_depend_on_where_the_scale_was_estimated() -> None:
+    op = _tiny_engine().operator
+    rhs = torch.ones(op.size, dtype=op.dtype)
+    solver = LiSSA(depth=60, window=10, tol=1e-300, batch_size=16)
+    with pytest.warns(ConvergenceWarning):
+        inline, inline_report = solver.solve(op, rhs)
+        calibrated, _ = solver.calibrated(op).solve(op, rhs)
+    assert inline_report.details["scale"] == solver.calibrated(op).scale
+    assert torch.equal(inline, calibrated)
 
 
 def test_lissa_with_too_small_a_scale_raises_diverged() -> None:
