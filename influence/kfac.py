@@ -9,6 +9,10 @@ of means, ``G_layer ≈ S ⊗ A`` with
 
     A = (1/N) Σ_i ā_i ā_iᵀ,      S = (1/N) Σ_i Σ_c g_ic g_icᵀ.
 
+A layer applied at each of T positions of a sequence sums its Kronecker terms over the
+positions; A then averages over the N·T position rows and S sums each example's
+positions ("expand" K-FAC), so ``tr(S ⊗ A)`` does not grow with T.
+
 The factorisation of ``H_y`` is exact, not sampled: each example's ``H_y`` is built from
 ``models.losses`` (``output_hvp`` on the output basis) and square-rooted by ``eigh``, so
 ``S ⊗ A`` is exact whenever one example (or one layer fed by the inputs under MSE) makes
@@ -167,6 +171,7 @@ class KFAC:
         fallback = [n for n in params if n not in covered]
 
         a_sums = [_zeros_square(m.in_features + (m.bias is not None), first) for _, m in linears]
+        a_rows = [0] * len(linears)  # examples, or examples × positions for sequence inputs
         s_sums = [_zeros_square(m.out_features, first) for _, m in linears]
         diag_sums = {n: torch.zeros_like(params[n]) for n in fallback}
 
@@ -182,14 +187,15 @@ class KFAC:
         for x, (roots, acts, pre_grads) in batches():
             for j, (a, g) in enumerate(zip(acts, pre_grads, strict=True)):
                 a_sums[j] += a.T @ a
+                a_rows[j] += len(a)
                 s_sums[j] += torch.einsum("cbo,cbp->op", g, g)
             if fallback:
                 _accumulate_diagonal(model, params, fallback, x, roots, diag_sums)
 
         gamma = float(damping + weight_decay)
         bases = [
-            _eigenbasis(a_sum / n_total, s_sum / n_total, gamma, arguments.approximation)
-            for a_sum, s_sum in zip(a_sums, s_sums, strict=True)
+            _eigenbasis(a_sum / rows, s_sum / n_total, gamma, arguments.approximation)
+            for a_sum, rows, s_sum in zip(a_sums, a_rows, s_sums, strict=True)
         ]
         if arguments.approximation == "ekfac":
             corrected = [torch.zeros_like(eigenvalues) for _, _, eigenvalues in bases]

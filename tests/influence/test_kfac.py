@@ -209,3 +209,31 @@ def test_pcg_matches_dense_solve(hidden: list[int]) -> None:
     assert pcg_report.method == "pcg" and pcg_report.converged
     if not hidden:
         assert pcg_report.iterations < plain_report.iterations
+
+
+class _TokenHead(nn.Module):
+    """A frozen embedding and a Linear applied at every position: [B, T] → [B, T, V]."""
+
+    def __init__(self, vocab: int = 6, width: int = 3) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, width).requires_grad_(False)
+        self.head = nn.Linear(width, vocab)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        return self.head(self.embed(tokens))
+
+
+@pytest.mark.parametrize("positions", [1, 8])
+def test_sequence_factors_average_over_positions(positions: int) -> None:
+    """With T independent random positions per example the cross-position terms of the
+    exact block average out, so tr(S ⊗ A) must stay near tr(G) whatever T: A averages
+    over the N·T position rows while S sums the positions of each example."""
+    torch.manual_seed(0)
+    model = _TokenHead().double()
+    tokens = torch.randint(0, 6, (300, positions))
+    targets = torch.randint(0, 6, (300, positions))
+    engine = InfluenceEngine(model, "cross_entropy", train=(tokens, targets), damping=0.0)
+    exact = float(engine.operator.dense().trace())
+    kfac = KFAC.fit(engine.model, "cross_entropy", tokens, targets, damping=1e-12,
+                    arguments=KFACArguments(approximation="kfac"))  # fmt: skip
+    assert 0.8 < float(kfac.to_dense().trace()) / exact < 1.25
