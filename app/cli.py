@@ -14,21 +14,27 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+import logging
 import os
 import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 from typing import Any, NoReturn
 
+import httpx
 import uvicorn
 from tqdm import tqdm
 
 import models
-from app.client import InfluenceClient
+from app.client import ApiError, InfluenceClient
 from app.embedded import EmbeddedRedis, EmbeddedRedisError
 from app.main import create_app
 from app.schemas import JobView, Ranking
+from models.training import resolve_device
+from worker.__main__ import CONFIG_ERROR
 from worker.__main__ import main as worker_main
 from worker.main import connect
 from worker.settings import Settings
@@ -39,6 +45,8 @@ __all__ = ["bootstrap_demo", "main"]
 DEMO_MODEL_NAME = "demo-digits-mlp"
 DEMO_TRAIN_NAME = "digits-train"
 DEMO_TEST_NAME = "digits-test"
+
+log = logging.getLogger("influence-service")
 
 
 def _fail(message: str) -> NoReturn:
@@ -67,27 +75,126 @@ def bootstrap_demo(settings: Settings) -> dict[str, str]:
     return {"model": model["id"], "train": train["id"], "test": test["id"]}
 
 
-def _start_workers(count: int, settings: Settings) -> list[subprocess.Popen[bytes]]:
-    """``count`` worker processes sharing this process's settings (environment)."""
+def _worker_command(settings: Settings) -> tuple[list[str], dict[str, str]]:
+    """Command line and environment of a local worker sharing this process's settings."""
     env = {
         **os.environ,
         "REDIS_URL": str(settings.redis_url),
         "INFLUENCE_DATA_DIR": str(settings.data_dir),
         "INFLUENCE_KEY_PREFIX": settings.key_prefix,
     }
-    command = [sys.executable, "-m", "worker", "--device", settings.device]
-    return [subprocess.Popen(command, env=env) for _ in range(count)]
+    return [sys.executable, "-m", "worker", "--device", settings.device], env
 
 
 def _stop_workers(processes: list[subprocess.Popen[bytes]]) -> None:
     for process in processes:
-        process.send_signal(signal.SIGTERM)  # finish the current job, then exit
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)  # finish the current job, then exit
     for process in processes:
         try:
             process.wait(timeout=30)
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+class WorkerSupervisor:
+    """``serve``'s local worker processes, each restarted when it exits unexpectedly (a
+    crash, an OOM kill: a non-zero status): otherwise, with the embedded default of one
+    worker, jobs would queue forever. A restart waits ``backoff_min`` s, doubling up to
+    ``backoff_max`` s while the process keeps dying within ``stable_s`` s of its start.
+    Not restarted: a worker that exits 0 (it was stopped by SIGTERM/SIGINT, e.g. Ctrl-C
+    reaching the whole process group) or with ``CONFIG_ERROR`` (it cannot start as
+    configured, e.g. no CUDA). ``stop`` ends the restarts, then SIGTERMs the workers
+    (each finishes its job)."""
+
+    def __init__(
+        self,
+        command: list[str],
+        env: dict[str, str] | None,
+        count: int,
+        *,
+        poll_s: float = 1.0,
+        backoff_min: float = 1.0,
+        backoff_max: float = 30.0,
+        stable_s: float = 60.0,
+    ) -> None:
+        self.command, self.env, self.count = command, env, count
+        self.poll_s, self.backoff_min, self.backoff_max = poll_s, backoff_min, backoff_max
+        self.stable_s = stable_s
+        self.processes: list[subprocess.Popen[bytes] | None] = []
+        self.restarts = 0
+        self._started: list[float] = []
+        self._due: list[float | None] = []  # restart time of an exited worker
+        self._delay: list[float] = []
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> WorkerSupervisor:
+        """Start the workers and the thread that watches them."""
+        with self._lock:
+            for _ in range(self.count):
+                self.processes.append(self._spawn())
+                self._started.append(time.monotonic())
+                self._due.append(None)
+                self._delay.append(self.backoff_min)
+        if self.count:
+            self._thread = threading.Thread(target=self._watch, name="worker-supervisor")
+            self._thread.daemon = True
+            self._thread.start()
+        return self
+
+    def _spawn(self) -> subprocess.Popen[bytes]:
+        return subprocess.Popen(self.command, env=self.env)
+
+    def _watch(self) -> None:
+        while not self._stopping.wait(self.poll_s):
+            self.check()
+
+    def check(self) -> None:
+        """One pass: note workers that exited, restart those whose backoff has passed."""
+        with self._lock:
+            if self._stopping.is_set():
+                return
+            now = time.monotonic()
+            for slot, process in enumerate(self.processes):
+                if process is None or process.poll() is None:
+                    continue
+                if self._due[slot] is None:
+                    code = process.returncode
+                    if code in (0, CONFIG_ERROR):
+                        log.log(
+                            logging.INFO if code == 0 else logging.ERROR,
+                            "worker %d (pid %d) %s (exit status %d); not restarting it",
+                            slot, process.pid,
+                            "was stopped" if code == 0 else "cannot start as configured",
+                            code,
+                        )  # fmt: skip
+                        self.processes[slot] = None
+                        continue
+                    if now - self._started[slot] >= self.stable_s:
+                        self._delay[slot] = self.backoff_min
+                    self._due[slot] = now + self._delay[slot]
+                    log.warning(
+                        "worker %d (pid %d) exited unexpectedly (status %d); restarting in %g s",
+                        slot, process.pid, code, self._delay[slot],
+                    )  # fmt: skip
+                    self._delay[slot] = min(2 * self._delay[slot], self.backoff_max)
+                due = self._due[slot]
+                if due is not None and now >= due:
+                    self.processes[slot] = self._spawn()
+                    self._started[slot] = time.monotonic()
+                    self._due[slot] = None
+                    self.restarts += 1
+
+    def stop(self) -> None:
+        """Stop restarting, then stop the workers (SIGTERM; SIGKILL after 30 s)."""
+        with self._lock:
+            self._stopping.set()
+        if self._thread is not None:
+            self._thread.join()
+        _stop_workers([p for p in self.processes if p is not None])
 
 
 def _exit_on_sigterm(signum: int, frame: object) -> None:
@@ -114,19 +221,25 @@ def serve(args: argparse.Namespace) -> None:
         print(f"embedded Redis at {embedded.url} (append-only, {embedded.directory})")
     workers = args.workers if args.workers is not None else (1 if embedded else 0)
     demo = args.demo if args.demo is not None else embedded is not None
-    processes: list[subprocess.Popen[bytes]] = []
+    supervisor: WorkerSupervisor | None = None
     try:
+        if workers:
+            try:
+                resolve_device(settings.device, "INFLUENCE_DEVICE", ValueError)
+            except ValueError as exc:
+                _fail(str(exc))
         if demo:
             ids = bootstrap_demo(settings)
             print(f"demo for tenant {settings.default_tenant!r}: {ids}")
-        processes = _start_workers(workers, settings)
+        supervisor = WorkerSupervisor(*_worker_command(settings), workers).start()
         print(f"serving on http://{args.host}:{args.port} (OpenAPI at /docs)")
         # uvicorn re-raises SIGTERM after its graceful shutdown; with the default handler
         # that would kill this process before the workers and embedded Redis are stopped.
         signal.signal(signal.SIGTERM, _exit_on_sigterm)
         uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="warning")
     finally:
-        _stop_workers(processes)
+        if supervisor is not None:
+            supervisor.stop()
         if embedded is not None:
             embedded.stop()
 
@@ -204,6 +317,8 @@ def rank(args: argparse.Namespace) -> None:
         view = client.job(args.job)
         if view.status not in ("succeeded", "failed", "canceled"):
             view = _follow(client, args.job)
+        if view.status != "succeeded":
+            _fail(f"job {view.id} {view.status}: {view.error or 'no ranking'}")
         ranking = client.ranking(
             args.job, test=args.test, direction=args.direction, limit=args.limit, offset=args.offset
         )
@@ -261,7 +376,23 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _api_error_message(exc: ApiError) -> str:
+    """One line for an error answer: FastAPI's validation details become ``loc: msg``."""
+    detail = exc.detail
+    if isinstance(detail, list) and all(isinstance(d, dict) for d in detail):
+        detail = "; ".join(
+            f"{'.'.join(str(p) for p in d.get('loc', []))}: {d.get('msg', d)}" for d in detail
+        )
+    return " ".join(f"HTTP {exc.status}: {detail}".split())
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Entry point of the ``influence-service`` command."""
+    """Entry point of the ``influence-service`` command. An error answer of the API, or an
+    unreachable API, ends it with one line on stderr and exit status 1."""
     args = _parser().parse_args(argv)
-    args.run(args)
+    try:
+        args.run(args)
+    except ApiError as exc:
+        _fail(_api_error_message(exc))
+    except httpx.TransportError as exc:
+        _fail(f"cannot reach the service at {getattr(args, 'url', '?')}: {exc}")

@@ -8,8 +8,13 @@ import logging
 import signal
 import threading
 
+from models.training import resolve_device
 from worker.main import run_worker
 from worker.settings import Settings
+
+CONFIG_ERROR = 2
+"""Exit status of a worker that cannot start as configured (like argparse's usage errors):
+``influence-service serve`` does not restart such a worker."""
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -20,11 +25,16 @@ def main(argv: list[str] | None = None) -> None:
     settings = Settings()
     if not settings.redis_url:
         parser.error("REDIS_URL is not set: point it at the service's Redis")
+    device = args.device or settings.device
+    try:
+        resolve_device(device, "--device" if args.device else "INFLUENCE_DEVICE", ValueError)
+    except ValueError as exc:  # before connecting: a worker that cannot compute claims nothing
+        parser.exit(CONFIG_ERROR, f"{parser.prog}: error: {exc}\n")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    run_worker(settings, device=args.device, stop=stop, name=args.name)
+    run_worker(settings, device=device, stop=stop, name=args.name)
 
 
 if __name__ == "__main__":

@@ -29,17 +29,20 @@ from influence.experiments.mislabel import detect_mislabels_on
 from influence.response import Responder, ResponseArguments, VerifyArguments, verify
 from influence.solvers import phase_progress
 from models import Progress
+from models.losses import get_loss
 from worker.cache import STestCache, s_test_key
 from worker.contract import (
     DecompositionPayload,
     InfluencePayload,
     InfluenceResult,
     JobKind,
+    JobStatus,
     ScoreShardPayload,
     SelfInfluencePayload,
     SelfInfluenceResult,
     TestSpec,
     VerifyPayload,
+    check_mislabel_training_set,
 )
 from worker.queue import Claim, JobQueue
 from worker.settings import Settings
@@ -112,13 +115,16 @@ class Context:
         )
 
     def engine(self, tenant: str, spec: _EngineSpec) -> InfluenceEngine:
-        """The engine for (model, train, loss, hessian, damping, weight decay)."""
+        """The engine for (model, train, loss, hessian, damping, weight decay), built after
+        a one-example check that model, training set and loss fit together
+        (``check_model_fits``)."""
         model, _ = self.checkpoint(tenant, spec.model)
         train = self.dataset(tenant, spec.train)
         key = (spec.model, spec.train, spec.loss, spec.hessian, spec.damping, spec.weight_decay)
-        return self._engines.get(
-            key,
-            lambda: InfluenceEngine(
+
+        def build() -> InfluenceEngine:
+            check_model_fits(model, train, spec.loss, spec.model, spec.train)
+            return InfluenceEngine(
                 model,
                 loss=spec.loss,
                 train=(train.inputs, train.targets),
@@ -127,11 +133,15 @@ class Context:
                 weight_decay=spec.weight_decay,
                 device=self.device,
                 compile_scoring=self.settings.compile_scoring,
-            ),
-        )
+            )
+
+        return self._engines.get(key, build)
 
     def test_points(
-        self, tenant: str, test: TestSpec, spec: _EngineSpec | None = None
+        self,
+        tenant: str,
+        test: TestSpec,
+        spec: _EngineSpec | DecompositionPayload | None = None,
     ) -> models.Dataset:
         """The test points a TestSpec names, as a Dataset (metadata of the source dataset,
         or none for an uploaded tensor pair). With ``spec`` they are checked against its
@@ -157,6 +167,55 @@ class Context:
             _, config = self.checkpoint(tenant, spec.model)
             check_test_points(points, self.dataset(tenant, spec.train), config)
         return points
+
+
+def check_model_fits(
+    model: nn.Module, train: models.Dataset, loss: str, model_id: str, train_id: str
+) -> None:
+    """ValueError (no retry) unless the model runs on the first training example, its
+    output and that example's target give one loss value, and cross-entropy class targets
+    lie within the model's outputs. A mismatch (wrong input width, output vs target shape)
+    would otherwise surface as a torch RuntimeError deep in the engine, which the queue
+    retries (``worker.main.PERMANENT_ERRORS``) until the job is dead-lettered."""
+    what = f"model {model_id}, training set {train_id} and loss {loss!r} do not fit together"
+    inputs, targets = train.inputs[:1], train.targets[:1]
+    first = next(model.parameters(), None)
+    if first is not None:  # as the engine casts them (``_as_pair``)
+        inputs, targets = (
+            t.to(first.device, first.dtype if t.is_floating_point() else t.dtype)
+            for t in (inputs, targets)
+        )
+    errors = (RuntimeError, IndexError, TypeError, ValueError)
+    training = model.training
+    model.eval()  # batch-norm layers refuse a batch of one in training mode
+    try:
+        with torch.no_grad():
+            outputs = model(inputs)
+    except errors as exc:
+        raise ValueError(f"{what}: the model fails on training example 0: {exc}") from None
+    finally:
+        model.train(training)
+    if loss == "cross_entropy" and not train.targets.is_floating_point():
+        classes = outputs.shape[-1]
+        bad = (train.targets < 0) | (train.targets >= classes)
+        if bool(bad.any()):
+            row = int(bad.reshape(len(bad), -1).any(dim=1).nonzero()[0, 0])
+            raise ValueError(
+                f"{what}: training example {row} has a class index outside the model's "
+                f"{classes} outputs [0, {classes})"
+            )
+    try:
+        values = get_loss(loss).per_example(outputs, targets)
+    except errors as exc:
+        raise ValueError(
+            f"{what}: the loss of training example 0 fails (model output shape "
+            f"{list(outputs.shape)}, target shape {list(targets.shape)}): {exc}"
+        ) from None
+    if values.shape != (1,):
+        raise ValueError(
+            f"{what}: the loss of training example 0 has shape {list(values.shape)}, "
+            "expected one value per example"
+        )
 
 
 def check_test_points(test: models.Dataset, train: models.Dataset, config: dict[str, Any]) -> None:
@@ -213,6 +272,20 @@ def _s_test(
     return artifact, s_test, report.to_dict()
 
 
+def _influence_result(
+    ctx: Context, scores: Tensor, s_test: str, test_targets: list[Any]
+) -> dict[str, Any]:
+    """The result JSON of an influence job: its ``[k, N]`` score matrix stored as an
+    artifact, the s_test artifact and the test points' targets."""
+    return InfluenceResult(
+        scores=ctx.store.put_tensors({"scores": scores}),
+        s_test=s_test,
+        num_test=int(scores.shape[0]),
+        num_train=int(scores.shape[1]),
+        test_targets=test_targets,
+    ).model_dump(mode="json")
+
+
 def _influence(ctx: Context, claim: Claim, progress: Progress) -> Outcome | None:
     """Solve s_test (or reuse it), then score every training point: in this job, or for a
     training set over ``shard_size`` in score_shard jobs that any worker can take."""
@@ -228,7 +301,7 @@ def _influence(ctx: Context, claim: Claim, progress: Progress) -> Outcome | None
     shard = ctx.settings.shard_size
     if n > shard:
         bounds = [(lo, min(n, lo + shard)) for lo in range(0, n, shard)]
-        ctx.queue.mark_sharded(claim, len(bounds))
+        ctx.queue.mark_sharded(claim, len(bounds), test.targets.tolist())
         for index, (lo, hi) in enumerate(bounds):
             body = payload.model_dump(mode="json", exclude={"test"})
             body.update(parent=claim.job_id, index=index, start=lo, stop=hi, s_test=s_artifact)
@@ -237,14 +310,7 @@ def _influence(ctx: Context, claim: Claim, progress: Progress) -> Outcome | None
         return None
     engine = ctx.engine(tenant, payload)
     scores = engine.scores_from_s_test(s_test, progress=phase_progress(progress, S_TEST_SHARE, 1.0))
-    result = InfluenceResult(
-        scores=ctx.store.put_tensors({"scores": scores}),
-        s_test=s_artifact,
-        num_test=int(s_test.shape[0]),
-        num_train=n,
-        test_targets=test.targets.tolist(),
-    )
-    return Outcome(result.model_dump(mode="json"), report)
+    return Outcome(_influence_result(ctx, scores, s_artifact, test.targets.tolist()), report)
 
 
 def _score_shard(ctx: Context, claim: Claim, progress: Progress) -> Outcome:
@@ -260,29 +326,30 @@ def _score_shard(ctx: Context, claim: Claim, progress: Progress) -> Outcome:
     done = ctx.queue.shard_done(
         payload.parent, payload.index, artifact, base=S_TEST_SHARE, share=1 - S_TEST_SHARE
     )
-    if done == ctx.queue.shards_total(payload.parent):
-        _assemble(ctx, payload.parent, payload.s_test)
+    total = ctx.queue.shards_total(payload.parent)
+    if done == total:
+        _assemble(ctx, payload.parent, payload.s_test, total)
     return Outcome({"scores": artifact, "start": payload.start, "stop": payload.stop})
 
 
-def _assemble(ctx: Context, parent_id: str, s_test: str) -> None:
-    """Concatenate the shards' score slices into the parent's result and complete it."""
+def _assemble(ctx: Context, parent_id: str, s_test: str, total: int) -> None:
+    """Concatenate the shards' score slices into the parent's result and complete it,
+    with the test targets recorded at hand-over (the test set is not reloaded: it may
+    have been deleted meanwhile). Nothing to do when the parent finished meanwhile (a
+    concurrent assembly, a cancel): its shards hash is gone then."""
     parent = ctx.queue.get(parent_id)
-    if parent is None:
+    if parent is None or parent.status != JobStatus.RUNNING:
         return
-    payload = InfluencePayload.model_validate(parent.payload)
     shards = ctx.queue.shard_results(parent_id)
+    if len(shards) != total:
+        return
     parts = [ctx.store.get_tensors(shards[i])["scores"] for i in sorted(shards)]
     scores = torch.cat(parts, dim=1)
-    test_targets = ctx.test_points(parent.tenant, payload.test).targets
-    result = InfluenceResult(
-        scores=ctx.store.put_tensors({"scores": scores}),
-        s_test=s_test,
-        num_test=int(scores.shape[0]),
-        num_train=int(scores.shape[1]),
-        test_targets=test_targets.tolist(),
-    )
-    ctx.queue.complete_parent(parent_id, result.model_dump(mode="json"))
+    test_targets = ctx.queue.shard_test_targets(parent_id)
+    if test_targets is None:  # handed over by a worker that did not record them
+        payload = InfluencePayload.model_validate(parent.payload)
+        test_targets = ctx.test_points(parent.tenant, payload.test).targets.tolist()
+    ctx.queue.complete_parent(parent_id, _influence_result(ctx, scores, s_test, test_targets))
 
 
 def _self_influence(ctx: Context, claim: Claim, progress: Progress) -> Outcome:
@@ -355,14 +422,12 @@ def _decomposition(ctx: Context, claim: Claim, progress: Progress) -> Outcome:
     mislabel = None
     if payload.mislabel is not None:
         mislabel = build_dataclass(MislabelArguments, payload.mislabel, "mislabel")
-        meta = responder.dataset.metadata
-        if meta.get("task") != "classification" or not meta.get("num_classes"):
-            raise ValueError(
-                "mislabel: detection corrupts class labels, so it needs a classification "
-                f"training set with num_classes; {payload.train} is "
-                f"{meta.get('task', 'not a classification set')}"
-            )
+        check_mislabel_training_set(responder.dataset.metadata, payload.train)
     # progress shares: the decomposition, then the correlations and the mislabel run
+    test = None
+    if payload.correlation is not None and payload.test is not None:
+        # loaded and checked before the retraining, so bad points fail the job at once
+        test = ctx.test_points(tenant, payload.test, payload)
     phases = ["decomposition"] + ["correlation"] * (payload.correlation is not None)
     phases += ["mislabel"] * (mislabel is not None)
     bounds = {name: (i / len(phases), (i + 1) / len(phases)) for i, name in enumerate(phases)}
@@ -370,8 +435,7 @@ def _decomposition(ctx: Context, claim: Claim, progress: Progress) -> Outcome:
     result = decompose(
         responder, arguments, phase_progress(progress, *bounds["decomposition"])
     ).to_dict()
-    if payload.correlation is not None and payload.test is not None:
-        test = ctx.test_points(tenant, payload.test)
+    if payload.correlation is not None and test is not None:
         correlation = correlate(
             responder,
             test,

@@ -13,6 +13,7 @@ import uuid
 import redis
 
 from influence import SolverError
+from models.training import resolve_device
 from worker.handlers import Context, run_job
 from worker.queue import (
     Claim,
@@ -33,6 +34,10 @@ log = logging.getLogger("worker")
 # IndexError are what slips past such checks into torch, and are as deterministic.
 PERMANENT_ERRORS = (ValueError, KeyError, TypeError, IndexError, SolverError, JobTimeoutError)
 
+REDIS_BACKOFF_MIN = 1.0
+REDIS_BACKOFF_MAX = 30.0
+"""Wait after a Redis error in the claim loop: doubling from the first to the second."""
+
 
 def connect(settings: Settings) -> redis.Redis:
     """A Redis client for ``settings.redis_url`` (decoded strings, as the queue expects)."""
@@ -45,10 +50,17 @@ def connect(settings: Settings) -> redis.Redis:
 
 
 def _heartbeat(queue: JobQueue, claim: Claim, done: threading.Event, period: float) -> None:
+    """Every ``period`` s until ``done``: renew the claim's lease and mark the worker seen
+    (a busy worker stays in ``workers_alive``). A Redis error is logged and the next beat
+    tried as usual: the lease outlasts a few missed beats."""
     while not done.wait(period):
-        if not queue.heartbeat(claim):
-            log.warning("job %s: attempt %d lost its lease", claim.job_id, claim.attempt)
-            return
+        try:
+            if not queue.heartbeat(claim):
+                log.warning("job %s: attempt %d lost its lease", claim.job_id, claim.attempt)
+                return
+            queue.seen(claim.consumer)
+        except redis.RedisError as exc:
+            log.warning("job %s: heartbeat failed (%s); retrying", claim.job_id, exc)
 
 
 def _settle(queue: JobQueue, ctx: Context, claim: Claim) -> None:
@@ -92,14 +104,20 @@ def run_worker(
     stop: threading.Event | None = None,
     name: str | None = None,
 ) -> None:
-    """Serve jobs until ``stop`` is set. ``device`` defaults to ``settings.device``."""
+    """Serve jobs until ``stop`` is set. ``device`` defaults to ``settings.device``; it
+    is checked before anything is claimed (ValueError naming the problem, e.g. no CUDA).
+    Redis errors (unreachable, timeout, OOM, read-only replica…) are logged and retried
+    with a backoff doubling from 1 s to ``REDIS_BACKOFF_MAX`` s."""
+    device = device or settings.device
+    resolve_device(device, "device", ValueError)
     stop = stop or threading.Event()
     name = name or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
     client = connect(settings)
     queue = JobQueue(client, settings)
     registry = Registry(client, settings, ArtifactStore.for_settings(settings))
-    ctx = Context(queue, registry, settings, device or settings.device)
+    ctx = Context(queue, registry, settings, device)
     log.info("worker %s serving %s on %s", name, settings.key_prefix, ctx.device)
+    backoff = REDIS_BACKOFF_MIN
     while not stop.is_set():
         try:
             queue.seen(name)
@@ -107,7 +125,9 @@ def run_worker(
             if claim is not None:
                 log.info("job %s (%s) attempt %d", claim.job_id, claim.job.kind, claim.attempt)
                 _run_one(queue, ctx, claim)
-        except redis.ConnectionError as exc:
-            log.warning("Redis unreachable (%s); retrying in 1 s", exc)
-            stop.wait(1.0)
+            backoff = REDIS_BACKOFF_MIN
+        except redis.RedisError as exc:
+            log.warning("Redis error (%s: %s); retrying in %g s", type(exc).__name__, exc, backoff)
+            stop.wait(backoff)
+            backoff = min(2 * backoff, REDIS_BACKOFF_MAX)
     log.info("worker %s stopped", name)

@@ -152,8 +152,11 @@ class Claim:
 
 
 # Shared Lua prelude. KEYS layout of every script: 1 job hash, 2 stream, 3 job events,
-# 4 dead-letter list, 5 counters hash; ARGV[1] = now. Status changes go through
-# set_status so the per-status counters in KEYS[5] stay exact.
+# 4 dead-letter list, 5 counters hash, 6 the job's shards hash (index -> scores artifact,
+# only a sharded influence job has one); ARGV[1] = now. Status changes go through
+# set_status so the per-status counters in KEYS[5] stay exact; a finished job's shards
+# hash is deleted (nothing reads it once the job is finished: its result was assembled,
+# or it failed or was canceled, and SHARD_DONE writes only while the job runs).
 _PRELUDE = """
 local function set_status(new)
   local old = redis.call('HGET', KEYS[1], 'status')
@@ -162,6 +165,7 @@ local function set_status(new)
   redis.call('HSET', KEYS[1], 'status', new, 'updated', ARGV[1])
   if new == 'succeeded' or new == 'failed' or new == 'canceled' then
     redis.call('HSET', KEYS[1], 'finished', ARGV[1])
+    redis.call('DEL', KEYS[6])
     local ttl = tonumber(redis.call('HGET', KEYS[1], 'ttl') or '0')
     if ttl > 0 then
       redis.call('EXPIRE', KEYS[1], ttl)
@@ -191,12 +195,12 @@ local function dead_letter(job, err, attempts)
 end
 """.replace("EVENTS_MAXLEN", str(EVENTS_MAXLEN))
 
-# ARGV: now, fields JSON (flat object), job id; KEYS[6] (optional) = the tenant's job
+# ARGV: now, fields JSON (flat object), job id; KEYS[7] (optional) = the tenant's job
 # index (sorted set by creation time); internal shard jobs are not indexed.
 _SUBMIT = """
 local fields = cjson.decode(ARGV[2])
 for k, v in pairs(fields) do redis.call('HSET', KEYS[1], k, v) end
-if KEYS[6] then redis.call('ZADD', KEYS[6], ARGV[1], ARGV[3]) end
+if KEYS[7] then redis.call('ZADD', KEYS[7], ARGV[1], ARGV[3]) end
 set_status('queued')
 event()
 redis.call('XADD', KEYS[2], '*', 'job', ARGV[3])
@@ -250,7 +254,7 @@ redis.call('XCLAIM', KEYS[2], ARGV[3], ARGV[4], 0, ARGV[5], 'JUSTID')
 return 1
 """
 
-# ARGV: now, attempt, fraction, phase; KEYS[6] (optional) = parent job hash.
+# ARGV: now, attempt, fraction, phase; KEYS[7] (optional) = parent job hash.
 # 1 = recorded, -1 = stale attempt, -2 = canceled (job or parent).
 _PROGRESS = """
 if redis.call('HGET', KEYS[1], 'attempts') ~= ARGV[2]
@@ -258,9 +262,9 @@ if redis.call('HGET', KEYS[1], 'attempts') ~= ARGV[2]
   return -1
 end
 if redis.call('HGET', KEYS[1], 'cancel') == '1' then return -2 end
-if KEYS[6] then
-  local ps = redis.call('HGET', KEYS[6], 'status')
-  if ps ~= 'running' or redis.call('HGET', KEYS[6], 'cancel') == '1' then return -2 end
+if KEYS[7] then
+  local ps = redis.call('HGET', KEYS[7], 'status')
+  if ps ~= 'running' or redis.call('HGET', KEYS[7], 'cancel') == '1' then return -2 end
 end
 local p = math.max(tonumber(redis.call('HGET', KEYS[1], 'progress') or '0'), tonumber(ARGV[3]))
 redis.call('HSET', KEYS[1], 'progress', tostring(p), 'phase', ARGV[4], 'updated', ARGV[1])
@@ -324,18 +328,19 @@ end
 return st
 """
 
-# ARGV: now, attempt, shards total. Marks the current attempt's job as split into that
-# many score_shard jobs (fenced). 1 = recorded, 0 = stale.
+# ARGV: now, attempt, shards total, test targets JSON. Marks the current attempt's job as
+# split into that many score_shard jobs (fenced) and keeps the test targets its assembled
+# result will carry. 1 = recorded, 0 = stale.
 _MARK_SHARDED = """
 if redis.call('HGET', KEYS[1], 'attempts') ~= ARGV[2]
     or redis.call('HGET', KEYS[1], 'status') ~= 'running' then
   return 0
 end
-redis.call('HSET', KEYS[1], 'shards_total', ARGV[3])
+redis.call('HSET', KEYS[1], 'shards_total', ARGV[3], 'test_targets', ARGV[4])
 return 1
 """
 
-# Parent bookkeeping for sharded jobs; KEYS[6] = hash shard index -> scores artifact.
+# Parent bookkeeping for sharded jobs (KEYS[6]: its shards hash).
 # ARGV: now, shard index, artifact, base fraction, share of the shards.
 # Returns the number of finished shards (idempotent per index), or -1 when the parent no
 # longer runs (canceled, or already assembled).
@@ -401,7 +406,15 @@ class JobQueue:
 
     def _keys_for(self, job_id: str, *extra: str) -> list[str]:
         k = self.keys
-        return [k.job(job_id), k.stream, k.events(job_id), k.dead_letter, k.counters, *extra]
+        return [
+            k.job(job_id),
+            k.stream,
+            k.events(job_id),
+            k.dead_letter,
+            k.counters,
+            k.shards_done(job_id),
+            *extra,
+        ]
 
     def _run(self, name: str, job_id: str, args: list[Any], extra: tuple[str, ...] = ()) -> Any:
         return self._scripts[name](keys=self._keys_for(job_id, *extra), args=[time.time(), *args])
@@ -554,9 +567,17 @@ class JobQueue:
         return self.counts()[JobStatus.QUEUED.value]
 
     def workers_alive(self) -> list[str]:
-        """Names of workers seen within ``settings.worker_seen_seconds``."""
-        since = time.time() - self.settings.worker_seen_seconds
+        """Names of workers seen within ``settings.worker_seen_seconds`` (workers not seen
+        for longer are removed from the set)."""
+        since = self._prune_workers()
         return list(self.redis.zrangebyscore(self.keys.workers, since, "+inf"))
+
+    def _prune_workers(self) -> float:
+        """Drop workers not seen within ``worker_seen_seconds`` (stopped or dead ones, which
+        would otherwise stay in the set forever); returns the cut-off time."""
+        since = time.time() - self.settings.worker_seen_seconds
+        self.redis.zremrangebyscore(self.keys.workers, "-inf", f"({since!r}")
+        return since
 
     def incr_counter(self, name: str, amount: int = 1) -> None:
         """Bump a metrics counter (e.g. ``cache_hits``)."""
@@ -565,8 +586,10 @@ class JobQueue:
     # -- worker side -------------------------------------------------------------------
 
     def seen(self, worker: str) -> None:
-        """Record that ``worker`` is alive (``workers_alive``)."""
+        """Record that ``worker`` is alive (``workers_alive``); drops workers not seen
+        within ``worker_seen_seconds``."""
         self.redis.zadd(self.keys.workers, {worker: time.time()})
+        self._prune_workers()
 
     def claim(self, consumer: str, *, block_ms: int = 1000) -> Claim | None:
         """Take the next job: first one whose lease expired (XAUTOCLAIM, min-idle = lease),
@@ -705,11 +728,19 @@ class JobQueue:
         """Mark a job whose worker saw the cancel flag as ``canceled``."""
         self._finish(claim, "canceled")
 
-    def mark_sharded(self, claim: Claim, total: int) -> None:
+    def mark_sharded(self, claim: Claim, total: int, test_targets: list[Any]) -> None:
         """Record that the job is split into ``total`` score_shard jobs (before submitting
-        them, so a fast shard finds the total). Raises StaleAttemptError."""
-        if not self._run("mark_sharded", claim.job_id, [claim.attempt, total]):
+        them, so a fast shard finds the total), with the ``test_targets`` that the assembled
+        result carries (so assembling needs no test set). Raises StaleAttemptError."""
+        args = [claim.attempt, total, json.dumps(test_targets)]
+        if not self._run("mark_sharded", claim.job_id, args):
             raise StaleAttemptError(f"job {claim.job_id}: attempt {claim.attempt} is stale")
+
+    def shard_test_targets(self, parent: str) -> list[Any] | None:
+        """The test targets recorded by ``mark_sharded`` (None: not recorded, e.g. a job
+        handed over by an older worker)."""
+        raw = self.redis.hget(self.keys.job(parent), "test_targets")
+        return json.loads(raw) if raw else None
 
     def hand_over_to_shards(self, claim: Claim, report: dict[str, Any] | None) -> None:
         """End the parent's attempt: it stays ``running`` (phase "scoring shards") until its
@@ -727,7 +758,6 @@ class JobQueue:
                 "shard_done",
                 parent,
                 [index, artifact, base, share],
-                (self.keys.shards_done(parent),),
             )
         )
 
@@ -764,14 +794,22 @@ class JobQueue:
         ttl = self.settings.cache_ttl_seconds or None
         self.redis.set(self.keys.result_cache(tenant, cache_key), job_id, ex=ttl)
 
-    def cached_job(self, tenant: str, cache_key: str) -> JobRecord | None:
-        """The tenant's succeeded job for ``cache_key``, if any (no worker involved)."""
+    def cached_job(
+        self, tenant: str, cache_key: str, usable: Callable[[JobRecord], bool] | None = None
+    ) -> JobRecord | None:
+        """The tenant's succeeded job for ``cache_key``, if any (no worker involved) and
+        ``usable`` accepts it (e.g. its result files are still there); counts a cache hit
+        or miss."""
         job_id = self.redis.get(self.keys.result_cache(tenant, cache_key))
         if job_id is None:
             self.incr_counter("cache_misses")
             return None
         record = self.get(job_id, tenant)
-        if record is None or record.status != JobStatus.SUCCEEDED:
+        if (
+            record is None
+            or record.status != JobStatus.SUCCEEDED
+            or (usable is not None and not usable(record))
+        ):
             self.incr_counter("cache_misses")
             return None
         self.incr_counter("cache_hits")

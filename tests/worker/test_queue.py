@@ -216,6 +216,16 @@ def test_workers_alive(queue: JobQueue) -> None:
     assert queue.workers_alive() == ["w-1"]
 
 
+def test_stale_workers_are_pruned_from_the_set(queue: JobQueue) -> None:
+    old = time.time() - queue.settings.worker_seen_seconds - 5
+    queue.redis.zadd(queue.keys.workers, {"gone-1": old, "gone-2": old})
+    queue.seen("w-1")  # a live worker's beat prunes the stale ones
+    assert queue.redis.zrange(queue.keys.workers, 0, -1) == ["w-1"]
+    queue.redis.zadd(queue.keys.workers, {"gone-3": old})
+    assert queue.workers_alive() == ["w-1"]  # and so does reading liveness
+    assert queue.redis.zrange(queue.keys.workers, 0, -1) == ["w-1"]
+
+
 def test_finished_jobs_expire_after_the_result_ttl(client: redis.Redis, settings: Settings) -> None:
     queue = short_lease(client, settings, result_ttl_seconds=60)
     job = queue.submit(JobKind.SELF_INFLUENCE, PAYLOAD, tenant=TENANT)
@@ -238,7 +248,7 @@ def sharded_parent(queue: JobQueue, shards: int) -> tuple[str, list[str]]:
     """A parent job handed over to ``shards`` score_shard jobs (as the influence handler does)."""
     parent = queue.submit(JobKind.SELF_INFLUENCE, PAYLOAD, tenant=TENANT)
     claim = queue.claim("w", block_ms=50)
-    queue.mark_sharded(claim, shards)
+    queue.mark_sharded(claim, shards, [1, 2])
     shard_payload = {**PAYLOAD, "parent": parent, "start": 0, "stop": 1, "s_test": "ef" * 32}
     children = [
         queue.submit(
@@ -259,7 +269,9 @@ def test_shards_complete_the_parent_once(queue: JobQueue) -> None:
     assert queue.shard_done(parent, 1, "b" * 64, base=0.5, share=0.5) == 1  # a retried shard
     assert queue.shard_done(parent, 0, "a" * 64, base=0.5, share=0.5) == 2
     assert queue.shard_results(parent) == {0: "a" * 64, 1: "b" * 64}
+    assert queue.shard_test_targets(parent) == [1, 2]
     assert queue.complete_parent(parent, {"scores": "c" * 64})
+    assert not queue.redis.exists(queue.keys.shards_done(parent))  # no leftover hash
     assert not queue.complete_parent(parent, {"scores": "other"})
     record = queue.get(parent)
     assert record.status == JobStatus.SUCCEEDED and record.result == {"scores": "c" * 64}
@@ -275,6 +287,17 @@ def test_a_failed_shard_fails_its_parent(queue: JobQueue) -> None:
     record = queue.get(parent)
     assert record.status == JobStatus.FAILED and "bad rows" in record.error
     assert children[0] in record.error
+    assert not queue.redis.exists(queue.keys.shards_done(parent))
+
+
+def test_a_canceled_parents_shards_hash_is_deleted(queue: JobQueue) -> None:
+    parent, _ = sharded_parent(queue, 2)
+    assert queue.shard_done(parent, 0, "a" * 64, base=0.5, share=0.5) == 1
+    assert queue.redis.exists(queue.keys.shards_done(parent))
+    assert queue.cancel(parent, TENANT).status == JobStatus.CANCELED
+    assert not queue.redis.exists(queue.keys.shards_done(parent))
+    assert queue.shard_done(parent, 1, "b" * 64, base=0.5, share=0.5) == -1  # nothing recreated
+    assert not queue.redis.exists(queue.keys.shards_done(parent))
 
 
 def test_canceling_a_sharded_parent_stops_its_shards(queue: JobQueue) -> None:

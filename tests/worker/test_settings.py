@@ -26,6 +26,7 @@ def test_environment_names(monkeypatch: pytest.MonkeyPatch) -> None:
     [
         ({"INFLUENCE_API_KEYS": "no-tenant"}, "key:tenant"),
         ({"INFLUENCE_HEARTBEAT_SECONDS": "40"}, "heartbeat_seconds"),
+        ({"INFLUENCE_WORKER_SEEN_SECONDS": "4"}, "below worker_seen_seconds"),
         ({"INFLUENCE_MAX_ATTEMPTS": "0"}, "max_attempts"),
     ],
 )

@@ -1,0 +1,137 @@
+"""The worker loop (worker.main) on a real Redis with stub handlers: a busy worker stays
+alive and keeps its lease through Redis errors, the claim loop survives any Redis error,
+and a worker whose device is unusable claims nothing."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import redis
+
+from tests.worker.conftest import REPO, TENANT, finished, wait_for
+from worker.contract import JobKind, JobStatus
+from worker.handlers import Outcome
+from worker.main import run_worker
+from worker.queue import JobQueue
+from worker.settings import Settings
+
+PAYLOAD = {"model": "ab" * 32, "train": "cd" * 32}
+MISSING_GPU = "cuda:99"  # unusable here, with or without CUDA
+
+
+def slow_job(seconds: float):
+    """A stand-in for ``run_job`` that works ``seconds`` without reporting progress."""
+
+    def run(ctx, claim, progress) -> Outcome:
+        time.sleep(seconds)
+        return Outcome({"slept": seconds})
+
+    return run
+
+
+def test_a_busy_worker_stays_alive(
+    client: redis.Redis, settings: Settings, thread_worker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("worker.main.run_job", slow_job(2.5))
+    observer = JobQueue(client, settings.model_copy(update={"worker_seen_seconds": 1.0}))
+    job = observer.submit(JobKind.SELF_INFLUENCE, PAYLOAD, tenant=TENANT)
+    thread_worker("busy", worker_seen_seconds=1.0)  # heartbeat every 0.5 s
+    wait_for(observer, job, lambda r: r.status == JobStatus.RUNNING)
+    alive = []
+    while not observer.get(job).status.terminal:
+        alive.append(observer.workers_alive())
+        time.sleep(0.1)
+    assert len(alive) > 15 and all(names == ["busy"] for names in alive), alive
+    assert observer.get(job).status == JobStatus.SUCCEEDED
+
+
+def test_heartbeat_survives_a_redis_error(
+    queue: JobQueue, thread_worker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("worker.main.run_job", slow_job(3.0))
+    beat = JobQueue.heartbeat
+    calls = []
+
+    def flaky(self: JobQueue, claim) -> bool:
+        calls.append(time.time())
+        if len(calls) == 1:
+            raise redis.TimeoutError("Timeout reading from socket")
+        return beat(self, claim)
+
+    monkeypatch.setattr(JobQueue, "heartbeat", flaky)
+    job = queue.submit(JobKind.SELF_INFLUENCE, PAYLOAD, tenant=TENANT)
+    thread_worker("a")
+    wait_for(queue, job, lambda r: r.status == JobStatus.RUNNING)
+    time.sleep(queue.settings.lease_seconds + 0.6)  # past the lease of a silent worker
+    assert queue.claim("thief", block_ms=0) is None  # the lease was renewed all along
+    record = wait_for(queue, job, finished, timeout=15)
+    assert record.status == JobStatus.SUCCEEDED and record.attempts == 1
+    assert len(calls) >= 4
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        redis.ResponseError("READONLY You can't write against a read only replica."),
+        redis.TimeoutError("Timeout reading from socket"),
+    ],
+    ids=["readonly", "timeout"],
+)
+def test_claim_loop_survives_any_redis_error(
+    queue: JobQueue,
+    thread_worker,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    error: redis.RedisError,
+) -> None:
+    monkeypatch.setattr("worker.main.run_job", slow_job(0.0))
+    claim = JobQueue.claim
+    failures = [error]
+
+    def flaky(self: JobQueue, *args, **kwargs):
+        if failures:
+            raise failures.pop()
+        return claim(self, *args, **kwargs)
+
+    monkeypatch.setattr(JobQueue, "claim", flaky)
+    job = queue.submit(JobKind.SELF_INFLUENCE, PAYLOAD, tenant=TENANT)
+    with caplog.at_level("WARNING", logger="worker"):
+        thread_worker()
+        record = wait_for(queue, job, finished, timeout=15)
+    assert record.status == JobStatus.SUCCEEDED
+    assert type(error).__name__ in caplog.text and "retrying in 1 s" in caplog.text
+
+
+def test_worker_with_an_unusable_device_claims_nothing(queue: JobQueue, settings) -> None:
+    job = queue.submit(JobKind.SELF_INFLUENCE, PAYLOAD, tenant=TENANT)
+    stop = threading.Event()
+    timer = threading.Timer(3.0, stop.set)  # ends a worker that (wrongly) started serving
+    timer.start()
+    try:
+        with pytest.raises(ValueError, match=f"device '{MISSING_GPU}'"):
+            run_worker(settings, device=MISSING_GPU, stop=stop, name="gpu-less")
+    finally:
+        timer.cancel()
+    record = queue.get(job)
+    assert record.status == JobStatus.QUEUED and record.attempts == 0
+    assert queue.workers_alive() == []
+
+
+def test_worker_process_with_an_unusable_device_exits_with_the_reason(settings) -> None:
+    env = {
+        **os.environ,
+        "REDIS_URL": str(settings.redis_url),
+        "INFLUENCE_KEY_PREFIX": settings.key_prefix,
+        "INFLUENCE_DEVICE": MISSING_GPU,
+        "PYTHONPATH": str(REPO),
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "worker"], cwd=REPO, env=env, capture_output=True, timeout=60
+    )
+    assert done.returncode == 2
+    assert f"INFLUENCE_DEVICE '{MISSING_GPU}'" in done.stderr.decode()
