@@ -9,8 +9,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Literal
@@ -30,9 +32,14 @@ from app.schemas import (
     Ranking,
 )
 
-__all__ = ["ApiError", "InfluenceClient"]
+__all__ = ["ApiError", "InfluenceClient", "WaitTimeoutError"]
 
 TERMINAL = frozenset({"succeeded", "failed", "canceled"})
+STREAM_READ_TIMEOUT_S = 30.0
+"""Longest silence ``wait`` accepts on an event stream before it reconnects (the server
+sends a keep-alive every 10 s)."""
+DEADLINE_SLACK_S = 1.0
+"""``wait`` reconnects its stream when a read could end more than this past its deadline."""
 
 
 class ApiError(RuntimeError):
@@ -42,6 +49,18 @@ class ApiError(RuntimeError):
         super().__init__(f"HTTP {status}: {detail}")
         self.status = status
         self.detail = detail
+
+
+class WaitTimeoutError(TimeoutError):
+    """``InfluenceClient.wait`` ran out of its ``timeout`` before the job finished; the job
+    itself goes on (``last`` is its latest state seen, if any)."""
+
+    def __init__(self, job_id: str, timeout: float, last: JobView | None = None) -> None:
+        state = f" (last seen {last.status}, progress {last.progress:.2f})" if last else ""
+        super().__init__(f"job {job_id} did not finish within {timeout:g} s{state}")
+        self.job_id = job_id
+        self.timeout = timeout
+        self.last = last
 
 
 def _body(data: BaseModel | dict[str, Any] | None) -> dict[str, Any] | None:
@@ -242,17 +261,36 @@ class InfluenceClient:
         """Cancel a job (queued: at once; running: at its next progress report)."""
         return JobView.model_validate(self._request("DELETE", f"/jobs/{job_id}").json())
 
-    def events(self, job_id: str, *, timeout: float | None = None) -> Iterator[JobView]:
-        """The job's state after each progress event (SSE), ending with the finished job."""
+    def _stream(
+        self, job_id: str, *, read_timeout: float | None, last_event_id: str | None = None
+    ) -> Iterator[tuple[str | None, JobView | None]]:
+        """(event id, job view) for each SSE frame of the job, and (None, None) for every
+        other line (keep-alives, blank lines), so a caller can look at the clock; resumes
+        after ``last_event_id``."""
+        headers = {"Last-Event-ID": last_event_id} if last_event_id else None
+        timeout = httpx.Timeout(read_timeout, connect=10.0)
         with self.http.stream(
-            "GET", f"/jobs/{job_id}/events", timeout=httpx.Timeout(timeout, connect=10.0)
+            "GET", f"/jobs/{job_id}/events", headers=headers, timeout=timeout
         ) as response:
             if response.is_error:
                 response.read()
                 raise ApiError(response.status_code, response.text)
+            event_id: str | None = None
             for line in response.iter_lines():
-                if line.startswith("data: "):
-                    yield JobView.model_validate_json(line.removeprefix("data: "))
+                if line.startswith("id: "):
+                    event_id = line.removeprefix("id: ")
+                elif line.startswith("data: "):
+                    yield event_id, JobView.model_validate_json(line.removeprefix("data: "))
+                    continue
+                yield None, None
+
+    def events(self, job_id: str, *, timeout: float | None = None) -> Iterator[JobView]:
+        """The job's state after each progress event (SSE), ending with the finished job.
+        ``timeout`` bounds each read (the server sends a keep-alive every 10 s), not the
+        whole stream: use :meth:`wait` for an overall limit."""
+        for _, view in self._stream(job_id, read_timeout=timeout):
+            if view is not None:
+                yield view
 
     def wait(
         self,
@@ -261,17 +299,61 @@ class InfluenceClient:
         timeout: float | None = None,
         progress: Callable[[JobView], None] | None = None,
     ) -> JobView:
-        """Follow the job's events until it is finished; returns the final state. A
-        dropped stream is resumed (the job's state lives in Redis, not in the stream)."""
+        """Follow the job's events until it is finished; returns the final state.
+
+        ``timeout`` is an overall deadline in seconds for the whole wait, reconnections
+        included (None: wait as long as it takes). When it passes before the job
+        finishes, :class:`WaitTimeoutError` (a ``TimeoutError``) naming the job and the
+        timeout is raised; the job itself keeps running (cancel it with :meth:`cancel`).
+        A dropped stream is resumed after the last event seen (the job's state lives in
+        Redis, not in the stream); no read waits more than about a second
+        (``DEADLINE_SLACK_S``) past the deadline."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        last: JobView | None = None
+        last_event_id: str | None = None
+
+        def left() -> float | None:
+            """Seconds to the deadline (None: no deadline); raises once it has passed."""
+            if deadline is None:
+                return None
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise WaitTimeoutError(job_id, timeout or 0.0, last)
+            return remaining
+
         while True:
+            remaining = left()
+            read = (
+                STREAM_READ_TIMEOUT_S
+                if remaining is None
+                else min(remaining, STREAM_READ_TIMEOUT_S)
+            )
+            frames = self._stream(job_id, read_timeout=read, last_event_id=last_event_id)
             try:
-                for view in self.events(job_id, timeout=timeout):
-                    if progress is not None:
-                        progress(view)
-                    if view.status in TERMINAL:
-                        return view
+                with contextlib.closing(frames):
+                    for event_id, view in frames:
+                        last_event_id = event_id or last_event_id
+                        if view is not None:
+                            last = view
+                            if progress is not None:
+                                progress(view)
+                            if view.status in TERMINAL:
+                                return view
+                        remaining = left()
+                        if remaining is not None and remaining < read - DEADLINE_SLACK_S:
+                            break  # reconnect with a read timeout that ends by the deadline
             except httpx.TransportError:
                 pass
-            view = self.job(job_id)
-            if view.status in TERMINAL:
-                return view
+            remaining = left()
+            try:
+                response = self._request(
+                    "GET",
+                    f"/jobs/{job_id}",
+                    timeout=self.http.timeout if remaining is None else remaining,
+                )
+            except httpx.TimeoutException:
+                left()  # past the deadline: WaitTimeoutError
+                raise
+            last = JobView.model_validate(response.json())
+            if last.status in TERMINAL:
+                return last

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import Depends, Header, HTTPException, Request
+from fastapi import Depends, Header, Request
 
 from app.auth import Principal
 from app.services import Services
 
-__all__ = ["Caller", "Svc", "dataset_record"]
+__all__ = ["Caller", "Svc", "dataset_record", "model_record"]
 
 
 async def get_services(request: Request) -> Services:
@@ -40,16 +40,10 @@ Caller = Annotated[Principal, Depends(_caller)]
 
 
 def model_record(services: Services, tenant: str, model_id: str) -> dict[str, Any]:
-    """The tenant's registry record of a model, or 404."""
-    record = services.registry.get_model(tenant, model_id)
-    if record is None:
-        raise HTTPException(404, f"model {model_id} not found")
-    return record
+    """The tenant's registry record of a model, or 404 (``Services.owned_model``)."""
+    return services.owned_model(tenant, model_id)
 
 
 def dataset_record(services: Services, tenant: str, dataset_id: str) -> dict[str, Any]:
-    """The tenant's registry record of a dataset, or 404."""
-    record = services.registry.get_dataset(tenant, dataset_id)
-    if record is None:
-        raise HTTPException(404, f"dataset {dataset_id} not found")
-    return record
+    """The tenant's registry record of a dataset, or 404 (``Services.owned_dataset``)."""
+    return services.owned_dataset(tenant, dataset_id)

@@ -19,6 +19,7 @@ from influence.decomposition import DecompositionArguments
 from influence.experiments.config import CorrelationArguments, MislabelArguments, build_dataclass
 from influence.response import ResponseArguments
 from worker.contract import (
+    MAX_SEED,
     SCORE_MEANING,
     DecompositionPayload,
     InfluencePayload,
@@ -65,7 +66,6 @@ DECOMPOSITION_RETRAININGS = 4
 """Retrainings per removed set of a checkpoint's decomposition: warm, proximal, PBRF and
 linearized PBRF (no cold start without a recorded run)."""
 
-Finite = Annotated[float, Field(allow_inf_nan=False)]
 Damping = Annotated[
     float, Field(gt=0, le=1e6, description="λ of the damped curvature G + λI (must be > 0)")
 ]
@@ -84,19 +84,25 @@ class SolverRequest(SolverSpec):
         return self
 
 
-class InlineTest(BaseModel):
+class _Body(BaseModel):
+    """A request body: unknown fields are refused, and so are non-finite numbers (JSON's
+    1e400, NaN, Infinity), like the queue contract's payloads."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+class InlineTest(_Body):
     """Test points sent in the request: one row per point, flattened in C order."""
 
-    model_config = ConfigDict(extra="forbid")
     __test__ = False  # not a pytest class
 
-    inputs: list[list[Finite]] = Field(
+    inputs: list[list[float]] = Field(
         min_length=1,
         max_length=MAX_TEST_POINTS,
         description="one row per point: real values, or integer token ids for a language "
         "model (each in [0, vocab_size))",
     )
-    targets: list[Finite | list[Finite]] = Field(
+    targets: list[float | list[float]] = Field(
         min_length=1,
         max_length=MAX_TEST_POINTS,
         description="per point: a class index (classification), a value (single-output "
@@ -113,10 +119,9 @@ class InlineTest(BaseModel):
         return self
 
 
-class DatasetTest(BaseModel):
+class DatasetTest(_Body):
     """Test points taken from a stored dataset by row index."""
 
-    model_config = ConfigDict(extra="forbid")
     __test__ = False
 
     dataset: str = Field(pattern=r"^[0-9a-f]{8,64}$", description="dataset id")
@@ -142,10 +147,9 @@ class SelfInfluenceRequest(SelfInfluencePayload):
     solver: SolverRequest = SolverRequest()
 
 
-class VerifyRequest(BaseModel):
-    """``POST /influence/{job}/verify``: the query job comes from the path."""
-
-    model_config = ConfigDict(extra="forbid")
+class VerifyRequest(_Body):
+    """``POST /influence/{job}/verify``: the query job comes from the path; ``test`` must
+    be a row of that job's test points (checked against the job, 422 naming ``test``)."""
 
     top: int = Field(10, ge=1, le=50, description="top-k helpful and top-k harmful points")
     method: Literal["pbrf", "warm", "linearized"] = "pbrf"
@@ -171,6 +175,13 @@ def _at_most(value: int | None, bound: int, name: str) -> None:
         raise ValueError(f"{name} = {value} exceeds {bound}")
 
 
+def _seed(value: int, name: str) -> None:
+    """ValueError naming ``name`` unless ``value`` is a seed torch takes: in [0, 2⁶³ − 1]
+    (a larger one would fail the job late, when the worker seeds its generator)."""
+    if not 0 <= value <= MAX_SEED:
+        raise ValueError(f"{name} = {value} must be in [0, {MAX_SEED}]")
+
+
 class DecompositionRequest(DecompositionPayload):
     """``POST /decompositions``: the paper's gap decomposition on a stored checkpoint. The
     nested settings are checked here with the library's own argument classes, and the
@@ -184,6 +195,7 @@ class DecompositionRequest(DecompositionPayload):
     def _recipe(cls, value: dict[str, Any]) -> dict[str, Any]:
         recipe = _validated(models.Recipe.from_dict, value, "training recipe")
         _at_most(recipe.epochs, MAX_RETRAIN_EPOCHS, "recipe.epochs")
+        _seed(recipe.seed, "recipe.seed")
         return value
 
     @field_validator("response")
@@ -205,6 +217,7 @@ class DecompositionRequest(DecompositionPayload):
             lambda v: DecompositionArguments(**v), value, "decomposition arguments"
         )
         _at_most(arguments.num_points, MAX_REMOVED_SETS, "arguments.num_points")
+        _seed(arguments.seed, "arguments.seed")
         return value
 
     @field_validator("correlation")
@@ -217,6 +230,7 @@ class DecompositionRequest(DecompositionPayload):
         )
         _at_most(correlation.num_points, MAX_REMOVED_SETS, "correlation.num_points")
         _at_most(correlation.num_test, MAX_TEST_POINTS, "correlation.num_test")
+        _seed(correlation.seed, "correlation.seed")
         return value
 
     @field_validator("mislabel")
@@ -228,6 +242,7 @@ class DecompositionRequest(DecompositionPayload):
             lambda v: build_dataclass(MislabelArguments, v, "mislabel"), value, "mislabel"
         )
         _at_most(mislabel.pbrf_points, MAX_REMOVED_SETS, "mislabel.pbrf_points")
+        _seed(mislabel.seed, "mislabel.seed")
         return value
 
     @model_validator(mode="after")
@@ -280,10 +295,8 @@ class DecompositionRequest(DecompositionPayload):
         return self
 
 
-class BuiltinDatasetRequest(BaseModel):
+class BuiltinDatasetRequest(_Body):
     """``POST /datasets`` as JSON: one of the built-in scikit-learn datasets."""
-
-    model_config = ConfigDict(extra="forbid")
 
     builtin: Literal["breast_cancer", "digits", "diabetes"]
     split: Literal["train", "test"] = "train"

@@ -12,19 +12,22 @@ loss ``q`` when training point ``i`` is removed; positive = helpful, negative = 
 from __future__ import annotations
 
 import dataclasses
+import math
+from collections.abc import Mapping
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from influence import CG, Exact, LiSSA, NystromArguments
 
 __all__ = [
     "ENGINE_VERSION",
     "GROUP",
+    "MAX_LISSA_SCALE",
+    "MAX_SEED",
     "SCORE_MEANING",
     "DecompositionPayload",
-    "Event",
     "InfluencePayload",
     "InfluenceResult",
     "JobKind",
@@ -36,6 +39,7 @@ __all__ = [
     "SolverSpec",
     "TestSpec",
     "VerifyPayload",
+    "check_mislabel_training_set",
     "payload_model",
 ]
 
@@ -128,6 +132,13 @@ class Keys:
         """String → id of the tenant's succeeded job that answered this query."""
         return f"{self.prefix}tenant:{tenant}:cache:{key}"
 
+    def in_flight(self, tenant: str, key: str) -> str:
+        """String → id of the tenant's job submitted for this query (result-cache key)
+        while it may still be queued or running; set with NX and a TTL at submit, so an
+        identical query sent meanwhile joins that job. Readers check the job's status: a
+        link to a failed, canceled or expired job is replaced by the next submit."""
+        return f"{self.prefix}tenant:{tenant}:inflight:{key}"
+
     def s_test_cache(self, key: str) -> str:
         """String → artifact id of an s_test matrix (shared by tenants: content-addressed)."""
         return f"{self.prefix}stest:{key}"
@@ -141,10 +152,23 @@ class Keys:
 _ID = Annotated[str, Field(pattern=r"^[0-9a-f]{8,64}$", description="content id (hex)")]
 
 
-class _Schema(BaseModel):
-    """Strict, immutable JSON schema (unknown fields are refused)."""
+MAX_SEED = 2**63 - 1
+"""Largest seed a job accepts (torch seeds are 64-bit integers)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]
+
+
+class _Schema(BaseModel):
+    """Strict, immutable JSON schema (unknown fields are refused; floats must be finite:
+    JSON's 1e400, NaN and Infinity are refused, so every payload has canonical JSON)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+
+MAX_LISSA_SCALE = 1e12
+"""Upper bound on LiSSA's σ: a sanity cap far above the curvature of any model this
+service trains (the recursion needs σ ≥ λ_max(G) + λ, and its depth grows with σ / λ_min,
+so a σ near this cap would already need ~10⁹ steps to converge)."""
 
 
 def _default(solver: type, name: str) -> Any:
@@ -176,9 +200,11 @@ class SolverSpec(_Schema):
     scale: float | None = Field(
         _default(LiSSA, "scale"),
         gt=0,
-        description="LiSSA σ; None: estimated by a short Lanczos run",
+        le=MAX_LISSA_SCALE,
+        description="LiSSA σ (above the largest eigenvalue of G + λI); None: estimated by a "
+        "short Lanczos run",
     )
-    seed: int = Field(_default(LiSSA, "seed"), ge=0, description="LiSSA minibatch seed")
+    seed: Seed = Field(_default(LiSSA, "seed"), description="LiSSA minibatch seed")
     preconditioner: Literal["none", "nystrom"] = Field(
         "none",
         description="CG only: 'nystrom' fits a randomized Nyström preconditioner of G "
@@ -253,6 +279,15 @@ class _EngineSpec(_Schema):
     weight_decay: float = Field(0.0, ge=0, description="wd of the training cost")
     solver: SolverSpec = SolverSpec()
 
+    @model_validator(mode="after")
+    def _nystrom_needs_gnh(self) -> _EngineSpec:
+        if self.solver.preconditioner == "nystrom" and self.hessian != "gnh":
+            raise ValueError(
+                "solver.preconditioner='nystrom' needs hessian='gnh' (it sketches a positive "
+                "semi-definite curvature); with hessian='full' use preconditioner='none'"
+            )
+        return self
+
 
 class InfluencePayload(_EngineSpec):
     """Scores of every training point for each test point (one job for all of them)."""
@@ -307,6 +342,16 @@ class DecompositionPayload(_Schema):
         "(classification training sets only)",
     )
 
+    @field_validator("recipe", "response", "arguments", "correlation", "mislabel")
+    @classmethod
+    def _finite_numbers(cls, value: dict | None, info: Any) -> dict | None:
+        """Free-form settings are validated by the library later; non-finite numbers (which
+        JSON cannot carry back out) are refused here, naming the entry."""
+        bad = _non_finite(value, info.field_name)
+        if bad is not None:
+            raise ValueError(f"{bad} must be a finite number")
+        return value
+
     @model_validator(mode="after")
     def _correlation_needs_test(self) -> DecompositionPayload:
         if self.correlation is not None and self.test is None:
@@ -322,6 +367,32 @@ class ScoreShardPayload(_EngineSpec):
     start: int = Field(ge=0)
     stop: int = Field(gt=0)
     s_test: _ID = Field(description="artifact id of {s_test: [k, d]}")
+
+
+def _non_finite(value: Any, path: str) -> str | None:
+    """Path of the first non-finite float in a JSON value (None: all finite)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return path
+    if isinstance(value, Mapping):
+        items = ((f"{path}.{k}", v) for k, v in value.items())
+    elif isinstance(value, list | tuple):
+        items = ((f"{path}[{i}]", v) for i, v in enumerate(value))
+    else:
+        return None
+    return next((bad for p, v in items if (bad := _non_finite(v, p)) is not None), None)
+
+
+def check_mislabel_training_set(metadata: Mapping[str, Any], dataset_id: str) -> None:
+    """ValueError unless a training set can run mislabel detection (Figure 6), which
+    corrupts class labels: its ``task`` must be ``classification`` with ``num_classes``.
+    ``metadata`` is a dataset's metadata or its registry record (same keys). The API
+    checks this at submit (422 naming ``mislabel``), the worker again before training."""
+    if metadata.get("task") != "classification" or not metadata.get("num_classes"):
+        kind = metadata.get("task") or "not a classification set"
+        raise ValueError(
+            "mislabel detection corrupts class labels and needs a classification training "
+            f"set with num_classes; dataset {dataset_id} is {kind}"
+        )
 
 
 _PAYLOADS: dict[JobKind, type[_Schema]] = {
@@ -364,13 +435,3 @@ class SelfInfluenceResult(_Schema):
         "self-influence (1/N) grad L_i^T (G + damping I)^-1 grad L_i; large = unusual or "
         "mislabelled training point."
     )
-
-
-class Event(_Schema):
-    """One entry of a job's event stream (JSON in field ``data``)."""
-
-    status: JobStatus
-    progress: float
-    phase: str
-    attempt: int
-    time: float

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from fastapi import APIRouter, HTTPException, Path, Request, Response
+from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
@@ -49,7 +50,11 @@ async def _register(services: Svc, tenant: str, request: Request) -> dict[str, A
         try:
             spec = BuiltinDatasetRequest.model_validate_json(await request.body())
         except ValidationError as exc:
-            raise HTTPException(422, exc.errors(include_url=False, include_context=False)) from None
+            # answered by the app's one handler: loc/msg/type, never the (raw bytes) input
+            errors = exc.errors(include_url=False, include_context=False, include_input=False)
+            raise RequestValidationError(
+                [{**error, "loc": ("body", *error["loc"])} for error in errors]
+            ) from None
         return await run_in_threadpool(
             services.registry.put_builtin_dataset, tenant, spec.builtin, spec.split
         )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import math
 
 import pydantic
 import pytest
@@ -10,7 +11,17 @@ import pytest
 from influence import CG, LiSSA, NystromArguments
 from models.checkpoints import canonical_json
 from worker.cache import _digest, query_content_id, result_key, s_test_key
-from worker.contract import ENGINE_VERSION, JobKind, SolverSpec, TestSpec
+from worker.contract import (
+    ENGINE_VERSION,
+    MAX_SEED,
+    DecompositionPayload,
+    JobKind,
+    Keys,
+    SelfInfluencePayload,
+    SolverSpec,
+    TestSpec,
+    check_mislabel_training_set,
+)
 
 QUERY = {
     "model": "ab" * 32,
@@ -71,3 +82,54 @@ def test_keys_hash_the_canonical_json_and_solver_defaults_are_the_engines() -> N
     assert (spec.rank, spec.examples) == (NystromArguments().rank, NystromArguments().examples)
     with pytest.raises(pydantic.ValidationError, match="preconditioner"):
         SolverSpec(name="lissa", preconditioner="nystrom")
+    with pytest.raises(pydantic.ValidationError, match="hessian='gnh'"):
+        SelfInfluencePayload(model="ab" * 32, train="cd" * 32, hessian="full", solver=nystrom)
+
+
+@pytest.mark.parametrize("value", [math.inf, -math.inf, math.nan])
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda v: {"damping": v},
+        lambda v: {"weight_decay": v},
+        lambda v: {"solver": {"name": "lissa", "scale": v}},
+        lambda v: {"solver": {"name": "cg", "tol": v}},
+    ],
+    ids=["damping", "weight_decay", "scale", "tol"],
+)
+def test_non_finite_numbers_are_refused_before_any_key_is_hashed(change, value: float) -> None:
+    """canonical_json refuses NaN and ±inf (allow_nan=False): the contract refuses them
+    first, as a validation error naming the field, so no key computation can crash."""
+    with pytest.raises(pydantic.ValidationError, match="finite number"):
+        result_key(JobKind.INFLUENCE, {**QUERY, **change(value)})
+
+
+def test_solver_seed_and_scale_are_bounded() -> None:
+    assert SolverSpec(name="lissa", seed=MAX_SEED).seed == 2**63 - 1
+    for bad in ({"seed": MAX_SEED + 1}, {"seed": -1}, {"scale": 1e13}, {"scale": 0.0}):
+        with pytest.raises(pydantic.ValidationError, match=next(iter(bad))):
+            SolverSpec(name="lissa", **bad)
+
+
+def test_free_form_decomposition_settings_must_be_finite() -> None:
+    base = {"model": "ab" * 32, "train": "cd" * 32, "recipe": {"lr": 0.1}}
+    DecompositionPayload(**base)
+    nested = {**base, "correlation": {"methods": ["warm"], "extra": [1.0, {"x": math.nan}]}}
+    with pytest.raises(pydantic.ValidationError, match=r"correlation\.extra\[1\]\.x must be"):
+        DecompositionPayload(**nested, test={"dataset": "ef" * 32, "indices": [0]})
+    with pytest.raises(pydantic.ValidationError, match=r"recipe\.lr must be a finite"):
+        DecompositionPayload(**{**base, "recipe": {"lr": math.inf}})
+
+
+def test_mislabel_detection_needs_a_classification_set() -> None:
+    check_mislabel_training_set({"task": "classification", "num_classes": 10}, "d1")
+    for metadata in ({"task": "regression"}, {"task": "classification"}, {}):
+        with pytest.raises(ValueError, match=r"mislabel detection .* dataset d2 is"):
+            check_mislabel_training_set(metadata, "d2")
+
+
+def test_in_flight_links_are_per_tenant_and_query() -> None:
+    keys = Keys("p:")
+    assert keys.in_flight("alice", "k1") == "p:tenant:alice:inflight:k1"
+    assert len({keys.in_flight(t, k) for t in ("a", "b") for k in ("k1", "k2")}) == 4
+    assert keys.in_flight("alice", "k1") != keys.result_cache("alice", "k1")

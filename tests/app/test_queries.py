@@ -1,0 +1,283 @@
+"""Submitting queries over real HTTP: the submit-time compatibility check of model,
+dataset and loss, de-duplication of identical queries in flight, verify's test row,
+score matrices served from the artifact file, and a result whose artifact went missing.
+
+Jobs are finished by hand through the queue (no worker), so each test is quick."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import redis
+import safetensors.torch
+import torch
+
+import models
+from app.services import Services
+from tests.app.conftest import LiveServer, dataset_bytes
+from worker.queue import JobQueue
+from worker.settings import Settings
+from worker.store import ArtifactStore
+
+ALICE = {"Authorization": "Bearer key-alice"}
+
+
+@pytest.fixture
+def queue(settings: Settings) -> Iterator[JobQueue]:
+    client = redis.Redis.from_url(str(settings.redis_url), decode_responses=True)
+    yield JobQueue(client, settings)
+    client.close()
+
+
+def _query(uploaded: dict[str, str], **changes: Any) -> dict[str, Any]:
+    return {
+        "model": uploaded["model"],
+        "train": uploaded["train"],
+        "test": {"dataset": uploaded["test"], "indices": [0, 1]},
+        **changes,
+    }
+
+
+def _post(live: LiveServer, path: str, body: dict[str, Any]) -> httpx.Response:
+    return httpx.post(live.url + path, headers=ALICE, json=body, timeout=30)
+
+
+def _finish(queue: JobQueue, settings: Settings, job: str, num_train: int) -> str:
+    """Complete queued influence job ``job`` by hand with a stored [2, N] score matrix (as
+    a worker would); returns the scores artifact id."""
+    claim = None
+    for _ in range(10):  # canceled jobs ahead of it in the stream are skipped one per claim
+        claim = queue.claim("test-finisher", block_ms=0)
+        if claim is not None:
+            break
+    assert claim is not None and claim.job_id == job
+    store = ArtifactStore.for_settings(settings)
+    scores = store.put_tensors({"scores": torch.randn(2, num_train)})
+    result = {
+        "scores": scores,
+        "s_test": scores,
+        "num_test": 2,
+        "num_train": num_train,
+        "test_targets": [0, 1],
+    }
+    queue.complete(claim, result)
+    return scores
+
+
+# -- compatibility of model, dataset and loss ---------------------------------------------
+
+
+@pytest.fixture
+def narrow_model(live: LiveServer, tmp_path: Path) -> str:
+    """An MLP that takes 30 features (the digits rows have 64)."""
+    config = {"architecture": "mlp", "in_features": 30, "out_features": 10}
+    path = tmp_path / "narrow.safetensors"
+    models.save_checkpoint(path, models.build(config), config)
+    with live.client() as client:
+        return client.upload_model(path).id
+
+
+@pytest.mark.parametrize(
+    ("path", "changes", "loc", "fragment"),
+    [
+        ("/influence", {"loss": "mse"}, ["body", "loss"], "gives 10 value(s) per example"),
+        ("/influence", {"loss": "bce"}, ["body", "loss"], "class labels: use cross_entropy"),
+        ("/self-influence", {"loss": "mse"}, ["body", "loss"], "mse compares outputs"),
+        (
+            "/decompositions",
+            {"recipe": {"optimizer": "adam", "lr": 0.01, "loss": "bce"}},
+            ["body", "recipe"],
+            "bce compares outputs",
+        ),
+    ],
+)
+def test_a_loss_that_cannot_pair_outputs_with_targets_is_422(
+    live: LiveServer,
+    uploaded: dict[str, str],
+    path: str,
+    changes: dict[str, Any],
+    loc: list[str],
+    fragment: str,
+) -> None:
+    body = _query(uploaded, **changes)
+    if path != "/influence":
+        del body["test"]
+    if path == "/decompositions":
+        body.setdefault("recipe", {"optimizer": "adam", "lr": 0.01})
+    response = _post(live, path, body)
+    assert response.status_code == 422, response.text
+    (error,) = response.json()["detail"]
+    assert error["loc"] == loc and fragment in error["msg"], error
+    assert httpx.get(live.url + "/jobs", headers=ALICE).json()["items"] == []
+
+
+def test_a_model_that_cannot_take_the_training_inputs_is_422(
+    live: LiveServer, uploaded: dict[str, str], narrow_model: str
+) -> None:
+    response = _post(live, "/influence", _query(uploaded, model=narrow_model))
+    assert response.status_code == 422, response.text
+    (error,) = response.json()["detail"]
+    assert error["loc"] == ["body", "train"], error
+    assert "per-example shape [64]" in error["msg"] and "built for [30]" in error["msg"]
+
+
+def test_test_rows_unlike_the_training_set_are_422(
+    live: LiveServer, uploaded: dict[str, str], tmp_path: Path
+) -> None:
+    wide = models.Dataset(torch.randn(4, 30), torch.tensor([0, 1, 0, 1]), {"task": "regression"})
+    with live.client() as client:
+        other = client.upload_dataset(dataset_bytes(wide, tmp_path), name="wide").id
+    body = _query(uploaded, test={"dataset": other, "indices": [0]})
+    response = _post(live, "/influence", body)
+    assert response.status_code == 422, response.text
+    (error,) = response.json()["detail"]
+    assert error["loc"] == ["body", "test", "dataset"] and "[30]" in error["msg"], error
+
+
+def test_compatible_losses_are_accepted(live: LiveServer, tmp_path: Path) -> None:
+    """A binary logistic regression (one logit) takes bce on 0/1 labels but not
+    cross_entropy; a regression MLP takes mse."""
+    with live.client() as client:
+        cancer = client.builtin_dataset("breast_cancer").id
+        diabetes = client.builtin_dataset("diabetes").id
+        ids = {}
+        for name, config in {
+            "logistic": {"architecture": "logistic_regression", "in_features": 30},
+            "regressor": {"architecture": "mlp", "in_features": 10, "out_features": 1},
+        }.items():
+            path = tmp_path / f"{name}.safetensors"
+            models.save_checkpoint(path, models.build(config), config)
+            ids[name] = client.upload_model(path).id
+    bce = {"model": ids["logistic"], "train": cancer, "loss": "bce"}
+    assert _post(live, "/self-influence", bce).status_code == 202
+    ce = _post(live, "/self-influence", {**bce, "loss": "cross_entropy"})
+    assert ce.status_code == 422 and "2 classes but" in ce.json()["detail"][0]["msg"]
+    mse = {"model": ids["regressor"], "train": diabetes, "loss": "mse"}
+    assert _post(live, "/self-influence", mse).status_code == 202
+    ce = _post(live, "/self-influence", {**mse, "loss": "cross_entropy"})
+    assert ce.status_code == 422 and "regression" in ce.json()["detail"][0]["msg"]
+
+
+# -- de-duplication of identical queries in flight -------------------------------------------
+
+
+def test_identical_queries_in_flight_share_one_job(
+    live: LiveServer, uploaded: dict[str, str], queue: JobQueue, settings: Settings, demo
+) -> None:
+    body = _query(uploaded)
+    first = _post(live, "/influence", body)
+    assert first.status_code == 202
+    job = first.json()["job"]
+    again = _post(live, "/influence", body)
+    assert again.status_code == 202 and again.json() == first.json()
+    # still the same job while it runs
+    claim = queue.claim("test-worker", block_ms=0)
+    assert claim is not None and claim.job_id == job
+    running = _post(live, "/influence", body)
+    assert running.status_code == 202
+    assert running.json()["job"] == job and running.json()["status"] == "running"
+    # a failed job is not joined: the query is submitted afresh
+    queue.fail(claim, "boom", retry=False)
+    retried = _post(live, "/influence", body)
+    assert retried.status_code == 202 and retried.json()["job"] != job
+    # ... and so is a canceled one
+    httpx.delete(f"{live.url}/jobs/{retried.json()['job']}", headers=ALICE)
+    fresh = _post(live, "/influence", body)
+    assert fresh.status_code == 202
+    assert fresh.json()["job"] not in (job, retried.json()["job"])
+    # a different query is a different job
+    other = _post(live, "/influence", _query(uploaded, damping=0.5))
+    assert other.json()["job"] != fresh.json()["job"]
+    listed = httpx.get(live.url + "/jobs", headers=ALICE).json()["items"]
+    assert len(listed) == 4
+    # once the job succeeded, the same query is answered from the result cache
+    _, train, _ = demo
+    _finish(queue, settings, fresh.json()["job"], len(train))
+    cached = _post(live, "/influence", body)
+    assert cached.status_code == 200 and cached.json()["id"] == fresh.json()["job"]
+
+
+def test_concurrent_identical_queries_start_one_job(
+    live: LiveServer, uploaded: dict[str, str]
+) -> None:
+    body = _query(uploaded, damping=0.25)
+    answers: list[httpx.Response] = []
+    start = threading.Barrier(6)
+
+    def post() -> None:
+        start.wait()
+        answers.append(_post(live, "/influence", body))
+
+    threads = [threading.Thread(target=post) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert [r.status_code for r in answers] == [202] * 6
+    assert len({r.json()["job"] for r in answers}) == 1
+    assert len(httpx.get(live.url + "/jobs", headers=ALICE).json()["items"]) == 1
+
+
+# -- verify's test row, score files, missing artifacts ---------------------------------------
+
+
+def test_verify_test_row_must_be_one_of_the_jobs(
+    live: LiveServer, uploaded: dict[str, str], queue: JobQueue, settings: Settings, demo
+) -> None:
+    job = _post(live, "/influence", _query(uploaded)).json()["job"]
+    _finish(queue, settings, job, len(demo[1]))
+    url = f"{live.url}/influence/{job}/verify"
+    response = httpx.post(url, headers=ALICE, json={"test": 2})
+    assert response.status_code == 422, response.text
+    (error,) = response.json()["detail"]
+    assert error["loc"] == ["body", "test"] and "2 test point(s)" in error["msg"], error
+    assert httpx.post(url, headers=ALICE, json={"test": 1}).status_code == 202
+
+
+def test_scores_are_served_from_the_artifact_file(
+    live: LiveServer,
+    uploaded: dict[str, str],
+    queue: JobQueue,
+    settings: Settings,
+    demo,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    job = _post(live, "/influence", _query(uploaded)).json()["job"]
+    artifact = _finish(queue, settings, job, len(demo[1]))
+    services: Services = live.server.config.app.state.services  # type: ignore[union-attr]
+
+    def refuse(_: str) -> bytes:
+        raise AssertionError("the score matrix was read into memory")
+
+    monkeypatch.setattr(services.store, "get_bytes", refuse)
+    response = httpx.get(f"{live.url}/influence/{job}/scores", headers=ALICE)
+    assert response.status_code == 200, response.text
+    assert response.content == ArtifactStore.for_settings(settings).path(artifact).read_bytes()
+    assert f'filename="{job}-scores.safetensors"' in response.headers["content-disposition"]
+    assert safetensors.torch.load(response.content)["scores"].shape == (2, len(demo[1]))
+
+
+def test_a_result_whose_artifact_is_missing_is_410_and_recomputed(
+    live: LiveServer, uploaded: dict[str, str], queue: JobQueue, settings: Settings, demo
+) -> None:
+    body = _query(uploaded)
+    job = _post(live, "/influence", body).json()["job"]
+    artifact = _finish(queue, settings, job, len(demo[1]))
+    ArtifactStore.for_settings(settings).delete(artifact)
+    for path in (f"/influence/{job}/scores", f"/influence/{job}/ranking?test=1"):
+        response = httpx.get(live.url + path, headers=ALICE)
+        assert response.status_code == 410, (path, response.text)
+        assert "missing from the artifact store" in response.json()["detail"]
+    # the query is not answered from the cache with the lost result: it runs again,
+    # and the metrics count a miss, not a hit
+    counters = queue.counts()
+    again = _post(live, "/influence", body)
+    assert again.status_code == 202 and again.json()["job"] != job
+    after = queue.counts()
+    assert after.get("cache_hits", 0) == counters.get("cache_hits", 0)
+    assert after["cache_misses"] == counters.get("cache_misses", 0) + 1
