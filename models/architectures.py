@@ -29,6 +29,8 @@ from models.errors import ConfigError
 __all__ = ["ARCHITECTURES", "Architecture", "build", "example_input", "register"]
 
 InputKind = Literal["flat", "image", "tokens"]
+MAX_SIZE = 2**31 - 1  # largest integer argument (and scaled channel count) accepted
+MAX_LAYERS = 1000  # most layers (n_layers, or items of a list such as mlp's hidden) accepted
 Activation = Literal["relu", "tanh", "sigmoid", "gelu"]
 
 _ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
@@ -126,6 +128,11 @@ def _resolve(config: Mapping[str, Any]) -> tuple[Architecture, dict[str, Any]]:
     if "architecture" not in config:
         raise ConfigError(f"config has no 'architecture' key; valid architectures: {valid}")
     name = config["architecture"]
+    if not isinstance(name, str):
+        raise ConfigError(
+            f"config 'architecture' must be a string, got {type(name).__name__}; "
+            f"valid architectures: {valid}"
+        )
     if name not in ARCHITECTURES:
         raise ConfigError(f"unknown architecture {name!r}; valid architectures: {valid}")
     arch = ARCHITECTURES[name]
@@ -140,6 +147,17 @@ def _resolve(config: Mapping[str, Any]) -> tuple[Architecture, dict[str, Any]]:
         if not _matches(value, arch.hints[key]):
             raise ConfigError(
                 f"argument {key!r} of {name} must be {_type_name(arch.hints[key])}, got {value!r}"
+            )
+        items = value if isinstance(value, list | tuple) else [value]
+        if any(isinstance(v, int) and abs(v) > MAX_SIZE for v in items):
+            raise ConfigError(f"argument {key!r} of {name} is over the limit of {MAX_SIZE}")
+        layers = len(items) if isinstance(value, list | tuple) else 0
+        if key == "n_layers":
+            layers = value
+        if layers > MAX_LAYERS:
+            raise ConfigError(
+                f"argument {key!r} of {name} asks for {layers} layers, over the limit of "
+                f"{MAX_LAYERS}"
             )
     return arch, kwargs
 
@@ -178,8 +196,16 @@ def _positive(name: str, **values: int) -> None:
             raise ConfigError(f"argument {key!r} of {name} must be >= 1, got {value}")
 
 
+def _check_width(name: str, width: float) -> None:
+    if not width > 0:
+        raise ConfigError(f"argument 'width' of {name} must be > 0, got {width!r}")
+
+
 def _scaled(channels: int, width: float) -> int:
-    return max(1, round(channels * width))
+    scaled = max(1, round(channels * width))
+    if scaled > MAX_SIZE:
+        raise ConfigError(f"argument 'width' ({width!r}) scales {channels} to over {MAX_SIZE}")
+    return scaled
 
 
 def _group_norm(channels: int) -> nn.GroupNorm:
@@ -237,8 +263,11 @@ def autoencoder(
     return _dense_stack(widths, activation)
 
 
-def _check_image(name: str, in_channels: int, image_size: int, num_classes: int) -> None:
+def _check_image(
+    name: str, in_channels: int, image_size: int, num_classes: int, width: float
+) -> None:
     _positive(name, in_channels=in_channels, image_size=image_size, num_classes=num_classes)
+    _check_width(name, width)
 
 
 @register("lenet", "image")
@@ -248,7 +277,7 @@ def lenet(
     """LeNet-5: 5×5 conv (padding 2) and 5×5 conv (no padding), each with ReLU and 2×2
     max-pool, then dense 120-84-classes; channel/unit counts are multiplied by ``width``
     (61,706 parameters on 28×28 MNIST at ``width=1``)."""
-    _check_image("lenet", in_channels, image_size, num_classes)
+    _check_image("lenet", in_channels, image_size, num_classes, width)
     if image_size < 12:
         raise ConfigError(f"argument 'image_size' of lenet must be >= 12, got {image_size}")
     c1, c2 = _scaled(6, width), _scaled(16, width)
@@ -275,7 +304,7 @@ def alexnet(
 ) -> nn.Module:
     """CIFAR-sized AlexNet: five 3×3 conv layers (64-192-384-256-256 channels × ``width``)
     with ReLU and three 2×2 max-pools, then dense 1024-1024-classes (× ``width``)."""
-    _check_image("alexnet", in_channels, image_size, num_classes)
+    _check_image("alexnet", in_channels, image_size, num_classes, width)
     if image_size < 8:
         raise ConfigError(f"argument 'image_size' of alexnet must be >= 8, got {image_size}")
     c = [_scaled(k, width) for k in (64, 192, 384, 256, 256)]
@@ -311,7 +340,7 @@ def vgg13(
     ``width``, no bias), each followed by GroupNorm (not BatchNorm: deterministic in θ) and ReLU,
     a 2×2 max-pool after every pair while the feature map is ≥ 2 pixels, then one linear
     classifier."""
-    _check_image("vgg13", in_channels, image_size, num_classes)
+    _check_image("vgg13", in_channels, image_size, num_classes, width)
     layers: list[nn.Module] = []
     channels, size = in_channels, image_size
     for stage in (64, 128, 256, 512, 512):
@@ -357,7 +386,7 @@ def resnet20(
     16, 32, 64 channels (× ``width``; stride 2 entering stages 2 and 3), global average
     pool, linear classifier. GroupNorm replaces BatchNorm so the network is a
     deterministic function of θ; projection shortcuts are 1×1 conv + GroupNorm."""
-    _check_image("resnet20", in_channels, image_size, num_classes)
+    _check_image("resnet20", in_channels, image_size, num_classes, width)
     c = [_scaled(k, width) for k in (16, 32, 64)]
     blocks: list[nn.Module] = []
     channels = c[0]

@@ -122,6 +122,11 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, config: Mapping[s
     write_file(path, dict(state), metadata)
 
 
+def _json_type(value: Any) -> str:
+    names = {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null"}
+    return names.get(type(value), "number")
+
+
 def _from_tensors(
     tensors: dict[str, Tensor],
     metadata: dict[str, str],
@@ -134,6 +139,10 @@ def _from_tensors(
             embedded = json.loads(metadata["config"])
         except json.JSONDecodeError as exc:
             raise CheckpointError(f"{what}: metadata 'config' is not valid JSON ({exc})") from None
+        if not isinstance(embedded, dict):
+            raise CheckpointError(
+                f"{what}: metadata 'config' must be a JSON object, got {_json_type(embedded)}"
+            )
     if config is None and embedded is None:
         raise CheckpointError(f"{what}: no config given and none in the file's metadata")
     if config is not None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -139,6 +140,7 @@ def _validate_metadata(ds: Dataset, what: str) -> None:
     task = meta.get("task")
     if task is not None and task not in TASKS:
         raise DatasetError(f"{what}: metadata task {task!r} is not one of {list(TASKS)}")
+    _check_metadata_types(meta, what)
     num_classes = meta.get("num_classes")
     if task == "classification" and num_classes is not None:
         if ds.targets.dtype != torch.int64:
@@ -152,10 +154,40 @@ def _validate_metadata(ds: Dataset, what: str) -> None:
         if names is not None and len(names) != num_classes:
             raise DatasetError(f"{what}: {len(names)} class_names for num_classes={num_classes}")
     shape = meta.get("input_shape")
-    if shape is not None and int(np.prod(shape)) != ds.inputs[0].numel():
+    if shape is not None and math.prod(shape) != ds.inputs[0].numel():
         raise DatasetError(
             f"{what}: input_shape {shape} does not hold the {ds.inputs[0].numel()} values "
             "of one example"
+        )
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_metadata_types(meta: dict[str, Any], what: str) -> None:
+    """The keys the service reads must have their documented JSON types when present."""
+    name = meta.get("name")
+    if name is not None and not isinstance(name, str):
+        raise DatasetError(f"{what}: metadata 'name' must be a string, got {name!r:.60}")
+    num_classes = meta.get("num_classes")
+    if num_classes is not None and not (_is_int(num_classes) and num_classes >= 1):
+        raise DatasetError(
+            f"{what}: metadata 'num_classes' must be a positive integer, got {num_classes!r:.60}"
+        )
+    names = meta.get("class_names")
+    if names is not None and not (
+        isinstance(names, list) and all(isinstance(n, str) for n in names)
+    ):
+        raise DatasetError(
+            f"{what}: metadata 'class_names' must be a list of strings, got {names!r:.60}"
+        )
+    shape = meta.get("input_shape")
+    if shape is not None and not (
+        isinstance(shape, list) and all(_is_int(d) and d >= 1 for d in shape)
+    ):
+        raise DatasetError(
+            f"{what}: metadata 'input_shape' must be a list of positive integers, got {shape!r:.60}"
         )
 
 

@@ -5,12 +5,14 @@ The objective minimised is DESIGN.md's cost with optional per-example weights,
 mean divides by the batch size, not by Σ w_i, so ``w_z = 0`` removes z while keeping the
 ``1/N`` scale: full-batch, that is ``Q(θ) = J(θ) − ε L_z`` with ``ε = 1/N`` (appendix B).
 
-Determinism (CPU, same thread count): weights are initialised by ``torch.manual_seed(seed)``
-then ``build(config)`` (the global RNG state is restored afterwards), and each epoch's
-batch order is one ``torch.randperm`` drawn from a ``torch.Generator`` seeded with
-``seed``. A :class:`TrainRun` records θ⁰, θˢ and every epoch's order, so replaying it
-reproduces θˢ bit for bit. Both are drawn on the CPU whatever ``train``'s ``device``, so
-θ⁰ and the orders are the same on every device (θˢ then differs by rounding only).
+Determinism (CPU, same thread count): weights are initialised by seeding the CPU generator
+(``torch.default_generator.manual_seed(seed)``, what ``torch.manual_seed`` does on the CPU)
+then ``build(config)``; the CPU RNG state is restored afterwards and no other device's RNG
+(CUDA, MPS, ...) is seeded or touched. Each epoch's batch order is one ``torch.randperm``
+drawn from a ``torch.Generator`` seeded with ``seed``. A :class:`TrainRun` records θ⁰, θˢ
+and every epoch's order, so replaying it reproduces θˢ bit for bit. Both are drawn on the
+CPU whatever ``train``'s ``device``, so θ⁰ and the orders are the same on every device (θˢ
+then differs by rounding only).
 """
 
 from __future__ import annotations
@@ -387,7 +389,9 @@ def train(
     target = resolve_device(device)
 
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(recipe.seed)
+        # Not torch.manual_seed: that also (re)seeds every CUDA/MPS/XPU generator, which
+        # fork_rng(devices=[]) does not restore. Same CPU stream, so θ⁰ is unchanged.
+        torch.default_generator.manual_seed(recipe.seed)
         model = build(config)
     if dtype is not None:
         if not dtype.is_floating_point:

@@ -23,10 +23,11 @@ export function setApiKey(key) {
 }
 
 export class ApiError extends Error {
-  constructor(status, message) {
+  constructor(status, message, retryAfter = null) {
     super(message);
     this.name = "ApiError";
     this.status = status;
+    this.retryAfter = retryAfter; // the Retry-After header, if the server sent one
   }
 }
 
@@ -72,7 +73,7 @@ async function send(path, init) {
     }
     const retry = response.headers.get("Retry-After");
     const suffix = response.status === 429 && retry ? ` (retry after ${retry} s)` : "";
-    throw new ApiError(response.status, describeError(response.status, body) + suffix);
+    throw new ApiError(response.status, describeError(response.status, body) + suffix, retry);
   }
   return response;
 }
@@ -112,10 +113,12 @@ const imageCache = new Map();
 /** An object URL for an image the API serves (fetched with the key, cached per page). */
 export function imageUrl(path) {
   if (!imageCache.has(path)) {
-    imageCache.set(
-      path,
-      apiBlob(path).then((blob) => URL.createObjectURL(blob)),
-    );
+    const url = apiBlob(path).then((blob) => URL.createObjectURL(blob));
+    imageCache.set(path, url);
+    // a failed fetch is not kept: the next thumbnail of this item tries again
+    url.catch(() => {
+      if (imageCache.get(path) === url) imageCache.delete(path);
+    });
   }
   return imageCache.get(path);
 }
@@ -163,20 +166,55 @@ async function streamJob(id, onUpdate) {
 
 const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
 
+/** Whether waiting can go on after `error`: a 429, a 5xx or a network failure (not a 401,
+ * 403, 404 or 410: no key, not this key's job, no such job, its result is gone). */
+function transient(error) {
+  if (!(error instanceof ApiError)) return true; // fetch's network errors, a dropped body
+  return error.status === 429 || error.status >= 500;
+}
+
+/** Milliseconds to wait after the `failures`-th transient error in a row. */
+function retryDelay(error, failures) {
+  const header = error instanceof ApiError ? error.retryAfter : null;
+  if (header) {
+    const seconds = /^\d+$/.test(header.trim()) ? Number(header) : (Date.parse(header) - Date.now()) / 1000;
+    if (Number.isFinite(seconds)) return Math.min(Math.max(seconds, 0.5), 300) * 1000;
+  }
+  return Math.min(500 * 2 ** Math.max(0, failures - 1), 30_000);
+}
+
 /**
  * Follow a job until it ends: progress from its Server-Sent Events stream (read with fetch so
  * the API key can travel in a header), then the final record from GET /jobs/{id}. If the
- * stream is unavailable the job is polled instead. Resolves with the final job record.
+ * stream is unavailable the job is polled instead. A 429, 5xx or network error waits
+ * (Retry-After, else a growing back-off) and polls again; only 401, 403, 404 and 410 (and
+ * other 4xx answers, which a retry cannot change) end the wait with an error. Resolves with
+ * the final job record.
  */
 export async function followJob(id, onUpdate) {
+  let failures = 0;
   try {
     await streamJob(id, onUpdate);
   } catch (error) {
-    // A refused stream (bad key, unknown job) is final; a dropped one falls back to polling.
-    if (error instanceof ApiError && error.status < 500) throw error;
+    // A refused stream (bad key, unknown job) is final; a dropped or throttled one falls
+    // back to polling (after the Retry-After wait of a 429).
+    if (!transient(error)) throw error;
+    if (error instanceof ApiError && error.status === 429) {
+      failures += 1;
+      await sleep(retryDelay(error, failures));
+    }
   }
   for (;;) {
-    const job = await api(`/jobs/${encodeURIComponent(id)}`);
+    let job;
+    try {
+      job = await api(`/jobs/${encodeURIComponent(id)}`);
+    } catch (error) {
+      if (!transient(error)) throw error;
+      failures += 1;
+      await sleep(retryDelay(error, failures));
+      continue;
+    }
+    failures = 0;
     onUpdate(job);
     if (TERMINAL.has(job.status)) return job;
     await sleep(700);

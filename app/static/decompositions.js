@@ -216,7 +216,12 @@ async function submit(event) {
     const { id } = await runJob("/decompositions", requestBody(), progressBox, "Decomposition job progress");
     showMessage(message, `Decomposition ${shortId(id)} finished.`, "ok");
     await listRuns();
-    location.hash = `#decompositions/${encodeURIComponent(id)}`;
+    // Open it only if the user is still on this view with no other run open: a long job
+    // must not pull them back from wherever they went meanwhile (Runs lists it).
+    const [view, open] = location.hash.replace(/^#/, "").split("/");
+    if (view === "decompositions" && (!open || decodeURIComponent(open) === id)) {
+      location.hash = `#decompositions/${encodeURIComponent(id)}`;
+    }
   });
 }
 

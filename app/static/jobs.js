@@ -1,8 +1,8 @@
 // Jobs: every job of this key with status, live progress, attempts and errors; queued and
 // running jobs can be canceled (DELETE /jobs/{id}). Rows are updated in place every 2 s so
-// keyboard focus stays where it is.
+// keyboard focus stays where it is; a 401/403 stops the timer (Refresh starts it again).
 
-import { TERMINAL, api, items } from "./api.js";
+import { ApiError, TERMINAL, api, items } from "./api.js";
 import { errorText, guarded, h, progressBar, shortId, showMessage } from "./ui.js";
 
 const REFRESH_MS = 2000;
@@ -10,7 +10,14 @@ let table;
 let body;
 let message;
 let timer = null;
+let visible = false;
+let keyRefused = false; // the message shown is the one about the refused key
 const rows = new Map();
+
+function stopTimer() {
+  clearInterval(timer);
+  timer = null;
+}
 
 function when(value) {
   if (!value) return "–";
@@ -89,10 +96,19 @@ async function refresh() {
     }
     table.hidden = jobs.length === 0;
     if (!jobs.length) showMessage(message, "No jobs yet.", "info");
-    else if (message.querySelector(".info")) showMessage(message, "");
+    else if (message.querySelector(".info") || keyRefused) showMessage(message, "");
+    keyRefused = false;
   } catch (error) {
+    if (error instanceof ApiError && (error.status === 401 || error.status === 403)) {
+      // No valid key: stop refreshing, or every tick would reopen the key dialog.
+      stopTimer();
+      keyRefused = true;
+      showMessage(message, `${errorText(error)} — automatic refresh stopped; press Refresh once a key is set.`);
+      return;
+    }
     showMessage(message, errorText(error));
   }
+  if (visible && timer === null) timer = setInterval(refresh, REFRESH_MS);
 }
 
 export const jobsView = {
@@ -111,12 +127,12 @@ export const jobsView = {
     root.querySelector("#jobs-refresh").addEventListener("click", refresh);
   },
   async show() {
-    await refresh();
-    clearInterval(timer);
-    timer = setInterval(refresh, REFRESH_MS);
+    visible = true;
+    stopTimer();
+    await refresh(); // starts the 2 s timer unless the key was refused
   },
   hide() {
-    clearInterval(timer);
-    timer = null;
+    visible = false;
+    stopTimer();
   },
 };

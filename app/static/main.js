@@ -42,6 +42,7 @@ function askForKey() {
       },
       { once: true },
     );
+    dialog.returnValue = ""; // Escape closes without a button: not the previous "save"
     dialog.showModal();
   });
   return pendingKey;

@@ -2,7 +2,7 @@
 // training points side by side (GET /influence/{job}/ranking), paging, export, and the
 // per-query ground-truth check POST /influence/{job}/verify.
 
-import { api, apiBlob, apiKey } from "./api.js";
+import { api, apiBlob } from "./api.js";
 import { scatterChart } from "./charts.js";
 import { rankingColumn } from "./ranking.js";
 import {
@@ -132,20 +132,21 @@ async function testCard(body, t) {
   return card;
 }
 
-function exportLink(id) {
+function exportLink(id, message) {
   const href = `/influence/${encodeURIComponent(id)}/scores`;
   const link = h("a", { href, download: `scores-${shortId(id)}.safetensors`, class: "button secondary" }, "Export scores (safetensors)");
   link.addEventListener("click", async (event) => {
-    // With an API key the plain link cannot authenticate: fetch it and save the blob instead.
-    if (!apiKey()) return;
+    // Always fetched here, never left to the browser: a plain link cannot send the API key,
+    // and a refused export (409 not ready, 410 gone) would only show as a failed download.
     event.preventDefault();
+    showMessage(message, "");
     try {
       const url = URL.createObjectURL(await apiBlob(href));
       const save = h("a", { href: url, download: link.getAttribute("download") });
       save.click();
       setTimeout(() => URL.revokeObjectURL(url), 10_000);
     } catch (error) {
-      showMessage(document.getElementById("global-message"), errorText(error));
+      showMessage(message, `Export failed: ${errorText(error)}`);
     }
   });
   return link;
@@ -183,7 +184,8 @@ function verifyPanel(id, getTest) {
       const body = { top: numberField(verifyForm, "top"), method: method.value, test: getTest() };
       const path = `/influence/${encodeURIComponent(id)}/verify`;
       const { job } = await runJob(path, body, progressBox, "Verification job progress");
-      box.replaceChildren(verifyChart(job.result, method.selectedOptions[0].textContent));
+      const report = job.report ?? job.result?.solver_report;
+      box.replaceChildren(verifyChart(job.result, method.selectedOptions[0].textContent, report));
     });
   });
   return h(
@@ -202,8 +204,9 @@ function verifyPanel(id, getTest) {
   );
 }
 
-/** Predicted vs actual test-loss change ([P, 1] for the shown test point) as a scatter. */
-function verifyChart(result, methodName) {
+/** Predicted vs actual test-loss change ([P, 1] for the shown test point) as a scatter,
+ * with the values and the solver report of the influence side. */
+function verifyChart(result, methodName, report) {
   const predicted = (result.predicted ?? []).flat();
   const actual = (result.actual ?? []).flat();
   const indices = result.train_indices ?? predicted.map((_, i) => i);
@@ -226,6 +229,7 @@ function verifyChart(result, methodName) {
         h("tbody", {}, rows),
       ),
     ),
+    h("div", { class: "verify-report" }, h("h4", {}, "Solver report"), reportList(report)),
   );
 }
 
@@ -265,14 +269,16 @@ async function renderResult(box, id, body, job) {
     t = Number(picker.value);
     draw();
   });
+  const exportMessage = h("div", { class: "form-message export-message" });
   box.replaceChildren(
     h(
       "div",
       { class: "toolbar" },
       count > 1 ? h("label", {}, "Showing ", picker) : null,
-      exportLink(id),
+      exportLink(id, exportMessage),
       h("span", { class: "muted" }, `job ${shortId(id)}`),
     ),
+    exportMessage,
     board,
     verifyPanel(id, () => t),
   );

@@ -27,14 +27,24 @@ export function rankingColumn({ id, test = 0, direction, title, note, trainId, t
   );
   let offset = 0;
   let total = 0;
+  let latest = 0; // number of the newest request: older answers arriving late are dropped
 
   async function load() {
+    const request = (latest += 1);
+    const shown = offset;
     await guarded(message, null, async () => {
-      const query = new URLSearchParams({ test, direction, limit: PAGE, offset });
-      const page = await api(`/influence/${encodeURIComponent(id)}/ranking?${query}`);
+      const query = new URLSearchParams({ test, direction, limit: PAGE, offset: shown });
+      let page;
+      try {
+        page = await api(`/influence/${encodeURIComponent(id)}/ranking?${query}`);
+      } catch (error) {
+        if (request === latest) throw error;
+        return;
+      }
+      if (request !== latest) return;
       total = Number(page.total ?? 0);
       onReport?.(page.report);
-      list.start = offset + 1;
+      list.start = shown + 1;
       list.replaceChildren(
         ...(page.items ?? []).map((item) =>
           h(
@@ -51,9 +61,9 @@ export function rankingColumn({ id, test = 0, direction, title, note, trainId, t
           ),
         ),
       );
-      const last = Math.min(offset + PAGE, total);
-      status.textContent = total ? `${offset + 1}–${last} of ${total}` : "no points";
-      prev.disabled = offset === 0;
+      const last = Math.min(shown + PAGE, total);
+      status.textContent = total ? `${shown + 1}–${last} of ${total}` : "no points";
+      prev.disabled = shown === 0;
       next.disabled = last >= total;
     });
   }
@@ -62,6 +72,7 @@ export function rankingColumn({ id, test = 0, direction, title, note, trainId, t
     load();
   });
   next.addEventListener("click", () => {
+    if (total && offset + PAGE >= total) return; // clicked again before the button updated
     offset += PAGE;
     load();
   });

@@ -163,9 +163,21 @@ def test_influence_query_shows_helpful_and_harmful_points(session: Session) -> N
     )
     report = page.inner_text(".report-card")
     assert "iterations" in report and "relative residual" in report and "converged" in report
-    href = page.get_by_role("link", name="Export scores (safetensors)").get_attribute("href")
-    assert re.fullmatch(r"/influence/[0-9a-f-]+/scores", href)
+    export = page.get_by_role("link", name="Export scores (safetensors)")
+    assert re.fullmatch(r"/influence/[0-9a-f-]+/scores", export.get_attribute("href"))
     session.shot("02-query-result")
+    # without a key too, the export is fetched by the page: a refusal shows as a message
+    gone = {"detail": "the scores artifact is gone; run the query again"}
+    page.route(re.compile(r".*/scores$"), lambda route: route.fulfill(status=410, json=gone))
+    export.click()
+    refused = page.locator(".export-message .message.error")
+    refused.wait_for()
+    assert "410" in refused.inner_text() and "gone" in refused.inner_text()
+    page.unroute(re.compile(r".*/scores$"))
+    with page.expect_download() as download:
+        export.click()
+    assert download.value.suggested_filename.startswith("scores-")
+    assert page.locator(".export-message .message").count() == 0
 
     first = page.locator(".ranking[data-direction=helpful] li").first.inner_text()
     page.get_by_role("button", name="Top helpful: next page").click()
@@ -181,7 +193,7 @@ def test_influence_query_shows_helpful_and_harmful_points(session: Session) -> N
     message.wait_for()
     assert "422" in message.inner_text() and "damping" in message.inner_text()
     session.shot("03-validation-error")
-    session.assert_clean(expected_statuses=(422,))
+    session.assert_clean(expected_statuses=(410, 422))
 
 
 def test_a_test_example_can_be_entered_by_value(session: Session) -> None:
@@ -200,6 +212,35 @@ def test_a_test_example_can_be_entered_by_value(session: Session) -> None:
     session.assert_clean()
 
 
+def test_a_job_is_followed_through_throttling_and_errors(session: Session) -> None:
+    page = session.page
+    throttled = {"status": 429, "headers": {"Retry-After": "1"}, "json": {"detail": "slow down"}}
+    page.route(re.compile(r".*/jobs/[^/?]+/events$"), lambda route: route.fulfill(**throttled))
+    polls: list[str] = []
+
+    def poll(route: object) -> None:
+        polls.append(route.request.url)
+        if len(polls) == 1:
+            route.fulfill(**throttled)
+        elif len(polls) == 2:
+            route.abort("failed")  # a network error
+        elif len(polls) == 3:
+            route.fulfill(status=503, json={"detail": "Redis is unavailable"})
+        else:
+            route.continue_()
+
+    page.route(re.compile(r".*/jobs/[^/?]+$"), poll)
+    page.goto(f"{session.base}/")
+    page.wait_for_selector("#query-form select[name=model] option", state="attached")
+    page.fill("#query-form input[name=damping]", "0.00123")  # a new query: not a cached answer
+    page.get_by_role("button", name="Find influential training points").click()
+    wait_for_job(page, "#query-progress", "#query-form")
+    assert len(ranked_points(page, "helpful")) >= 5
+    assert len(polls) >= 4
+    failed = re.compile(r"Failed to load resource: (net::ERR_FAILED|.* status of (429|503) )")
+    assert [e for e in session.console_errors if not failed.match(e)] == []
+
+
 def test_verify_with_pbrf_plots_predicted_against_actual(session: Session) -> None:
     page = session.page
     page.goto(f"{session.base}/")
@@ -211,6 +252,8 @@ def test_verify_with_pbrf_plots_predicted_against_actual(session: Session) -> No
     chart = page.locator(".verify svg.chart")
     assert "Pearson" in chart.get_attribute("aria-label")
     assert chart.locator("circle.dot").count() >= 3
+    report = page.inner_text(".verify .verify-report")
+    assert "Solver report" in report and "method" in report and "No solver report" not in report
     session.shot("04-verify")
     session.assert_clean()
 
@@ -237,6 +280,13 @@ def test_decomposition_result_opens_with_its_charts(session: Session) -> None:
     page.fill("#decomp-form input[name=epochs]", "4")  # cheap retraining: K/2 = 2 epochs
     page.check("#decomp-form input[name=mislabel]")  # + one 4-epoch run on corrupted labels
     page.get_by_role("button", name="Run decomposition").click()
+    page.get_by_role("link", name="Jobs").click()  # move on while it runs
+    page.wait_for_selector("#decomp-form .message.ok", state="attached", timeout=JOB_TIMEOUT_MS)
+    page.wait_for_selector("#decomp-list a", state="attached")  # its run list is refreshed
+    page.wait_for_timeout(300)
+    assert page.evaluate("() => location.hash") == "#jobs"  # not pulled back to the result
+    assert page.locator("#view-jobs").is_visible()
+    page.get_by_role("link", name="Decompositions").click()
     wait_for_job(page, "#decomp-progress", "#decomp-form")
     page.get_by_role("link", name=re.compile(r"^Open ")).first.click()
     result = page.locator(".decomposition")
@@ -344,10 +394,31 @@ def test_api_key_is_asked_for_after_a_401_and_kept_for_the_session(
         dialog.get_by_role("button", name="Save").click()
         page.get_by_text("No models yet.").wait_for()
         assert page.evaluate("() => Object.values(sessionStorage)") == ["key-carol"]
+        page.get_by_role("button", name="API key (set; change or forget it)").click()
+        dialog.wait_for()
+        dialog.get_by_label("Key").fill("key-typed-then-dismissed")
+        # closed without a button (close() keeps returnValue, as Escape does in some
+        # browsers): the last dialog's "save" must not count, nothing is saved
+        page.evaluate("() => document.getElementById('key-dialog').close()")
+        dialog.wait_for(state="hidden")
+        page.wait_for_timeout(300)  # the "close" event is dispatched in a later task
+        assert page.evaluate("() => Object.values(sessionStorage)") == ["key-carol"]
         page.reload()
         page.get_by_text("No models yet.").wait_for()
         assert not page.get_by_role("dialog").is_visible()
         state.shot("11-api-key")
+
+        # no key on the Jobs page: one prompt, Cancel, and the 2 s refresh stops asking
+        page.evaluate("() => sessionStorage.clear()")
+        page.goto("about:blank")
+        state.requests.clear()
+        page.goto(f"{live.url}/#jobs")
+        dialog.wait_for()
+        dialog.get_by_role("button", name="Cancel").click()
+        page.get_by_text("automatic refresh stopped").wait_for()
+        page.wait_for_timeout(4500)  # two refresh periods
+        assert not dialog.is_visible()
+        assert len([u for u in state.requests if u.endswith("/jobs")]) == 1
         state.assert_clean(expected_statuses=(401,))
     finally:
         context.close()

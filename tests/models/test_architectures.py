@@ -197,6 +197,31 @@ def test_binary_logistic_regression_has_one_logit() -> None:
         ),
         ({"architecture": "lenet", "image_size": 8}, ["'image_size' of lenet must be >= 12"]),
         ({"architecture": "vgg13", "width": float("nan")}, ["'width' of vgg13 must be float"]),
+        *(
+            ({"architecture": arch, "width": width}, [f"'width' of {arch} must be > 0"])
+            for arch in ("lenet", "alexnet", "vgg13", "resnet20")
+            for width in (0, 0.0, -1.0)
+        ),
+        ({"architecture": "lenet", "width": 1e30}, ["'width' (1e+30) scales 6 to over"]),
+        ({"architecture": ["mlp"]}, ["'architecture' must be a string, got list"]),
+        ({"architecture": {"mlp": 1}}, ["'architecture' must be a string, got dict"]),
+        (
+            {"architecture": "mlp", "in_features": 3, "out_features": 10**30},
+            ["argument 'out_features' of mlp is over the limit of 2147483647"],
+        ),
+        (
+            {"architecture": "mlp", "in_features": 3, "out_features": 2, "hidden": [2**31]},
+            ["argument 'hidden' of mlp is over the limit"],
+        ),
+        (
+            {"architecture": "mlp", "in_features": 3, "out_features": 2, "hidden": [1] * 1001},
+            ["argument 'hidden' of mlp asks for 1001 layers, over the limit of 1000"],
+        ),
+        (
+            {"architecture": "transformer_lm", "vocab_size": 5, "context_length": 4,
+             "n_layers": 10**6},
+            ["argument 'n_layers' of transformer_lm asks for 1000000 layers"],
+        ),
     ],
 )  # fmt: skip
 def test_bad_configs_name_the_problem(config, fragments) -> None:

@@ -160,6 +160,27 @@ CORPUS: dict[str, tuple[Callable[[], bytes], list[str]]] = {
         ["metadata 'config' is not valid JSON"],
     ),
     "no_config": (lambda: _safetensors(_state(), None), ["no config given and none in"]),
+    # a config that is valid JSON but not an object, or not a string architecture
+    "config_number": (
+        lambda: safetensors.torch.save(_state(), metadata={"config": "5"}),
+        ["metadata 'config' must be a JSON object, got number"],
+    ),
+    "config_array": (
+        lambda: safetensors.torch.save(_state(), metadata={"config": "[1]"}),
+        ["metadata 'config' must be a JSON object, got array"],
+    ),
+    "config_string": (
+        lambda: safetensors.torch.save(_state(), metadata={"config": '"abc"'}),
+        ["metadata 'config' must be a JSON object, got string"],
+    ),
+    "architecture_not_string": (
+        lambda: _safetensors(_state(), {**CONFIG, "architecture": ["mlp"]}),
+        ["invalid config", "config 'architecture' must be a string, got list"],
+    ),
+    "argument_too_large": (
+        lambda: _safetensors(_state(), {**CONFIG, "in_features": 10**30}),
+        ["invalid config", "argument 'in_features' of mlp is over the limit of 2147483647"],
+    ),
 }
 
 
@@ -183,6 +204,23 @@ def test_bad_checkpoint_from_bytes(case: str) -> None:
         models.load_checkpoint_bytes(make())
     for fragment in fragments:
         assert fragment in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("config", "fragment"),
+    [
+        (5, "config is not a JSON object"),
+        ([1], "config is not a JSON object"),
+        ("abc", "config is not a JSON object"),
+        ({"architecture": ["mlp"]}, "config 'architecture' must be a string, got list"),
+        ({"architecture": None}, "config 'architecture' must be a string, got NoneType"),
+    ],
+)
+def test_malformed_given_config_is_a_checkpoint_error(config, fragment: str) -> None:
+    # the upload form's separate config, with weights that embed none
+    with pytest.raises(CheckpointError) as info:
+        models.load_checkpoint_bytes(_safetensors(_state(), None), config)
+    assert fragment in str(info.value)
 
 
 def test_pickle_payload_is_never_executed(tmp_path: Path) -> None:

@@ -126,6 +126,28 @@ CORPUS = {
         lambda: _file({"inputs": X, "targets": Y}, {"input_shape": [3, 3]}),
         ["input_shape [3, 3] does not hold the 4 values"],
     ),
+    # metadata keys the service reads, with the wrong JSON type (were TypeErrors or accepted)
+    **{
+        f"{key}_{label}": (
+            lambda key=key, value=value: _file({"inputs": X, "targets": Y}, {**META, key: value}),
+            [f"metadata {key!r} must be {kind}"],
+        )
+        for key, kind, cases in [
+            (
+                "num_classes",
+                "a positive integer",
+                {"string": "2", "float": 2.5, "bool": True, "zero": 0, "list": [3]},
+            ),
+            ("class_names", "a list of strings", {"number": 5, "ints": [1, 2, 3], "str": "abc"}),
+            (
+                "input_shape",
+                "a list of positive integers",
+                {"string": "ab", "nested": [[2]], "zero": [0, 4], "float": [2.0, 2.0]},
+            ),
+            ("name", "a string", {"number": 5, "list": ["toy"]}),
+        ]
+        for label, value in cases.items()
+    },
     "metadata_not_json": (
         lambda: safetensors.torch.save({"inputs": X, "targets": Y}, metadata={"metadata": "{"}),
         ["metadata is not valid JSON"],

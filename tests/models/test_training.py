@@ -221,6 +221,43 @@ def test_global_rng_is_left_alone(data: Dataset) -> None:
     assert torch.equal(torch.get_rng_state(), before)
 
 
+def test_other_devices_rngs_are_not_seeded(data: Dataset, monkeypatch) -> None:
+    # torch.manual_seed also reseeds CUDA/MPS/XPU (lazily when CUDA is not initialised, so
+    # even a later CUDA start would see it); fork_rng(devices=[]) restores only the CPU.
+    def refuse(*args, **kwargs):
+        raise AssertionError("train() seeded a non-CPU generator")
+
+    for module, name in [
+        (torch.cuda, "manual_seed_all"),
+        (torch.cuda, "manual_seed"),
+        (torch.mps, "manual_seed"),
+        (torch.xpu, "manual_seed_all"),
+        (torch.mtia, "manual_seed_all"),
+    ]:
+        monkeypatch.setattr(module, name, refuse)
+    monkeypatch.setattr(torch.random, "_seed_custom_device", refuse)
+    run = models.train(CONFIG, data, MINIBATCH)
+    monkeypatch.undo()
+    assert _equal_states(run.theta0, models.train(CONFIG, data, MINIBATCH).theta0)
+
+
+def test_theta0_is_what_torch_manual_seed_then_build_gives(data: Dataset) -> None:
+    # seeding only the CPU generator keeps θ⁰ bit-identical to the documented recipe
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(MINIBATCH.seed)
+        expected = models.build(CONFIG).state_dict()
+    assert _equal_states(models.train(CONFIG, data, MINIBATCH, epochs=0).theta0, expected)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_rng_is_left_alone(data: Dataset) -> None:
+    torch.cuda.manual_seed_all(123)
+    before = [torch.cuda.get_rng_state(i) for i in range(torch.cuda.device_count())]
+    models.train(CONFIG, data, Recipe(epochs=1), device="cuda")
+    after = [torch.cuda.get_rng_state(i) for i in range(torch.cuda.device_count())]
+    assert all(torch.equal(a, b) for a, b in zip(after, before, strict=True))
+
+
 def test_run_save_load_round_trip(tmp_path: Path, base_run: TrainRun) -> None:
     base_run.save(tmp_path / "run")
     loaded = TrainRun.load(tmp_path / "run")
