@@ -8,43 +8,63 @@
 - ``query`` / ``rank``: submit an influence query and print rankings, with a progress bar.
 
 Settings come from the environment (``REDIS_URL``, ``INFLUENCE_*``; see worker.settings).
+
+Heavy imports (torch, uvicorn, the app and the worker) happen inside the commands that
+need them, so ``--help``, argument errors, ``query`` and ``rank`` start quickly.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ipaddress
 import logging
+import math
 import os
 import signal
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
-import httpx
-import uvicorn
-from tqdm import tqdm
-
-import models
-from app.client import ApiError, InfluenceClient
-from app.embedded import EmbeddedRedis, EmbeddedRedisError
-from app.main import create_app
-from app.schemas import JobView, Ranking
-from models.training import resolve_device
-from worker.__main__ import CONFIG_ERROR
-from worker.__main__ import main as worker_main
-from worker.main import connect
-from worker.settings import Settings
-from worker.store import ArtifactStore, Registry
+if TYPE_CHECKING:
+    from app.client import InfluenceClient
+    from app.embedded import EmbeddedRedis
+    from app.views import JobView, Ranking
+    from worker.settings import Settings
 
 __all__ = ["bootstrap_demo", "main"]
 
 DEMO_MODEL_NAME = "demo-digits-mlp"
 DEMO_TRAIN_NAME = "digits-train"
 DEMO_TEST_NAME = "digits-test"
+
+# The API's bounds, checked before anything is submitted (a bad --limit would otherwise
+# be refused only after the job ran). tests/worker/test_cli.py checks they match the API.
+MAX_RANKING_LIMIT = 1000
+"""``limit`` of ``GET /influence/{job}/ranking`` (app/routes/influence.py)."""
+MAX_OFFSET = 10**9
+"""``offset`` of the ranking."""
+MAX_TEST_POINTS = 256
+"""Test points per request (``app.schemas.MAX_TEST_POINTS``; a deployment may set a lower
+``INFLUENCE_MAX_TEST_POINTS``, which the API reports)."""
+MAX_ROW = 10**9
+"""A test row of a stored dataset (``app.schemas.DatasetTest.indices``)."""
+MAX_DAMPING = 1e6
+"""``damping`` is in (0, MAX_DAMPING] (``app.schemas.Damping``)."""
+
+WORKER_STOP_TIMEOUT_S = 30.0
+"""How long ``WorkerSupervisor.stop`` waits by default for the workers to finish their jobs
+before it kills them (``serve`` waits up to the job time limit instead). A killed attempt
+is taken up again once its lease expires."""
+GRACEFUL_SHUTDOWN_S = 3.0
+"""On shutdown the API finishes its requests in flight for at most this long: open event
+streams (``GET /jobs/{id}/events``, the dashboard) never finish by themselves."""
+PARENT_POLL_S = 1.0
+"""How often a local worker checks that ``serve`` is still its parent."""
 
 log = logging.getLogger("influence-service")
 
@@ -66,6 +86,10 @@ def _is_loopback(host: str) -> bool:
 def bootstrap_demo(settings: Settings) -> dict[str, str]:
     """Register the demo checkpoint and the digits splits for the default tenant
     (idempotent: records are keyed by content id, and the demo is trained only once)."""
+    import models
+    from worker.main import connect
+    from worker.store import ArtifactStore, Registry
+
     checkpoint, _, _ = models.demo_checkpoint(settings.data_dir / "demo")
     registry = Registry(connect(settings), settings, ArtifactStore.for_settings(settings))
     tenant = settings.default_tenant
@@ -76,26 +100,38 @@ def bootstrap_demo(settings: Settings) -> dict[str, str]:
 
 
 def _worker_command(settings: Settings) -> tuple[list[str], dict[str, str]]:
-    """Command line and environment of a local worker sharing this process's settings."""
+    """Command line and environment of a local worker sharing this process's settings. It
+    watches this process (``--parent-pid``) and stops when it is gone, e.g. killed hard."""
     env = {
         **os.environ,
         "REDIS_URL": str(settings.redis_url),
         "INFLUENCE_DATA_DIR": str(settings.data_dir),
         "INFLUENCE_KEY_PREFIX": settings.key_prefix,
     }
-    return [sys.executable, "-m", "worker", "--device", settings.device], env
+    command = [sys.executable, "-m", "app.cli", "worker", "--device", settings.device]
+    return [*command, "--parent-pid", str(os.getpid())], env
 
 
-def _stop_workers(processes: list[subprocess.Popen[bytes]]) -> None:
+def _stop_workers(
+    processes: list[subprocess.Popen[bytes]],
+    *,
+    timeout: float = WORKER_STOP_TIMEOUT_S,
+    hurry: threading.Event | None = None,
+) -> None:
+    """SIGTERM each worker (it finishes its current job, then exits) and wait for all of
+    them; one still running after ``timeout`` s, or once ``hurry`` is set, is killed."""
     for process in processes:
         if process.poll() is None:
-            process.send_signal(signal.SIGTERM)  # finish the current job, then exit
+            process.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + timeout
     for process in processes:
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        while process.poll() is None:
+            if (hurry is not None and hurry.is_set()) or time.monotonic() >= deadline:
+                process.kill()
+                process.wait()
+                break
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                process.wait(timeout=0.1)  # short waits: a second Ctrl-C is seen at once
 
 
 class WorkerSupervisor:
@@ -103,10 +139,10 @@ class WorkerSupervisor:
     crash, an OOM kill: a non-zero status): otherwise, with the embedded default of one
     worker, jobs would queue forever. A restart waits ``backoff_min`` s, doubling up to
     ``backoff_max`` s while the process keeps dying within ``stable_s`` s of its start.
-    Not restarted: a worker that exits 0 (it was stopped by SIGTERM/SIGINT, e.g. Ctrl-C
-    reaching the whole process group) or with ``CONFIG_ERROR`` (it cannot start as
-    configured, e.g. no CUDA). ``stop`` ends the restarts, then SIGTERMs the workers
-    (each finishes its job)."""
+    Not restarted: a worker that exits 0 (it was stopped by SIGTERM/SIGINT) or with
+    ``CONFIG_ERROR`` (it cannot start as configured, e.g. no CUDA). Each worker runs in a
+    session of its own, so a terminal's Ctrl-C reaches ``serve`` only; ``stop`` ends the
+    restarts, then SIGTERMs the workers (each finishes its job)."""
 
     def __init__(
         self,
@@ -146,7 +182,9 @@ class WorkerSupervisor:
         return self
 
     def _spawn(self) -> subprocess.Popen[bytes]:
-        return subprocess.Popen(self.command, env=self.env)
+        # A session of its own: the terminal's SIGINT (Ctrl-C goes to the whole foreground
+        # process group) must not stop a worker in the middle of its job; serve stops it.
+        return subprocess.Popen(self.command, env=self.env, start_new_session=True)
 
     def _watch(self) -> None:
         while not self._stopping.wait(self.poll_s):
@@ -154,6 +192,8 @@ class WorkerSupervisor:
 
     def check(self) -> None:
         """One pass: note workers that exited, restart those whose backoff has passed."""
+        from worker.__main__ import CONFIG_ERROR
+
         with self._lock:
             if self._stopping.is_set():
                 return
@@ -188,21 +228,59 @@ class WorkerSupervisor:
                     self._due[slot] = None
                     self.restarts += 1
 
-    def stop(self) -> None:
-        """Stop restarting, then stop the workers (SIGTERM; SIGKILL after 30 s)."""
+    def running(self) -> int:
+        """How many workers are running now."""
+        return sum(1 for p in self.processes if p is not None and p.poll() is None)
+
+    def stop(
+        self, *, timeout: float = WORKER_STOP_TIMEOUT_S, hurry: threading.Event | None = None
+    ) -> None:
+        """Stop restarting, then stop the workers: SIGTERM (each finishes its job), SIGKILL
+        after ``timeout`` s or once ``hurry`` is set."""
         with self._lock:
             self._stopping.set()
         if self._thread is not None:
             self._thread.join()
-        _stop_workers([p for p in self.processes if p is not None])
+        _stop_workers([p for p in self.processes if p is not None], timeout=timeout, hurry=hurry)
 
 
-def _exit_on_sigterm(signum: int, frame: object) -> None:
+def _exit_on_signal(signum: int, frame: object) -> None:
     raise SystemExit(128 + signum)
+
+
+def _shutdown(
+    supervisor: WorkerSupervisor | None, embedded: EmbeddedRedis | None, worker_timeout: float
+) -> None:
+    """``serve``'s shutdown, after the API stopped taking requests: the workers finish
+    their jobs (for at most ``worker_timeout`` s; a second Ctrl-C or SIGTERM kills them at
+    once), then the embedded Redis shuts down, flushing its append-only file — in that
+    order, so no job loses its Redis in the middle."""
+    hurry = threading.Event()
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: hurry.set())
+    if supervisor is not None:
+        if supervisor.running():
+            print(
+                "stopping: the local worker(s) finish their job first (Ctrl-C again: stop "
+                "them now; an interrupted job runs again after the next start)",
+                file=sys.stderr,
+                flush=True,
+            )
+        supervisor.stop(timeout=worker_timeout, hurry=hurry)
+    if embedded is not None:
+        embedded.stop()
 
 
 def serve(args: argparse.Namespace) -> None:
     """Start the API (and, without REDIS_URL, an embedded Redis, local workers and the demo)."""
+    import uvicorn
+
+    from app.embedded import EmbeddedRedis, EmbeddedRedisError
+    from app.main import create_app
+    from models.training import resolve_device
+    from worker.settings import Settings
+
     overrides: dict[str, Any] = {"data_dir": args.data_dir} if args.data_dir else {}
     settings = Settings(**overrides)
     if not settings.api_keys and not _is_loopback(args.host):
@@ -223,6 +301,11 @@ def serve(args: argparse.Namespace) -> None:
     demo = args.demo if args.demo is not None else embedded is not None
     supervisor: WorkerSupervisor | None = None
     try:
+        # From here a Ctrl-C (SIGINT) or SIGTERM unwinds to the orderly shutdown below.
+        # uvicorn installs its own handlers while it serves (it stops taking requests and
+        # finishes those in flight) and re-raises the signal afterwards, reaching these.
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, _exit_on_signal)
         if workers:
             try:
                 resolve_device(settings.device, "INFLUENCE_DEVICE", ValueError)
@@ -232,24 +315,43 @@ def serve(args: argparse.Namespace) -> None:
             ids = bootstrap_demo(settings)
             print(f"demo for tenant {settings.default_tenant!r}: {ids}")
         supervisor = WorkerSupervisor(*_worker_command(settings), workers).start()
-        print(f"serving on http://{args.host}:{args.port} (OpenAPI at /docs)")
-        # uvicorn re-raises SIGTERM after its graceful shutdown; with the default handler
-        # that would kill this process before the workers and embedded Redis are stopped.
-        signal.signal(signal.SIGTERM, _exit_on_sigterm)
-        uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="warning")
+        print(f"serving on http://{args.host}:{args.port} (OpenAPI at /docs)", flush=True)
+        uvicorn.run(
+            create_app(settings),
+            host=args.host,
+            port=args.port,
+            log_level="warning",
+            timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,  # open event streams end then
+        )
     finally:
-        if supervisor is not None:
-            supervisor.stop()
-        if embedded is not None:
-            embedded.stop()
+        _shutdown(supervisor, embedded, settings.job_time_limit_seconds)
+
+
+def _stop_with_parent(parent: int, poll_s: float = PARENT_POLL_S) -> None:
+    """A daemon thread that SIGTERMs this process once ``parent`` is no longer its parent
+    (``serve`` was killed hard): the worker finishes its job, if it can, and exits."""
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(poll_s)
+        log.warning("serve (pid %d) is gone; stopping this worker", parent)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
 def worker(args: argparse.Namespace) -> None:
     """Join the queue at REDIS_URL as one worker process."""
+    from worker.__main__ import main as worker_main
+
+    if args.parent_pid is not None:
+        _stop_with_parent(args.parent_pid)
     worker_main(["--device", args.device] if args.device else [])
 
 
 def _client(args: argparse.Namespace) -> InfluenceClient:
+    from app.client import InfluenceClient
+
     return InfluenceClient(args.url, api_key=args.api_key)
 
 
@@ -260,18 +362,41 @@ def _by_name(records: list[Any], name: str, what: str) -> str:
     _fail(f"no {what} given and no {what} named {name!r} on the server (--{what} ID)")
 
 
-def _print_ranking(ranking: Ranking, row: int | None = None) -> None:
-    where = f" (row {row})" if row is not None else ""
-    print(
-        f"test point {ranking.test}{where}: most {ranking.direction} of {ranking.total} "
-        "training points"
-    )
+def _print_ranking(ranking: Ranking, row: int | None = None, kind: str = "influence") -> None:
+    if kind == "self_influence":  # one row: every training point's own score
+        order = "highest" if ranking.direction == "helpful" else "lowest"
+        print(f"{order} self-influence of {ranking.total} training points")
+    else:
+        where = f" (row {row})" if row is not None else ""
+        print(
+            f"test point {ranking.test}{where}: most {ranking.direction} of {ranking.total} "
+            "training points"
+        )
     print(f"{'rank':>5} {'index':>7} {'target':>8} {'score':>14}")
     for rank, item in enumerate(ranking.items, start=ranking.offset + 1):
         print(f"{rank:>5} {item.index:>7} {item.target!s:>8} {item.score:>14.6e}")
+    if ranking.warning:
+        print(f"warning: {ranking.warning}", file=sys.stderr)
+
+
+def _report_line(report: dict[str, Any] | None) -> str:
+    """The solver report in one line: method, iterations, relative residual, converged."""
+    if not report:
+        return "solver: no report"
+    parts = [f"solver: {report.get('method', '?')}"]
+    if report.get("iterations") is not None:
+        parts.append(f"{report['iterations']} iterations")
+    if report.get("relative_residual") is not None:
+        parts.append(f"relative residual {report['relative_residual']:.2e}")
+    if report.get("converged") is not None:
+        parts.append(f"converged: {'yes' if report['converged'] else 'NO'}")
+    return ", ".join(parts)
 
 
 def _follow(client: InfluenceClient, job: str) -> JobView:
+    """Wait for the job with a progress bar on stderr, which ends with a newline."""
+    from tqdm import tqdm
+
     with tqdm(total=1.0, bar_format="{desc} {percentage:3.0f}%|{bar}| {elapsed}") as bar:
 
         def update(view: JobView) -> None:
@@ -283,6 +408,8 @@ def _follow(client: InfluenceClient, job: str) -> JobView:
 
 def query(args: argparse.Namespace) -> None:
     """Submit an influence query, follow its progress and print the rankings."""
+    from app.client import JobView
+
     with _client(args) as client:
         model = args.model or _by_name(client.models(), DEMO_MODEL_NAME, "model")
         datasets = client.datasets() if not (args.train and args.test) else []
@@ -301,7 +428,7 @@ def query(args: argparse.Namespace) -> None:
             print(f"job {answer.id} (from the cache)")
             view = answer
         else:
-            print(f"job {answer.job} queued")
+            print(f"job {answer.job} queued", flush=True)
             view = _follow(client, answer.job)
         if view.status != "succeeded":
             _fail(f"job {view.id} {view.status}: {view.error}")
@@ -309,6 +436,7 @@ def query(args: argparse.Namespace) -> None:
         for test, row in enumerate(args.indices):
             ranking = client.ranking(view.id, test=test, direction=args.direction, limit=args.limit)
             _print_ranking(ranking, row)
+        print(_report_line(view.report))
 
 
 def rank(args: argparse.Namespace) -> None:
@@ -323,7 +451,53 @@ def rank(args: argparse.Namespace) -> None:
             args.job, test=args.test, direction=args.direction, limit=args.limit, offset=args.offset
         )
         print(ranking.meaning)
-        _print_ranking(ranking)
+        _print_ranking(ranking, kind=view.kind)
+        print(_report_line(ranking.report or view.report))
+
+
+def _int_in(low: int, high: int | None = None) -> Callable[[str], int]:
+    """An argparse type: an integer in [low, high] (high None: no upper bound)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+        if value < low or (high is not None and value > high):
+            bound = f"≥ {low}" if high is None else f"in [{low}, {high}]"
+            raise argparse.ArgumentTypeError(f"must be an integer {bound}, got {text}")
+        return value
+
+    return parse
+
+
+def _positive_float(high: float) -> Callable[[str], float]:
+    """An argparse type: a finite number in (0, high] (``float`` alone takes nan and inf,
+    which JSON cannot carry)."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+        if not 0 < value <= high:
+            raise argparse.ArgumentTypeError(f"must be in (0, {high:g}], got {text}")
+        return value
+
+    return parse
+
+
+class _AtMost(argparse.Action):
+    """``nargs="+"`` with at most ``MAX_TEST_POINTS`` values."""
+
+    def __call__(self, parser: Any, namespace: Any, values: Any, option: Any = None) -> None:
+        if len(values) > MAX_TEST_POINTS:
+            raise argparse.ArgumentError(
+                self, f"at most {MAX_TEST_POINTS} test rows per query, got {len(values)}"
+            )
+        setattr(namespace, self.dest, values)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -332,9 +506,11 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", help="run the API (and, by default, the embedded Redis + a worker)")
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=_int_in(0, 65535), default=8000)
     p.add_argument(
-        "--workers", type=int, help="local worker processes (default: 1 with the embedded Redis)"
+        "--workers",
+        type=_int_in(0),
+        help="local worker processes (default: 1 with the embedded Redis)",
     )
     p.add_argument("--data-dir", type=Path, help="artifacts and embedded Redis data")
     p.add_argument(
@@ -347,37 +523,58 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("worker", help="run one worker on the queue at REDIS_URL")
     p.add_argument("--device", help="torch device: cpu, cuda, cuda:1 (default: INFLUENCE_DEVICE)")
+    p.add_argument("--parent-pid", type=_int_in(1), help=argparse.SUPPRESS)  # serve's workers
     p.set_defaults(run=worker)
 
     for name, run, help_text in (
         ("query", query, "ask which training points helped/harmed test points"),
-        ("rank", rank, "print the ranking of a finished influence job"),
+        ("rank", rank, "print the ranking of a finished influence or self-influence job"),
     ):
         p = sub.add_parser(name, help=help_text)
         p.add_argument("--url", default=os.environ.get("INFLUENCE_URL", "http://127.0.0.1:8000"))
         p.add_argument("--api-key", default=os.environ.get("INFLUENCE_API_KEY"))
         p.add_argument("--direction", choices=["helpful", "harmful"], default="helpful")
-        p.add_argument("--limit", type=int, default=10)
+        p.add_argument(
+            "--limit",
+            type=_int_in(1, MAX_RANKING_LIMIT),
+            default=10,
+            help=f"training points to print (1-{MAX_RANKING_LIMIT})",
+        )
         p.set_defaults(run=run)
     query_parser = sub.choices["query"]
     query_parser.add_argument("--model", help=f"model id (default: the {DEMO_MODEL_NAME!r} demo)")
     query_parser.add_argument("--train", help="training dataset id (default: the demo's)")
     query_parser.add_argument("--test", help="dataset holding the test points (default: demo's)")
-    query_parser.add_argument("--indices", type=int, nargs="+", default=[0], help="test rows")
+    query_parser.add_argument(
+        "--indices",
+        type=_int_in(0, MAX_ROW),
+        nargs="+",
+        action=_AtMost,
+        default=[0],
+        help=f"test rows (at most {MAX_TEST_POINTS})",
+    )
     query_parser.add_argument(
         "--loss", default="cross_entropy", choices=["cross_entropy", "mse", "bce"]
     )
-    query_parser.add_argument("--damping", type=float, default=1e-3)
+    query_parser.add_argument(
+        "--damping",
+        type=_positive_float(MAX_DAMPING),
+        default=1e-3,
+        help=f"λ of G + λI, in (0, {MAX_DAMPING:g}]",
+    )
     query_parser.add_argument("--solver", default="cg", choices=["cg", "exact", "lissa"])
     rank_parser = sub.choices["rank"]
-    rank_parser.add_argument("job", help="influence job id")
-    rank_parser.add_argument("--test", type=int, default=0, help="test row of the job")
-    rank_parser.add_argument("--offset", type=int, default=0)
+    rank_parser.add_argument("job", help="influence or self-influence job id")
+    rank_parser.add_argument(
+        "--test", type=_int_in(0, MAX_TEST_POINTS - 1), default=0, help="test row of the job"
+    )
+    rank_parser.add_argument("--offset", type=_int_in(0, MAX_OFFSET), default=0)
     return parser
 
 
-def _api_error_message(exc: ApiError) -> str:
-    """One line for an error answer: FastAPI's validation details become ``loc: msg``."""
+def _api_error_message(exc: Any) -> str:
+    """One line for an error answer (``ApiError``): FastAPI's validation details become
+    ``loc: msg``."""
     detail = exc.detail
     if isinstance(detail, list) and all(isinstance(d, dict) for d in detail):
         detail = "; ".join(
@@ -390,9 +587,22 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``influence-service`` command. An error answer of the API, or an
     unreachable API, ends it with one line on stderr and exit status 1."""
     args = _parser().parse_args(argv)
+    if args.command not in ("query", "rank"):
+        args.run(args)
+        return
+    import httpx
+
+    from app.client import ApiError
+
     try:
         args.run(args)
     except ApiError as exc:
         _fail(_api_error_message(exc))
     except httpx.TransportError as exc:
         _fail(f"cannot reach the service at {getattr(args, 'url', '?')}: {exc}")
+    except KeyboardInterrupt:
+        raise SystemExit(130) from None  # the job, if submitted, goes on in the service
+
+
+if __name__ == "__main__":  # `python -m app.cli`: how serve starts its local workers
+    main()

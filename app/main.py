@@ -1,21 +1,30 @@
 """The FastAPI application factory.
 
 ``create_app(settings)`` wires the routes to the services of one deployment (Redis, job
-queue, artifact store); it starts nothing heavy. OpenAPI is at ``/docs`` and
-``/openapi.json``.
+queue, artifact store); it starts nothing heavy. OpenAPI is at ``/openapi.json``, Swagger
+UI at ``/docs`` and ReDoc at ``/redoc``, both pages served with their scripts and styles
+from the files the ``fastapi-offline`` package ships (Swagger UI 5, which renders OpenAPI
+3.1, and ReDoc), mounted under ``/docs-static``: no CDN, so they work offline.
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import logging
+import re
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
+import fastapi_offline
 import redis
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
 from starlette.types import Scope
 
 from app import dashboard
@@ -27,7 +36,15 @@ from app.services import ServiceError, Services
 from worker.settings import Settings
 from worker.store import ArtifactNotFoundError
 
-__all__ = ["ARTIFACT_MISSING", "UPLOAD_ROUTES", "create_app", "validation_details"]
+__all__ = [
+    "ARTIFACT_MISSING",
+    "DOCS_STATIC",
+    "UPLOAD_ROUTES",
+    "create_app",
+    "docs_page",
+    "redoc_page",
+    "validation_details",
+]
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +73,57 @@ def validation_details(errors: Sequence[dict[str, Any]]) -> list[dict[str, Any]]
     ]
 
 
+DOCS_STATIC = "/docs-static"
+"""Where the API pages' scripts and styles are served from (``DOCS_FILES``)."""
+DOCS_FILES = Path(fastapi_offline.__file__).parent / "static"
+"""Swagger UI 5 (``swagger-ui-bundle.js``, ``swagger-ui.css``), ReDoc
+(``redoc.standalone.js``) and ``favicon.png``, as the ``fastapi-offline`` package ships them."""
+
+
+def _with_policy(page: HTMLResponse) -> HTMLResponse:
+    """``page`` with a Content-Security-Policy as strict as the API pages allow: scripts
+    from this server plus the page's own inline start-up script (pinned by its hash),
+    connections to this server only. Swagger UI and ReDoc set inline styles and draw icons
+    from ``data:`` URLs, and ReDoc runs its search in a ``blob:`` worker, so those are
+    allowed."""
+    html = bytes(page.body).decode()
+    inline = re.findall(r"<script>(.*?)</script>", html, flags=re.DOTALL)
+    digests = (base64.b64encode(hashlib.sha256(script.encode()).digest()) for script in inline)
+    hashes = "".join(f" 'sha256-{digest.decode()}'" for digest in digests)
+    policy = (
+        f"default-src 'self'; script-src 'self'{hashes}; style-src 'self' 'unsafe-inline'; "
+        "img-src 'self' data:; worker-src 'self' blob:; connect-src 'self'; "
+        "object-src 'none'; base-uri 'none'; frame-ancestors 'none'"
+    )
+    return HTMLResponse(html, headers={"Content-Security-Policy": policy})
+
+
+def docs_page(openapi_url: str, title: str) -> HTMLResponse:
+    """Swagger UI for ``openapi_url``, every asset from ``DOCS_STATIC``."""
+    return _with_policy(
+        get_swagger_ui_html(
+            openapi_url=openapi_url,
+            title=title,
+            swagger_js_url=f"{DOCS_STATIC}/swagger-ui-bundle.js",
+            swagger_css_url=f"{DOCS_STATIC}/swagger-ui.css",
+            swagger_favicon_url=f"{DOCS_STATIC}/favicon.png",
+        )
+    )
+
+
+def redoc_page(openapi_url: str, title: str) -> HTMLResponse:
+    """ReDoc for ``openapi_url``, every asset from ``DOCS_STATIC`` (no Google fonts)."""
+    return _with_policy(
+        get_redoc_html(
+            openapi_url=openapi_url,
+            title=title,
+            redoc_js_url=f"{DOCS_STATIC}/redoc.standalone.js",
+            redoc_favicon_url=f"{DOCS_STATIC}/favicon.png",
+            with_google_fonts=False,
+        )
+    )
+
+
 def create_app(settings: Settings) -> FastAPI:
     """The API for ``settings`` (``settings.redis_url`` must be set)."""
     services = Services.connect(settings)
@@ -73,6 +141,8 @@ def create_app(settings: Settings) -> FastAPI:
         "grad L_i = predicted change of the test loss when training point i is removed; "
         "positive = helpful, negative = harmful.",
         lifespan=lifespan,
+        docs_url=None,  # FastAPI's pages load their scripts from a CDN: served below
+        redoc_url=None,  # from local files instead
     )
     app.state.services = services
     app.state.metrics = new_registry(services.queue)
@@ -106,4 +176,14 @@ def create_app(settings: Settings) -> FastAPI:
     app.add_middleware(RequestMetrics, registry=app.state.metrics)
     for module in (models_routes, datasets, influence, jobs, ops, dashboard):
         app.include_router(module.router)
+
+    @app.get("/docs", include_in_schema=False)
+    async def swagger_ui() -> HTMLResponse:
+        return docs_page(app.openapi_url or "/openapi.json", f"{app.title} - Swagger UI")
+
+    @app.get("/redoc", include_in_schema=False)
+    async def redoc() -> HTMLResponse:
+        return redoc_page(app.openapi_url or "/openapi.json", f"{app.title} - ReDoc")
+
+    app.mount(DOCS_STATIC, StaticFiles(directory=DOCS_FILES), name="docs-static")
     return app

@@ -11,16 +11,36 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
-from torch import Tensor
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 import models
+from app.views import (
+    DatasetRecord,
+    Item,
+    JobAccepted,
+    JobList,
+    JobView,
+    ModelRecord,
+    Ranking,
+    meaning_of,
+)
 from influence.decomposition import DecompositionArguments
 from influence.experiments.config import CorrelationArguments, MislabelArguments, build_dataclass
 from influence.response import ResponseArguments
 from worker.contract import (
     MAX_SEED,
     SCORE_MEANING,
+    SELF_INFLUENCE_MEANING,
+    DatasetId,
     DecompositionPayload,
     InfluencePayload,
     SelfInfluencePayload,
@@ -33,6 +53,7 @@ __all__ = [
     "MAX_RETRAIN_WORK",
     "MAX_TEST_POINTS",
     "SCORE_MEANING",
+    "SELF_INFLUENCE_MEANING",
     "BuiltinDatasetRequest",
     "DatasetRecord",
     "DatasetTest",
@@ -47,7 +68,9 @@ __all__ = [
     "Ranking",
     "SelfInfluenceRequest",
     "SolverRequest",
+    "TestPoints",
     "VerifyRequest",
+    "meaning_of",
 ]
 
 MAX_TEST_POINTS = 256
@@ -124,16 +147,39 @@ class DatasetTest(_Body):
 
     __test__ = False
 
-    dataset: str = Field(pattern=r"^[0-9a-f]{8,64}$", description="dataset id")
+    dataset: DatasetId
     indices: list[Annotated[int, Field(ge=0, le=10**9)]] = Field(
         min_length=1, max_length=MAX_TEST_POINTS
     )
 
 
+def _test_shape(value: Any) -> str | None:
+    """Which shape of test points a request means: ``dataset`` when it names a dataset,
+    else ``inline``; None (an error naming both shapes) for a value that is no object."""
+    if isinstance(value, dict):
+        return "dataset" if "dataset" in value else "inline"
+    if isinstance(value, DatasetTest | InlineTest):
+        return "dataset" if isinstance(value, DatasetTest) else "inline"
+    return None
+
+
+TestPoints = Annotated[
+    Annotated[InlineTest, Tag("inline")] | Annotated[DatasetTest, Tag("dataset")],
+    Discriminator(
+        _test_shape,
+        custom_error_type="test_shape",
+        custom_error_message="test must be an object: {inputs, targets} (inline points) or "
+        "{dataset, indices} (rows of a stored dataset)",
+    ),
+]
+"""Test points of a query, told apart by the presence of ``dataset``: a mistake is
+reported for the shape the request meant only, under ``test.inline`` or ``test.dataset``."""
+
+
 class InfluenceRequest(InfluencePayload):
     """``POST /influence``: scores of every training point for each test point."""
 
-    test: InlineTest | DatasetTest
+    test: TestPoints
     damping: Damping = 1e-3
     weight_decay: float = Field(0.0, ge=0, le=1e3, description="wd of the training cost")
     solver: SolverRequest = SolverRequest()
@@ -222,7 +268,11 @@ class DecompositionRequest(DecompositionPayload):
 
     @field_validator("correlation")
     @classmethod
-    def _correlation(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+    def _correlation(
+        cls, value: dict[str, Any] | None, info: ValidationInfo
+    ) -> dict[str, Any] | None:
+        """Valid ``CorrelationArguments`` within bounds, no cold start (a checkpoint has no
+        recorded run), and at most as many test points drawn as ``test`` gives."""
         if value is None:
             return None
         correlation = _validated(
@@ -231,6 +281,18 @@ class DecompositionRequest(DecompositionPayload):
         _at_most(correlation.num_points, MAX_REMOVED_SETS, "correlation.num_points")
         _at_most(correlation.num_test, MAX_TEST_POINTS, "correlation.num_test")
         _seed(correlation.seed, "correlation.seed")
+        if "cold" in correlation.methods:  # also the default methods
+            raise ValueError(
+                "correlation.methods: 'cold' needs the recorded training run (θ⁰ and "
+                "batch orders), which a checkpoint does not have; choose from warm, "
+                "proximal, pbrf, linearized, two_stage"
+            )
+        test = info.data.get("test")
+        if test is not None and correlation.num_test > len(test.indices):
+            raise ValueError(
+                f"correlation.num_test = {correlation.num_test} exceeds the "
+                f"{len(test.indices)} test points given in test.indices"
+            )
         return value
 
     @field_validator("mislabel")
@@ -248,8 +310,7 @@ class DecompositionRequest(DecompositionPayload):
     @model_validator(mode="after")
     def _bounded_retraining(self) -> DecompositionRequest:
         """Total retraining = removed sets × retrainings × epochs per retraining, at most
-        MAX_RETRAIN_WORK (each field may be within its own bound and the product not);
-        no cold-start correlations on a checkpoint."""
+        MAX_RETRAIN_WORK (each field may be within its own bound and the product not)."""
         recipe = models.Recipe.from_dict(self.recipe)
         response = ResponseArguments(**{**self.response, "damping": self.damping})
         if response.optimizer == "lbfgs":
@@ -263,12 +324,6 @@ class DecompositionRequest(DecompositionPayload):
         terms = f"arguments.num_points ({points}) × {DECOMPOSITION_RETRAININGS} responses"
         if self.correlation is not None:
             correlation = CorrelationArguments(**self.correlation)
-            if "cold" in correlation.methods:  # also the default methods
-                raise ValueError(
-                    "correlation.methods: 'cold' needs the recorded training run (θ⁰ and "
-                    "batch orders), which a checkpoint does not have; choose from warm, "
-                    "proximal, pbrf, linearized, two_stage"
-                )
             # two_stage trains twice per point, plus once for the shared full-data warm start
             per_point = sum(2 if m == "two_stage" else 1 for m in correlation.methods)
             extra = int("two_stage" in correlation.methods)
@@ -300,109 +355,3 @@ class BuiltinDatasetRequest(_Body):
 
     builtin: Literal["breast_cancer", "digits", "diabetes"]
     split: Literal["train", "test"] = "train"
-
-
-class ModelRecord(BaseModel):
-    """A registered checkpoint (``GET /models``)."""
-
-    id: str
-    architecture: str
-    parameters: int
-    name: str | None = None
-    config: dict[str, Any] = Field(default_factory=dict)
-
-
-class DatasetRecord(BaseModel):
-    """A registered dataset (``GET /datasets``): task, classes, shapes in ``metadata``."""
-
-    id: str
-    size: int
-    name: str | None = None
-    metadata: dict[str, Any] = Field(default_factory=dict)
-
-
-Target = int | float | list[float]
-
-
-def target_value(target: Tensor) -> Target:
-    """A dataset target as JSON: class index, scalar value, or a vector."""
-    if target.dim() == 0 or target.numel() == 1:
-        value = target.reshape(()).item()
-        return int(value) if not target.is_floating_point() else float(value)
-    return [float(v) for v in target.reshape(-1).tolist()]
-
-
-class DatasetItem(BaseModel):
-    """One dataset row's target and class name (``GET /datasets/{id}/items/{i}``)."""
-
-    index: int
-    target: Target
-    label: str | None = Field(None, description="class name (classification with class_names)")
-
-    @classmethod
-    def of(cls, dataset: models.Dataset, row: int, *, index: int | None = None) -> DatasetItem:
-        """The item for ``dataset``'s row ``row``, reported as dataset row ``index``
-        (default ``row``; differs when ``dataset`` holds only that row)."""
-        target = target_value(dataset.targets[row])
-        names = dataset.metadata.get("class_names")
-        label = names[target] if isinstance(target, int) and names and target < len(names) else None
-        return cls(index=row if index is None else index, target=target, label=label)
-
-
-class JobAccepted(BaseModel):
-    """A job was queued: poll ``GET /jobs/{job}`` or stream its events."""
-
-    job: str
-    status: str
-    meaning: str = SCORE_MEANING
-
-
-class JobView(BaseModel):
-    """A job as ``GET /jobs/{id}`` shows it; ``result`` is null until it succeeded."""
-
-    id: str
-    kind: str
-    status: Literal["queued", "running", "succeeded", "failed", "canceled"]
-    progress: float = Field(description="0–1, never decreases")
-    phase: str
-    attempts: int
-    max_attempts: int
-    error: str | None = None
-    created: float
-    started: float | None = None
-    finished: float | None = None
-    payload: dict[str, Any]
-    result: dict[str, Any] | None = None
-    report: dict[str, Any] | None = Field(None, description="solver report")
-    cached: bool = Field(False, description="answered from the result cache (no new job)")
-    links: dict[str, str] = Field(
-        default_factory=dict, description="ranking and scores URLs (influence jobs)"
-    )
-    meaning: str = SCORE_MEANING
-
-
-class JobList(BaseModel):
-    """A page of the caller's jobs, newest first."""
-
-    items: list[JobView]
-
-
-class Item(BaseModel):
-    """One training point of a ranking."""
-
-    index: int = Field(description="row of the training set")
-    score: float
-    target: Target | None = Field(None, description="training target (null if deleted)")
-
-
-class Ranking(BaseModel):
-    """One page of training points ordered by score for one test point."""
-
-    job: str
-    test: int
-    direction: Literal["helpful", "harmful"]
-    items: list[Item]
-    total: int
-    offset: int
-    report: dict[str, Any] | None = None
-    meaning: str = SCORE_MEANING

@@ -52,6 +52,7 @@ from worker.store import ArtifactStore, Registry
 
 __all__ = [
     "ByteLRU",
+    "ConflictError",
     "NotFoundError",
     "ServiceError",
     "Services",
@@ -122,6 +123,13 @@ class NotFoundError(ServiceError):
     """404: no such model, dataset or job for this tenant."""
 
     status_code = 404
+
+
+class ConflictError(ServiceError):
+    """409: the request conflicts with the current state of what it names (e.g. a job whose
+    training set has been deleted since); the caller can resolve it and retry."""
+
+    status_code = 409
 
 
 class UnprocessableError(ServiceError):
@@ -344,6 +352,20 @@ class Services:
         if record is None:
             raise NotFoundError(f"dataset {dataset_id} not found")
         return record
+
+    def deleted_inputs(self, tenant: str, payload: dict[str, Any]) -> list[str]:
+        """What a query job's payload names that the tenant has deleted since — ``"model
+        <id>"``, ``"training set <id>"``, ``"test dataset <id>"`` — in that order; empty when
+        all are still registered (a job that retrains on them, like verify, needs them)."""
+        gone = []
+        if self.registry.get_model(tenant, payload["model"]) is None:
+            gone.append(f"model {payload['model']}")
+        if self.registry.get_dataset(tenant, payload["train"]) is None:
+            gone.append(f"training set {payload['train']}")
+        test = (payload.get("test") or {}).get("dataset")
+        if test and test != payload["train"] and self.registry.get_dataset(tenant, test) is None:
+            gone.append(f"test dataset {test}")
+        return gone
 
     # -- queries -----------------------------------------------------------------------
 

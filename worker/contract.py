@@ -17,9 +17,21 @@ from collections.abc import Mapping
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    ValidatorFunctionWrapHandler,
+    WrapValidator,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
 
 from influence import CG, Exact, LiSSA, NystromArguments
+from worker.meanings import SCORE_MEANING, SELF_INFLUENCE_MEANING
 
 __all__ = [
     "ENGINE_VERSION",
@@ -27,12 +39,15 @@ __all__ = [
     "MAX_LISSA_SCALE",
     "MAX_SEED",
     "SCORE_MEANING",
+    "SELF_INFLUENCE_MEANING",
+    "DatasetId",
     "DecompositionPayload",
     "InfluencePayload",
     "InfluenceResult",
     "JobKind",
     "JobStatus",
     "Keys",
+    "ModelId",
     "ScoreShardPayload",
     "SelfInfluencePayload",
     "SelfInfluenceResult",
@@ -48,12 +63,6 @@ ENGINE_VERSION = "1"
 
 GROUP = "workers"
 """Name of the Redis Streams consumer group all workers join."""
-
-SCORE_MEANING = (
-    "score[q, i] = (1/N) grad L_q^T (G + damping I)^-1 grad L_i: predicted change of test "
-    "loss q when training point i is removed. Positive = helpful (removing it raises the "
-    "loss), negative = harmful. N = training-set size."
-)
 
 
 class JobKind(StrEnum):
@@ -149,7 +158,36 @@ class Keys:
         return f"{self.prefix}counters"
 
 
-_ID = Annotated[str, Field(pattern=r"^[0-9a-f]{8,64}$", description="content id (hex)")]
+ID_PATTERN = r"^[0-9a-f]{8,64}$"
+_ID = Annotated[str, Field(pattern=ID_PATTERN, description="content id (hex)")]
+
+
+def _content_id(what: str, listing: str) -> Any:
+    """A content id of a ``what`` (the pattern of ``_ID``) whose pattern error says what an
+    id is and where to find one, rather than quoting the regular expression: a name (the
+    easy mistake) is not an id."""
+
+    def check(value: Any, handler: ValidatorFunctionWrapHandler) -> str:
+        try:
+            return handler(value)
+        except ValidationError as exc:
+            if any(error["type"] == "string_pattern_mismatch" for error in exc.errors()):
+                raise PydanticCustomError(
+                    "content_id",
+                    f"must be a {what} id: the content id (64 lowercase hex digits) that "
+                    f"{listing} lists; names are not accepted",
+                ) from None
+            raise
+
+    return Annotated[
+        str,
+        Field(pattern=ID_PATTERN, description=f"{what} id (hex content id, see {listing})"),
+        WrapValidator(check),
+    ]
+
+
+ModelId = _content_id("model", "GET /models")
+DatasetId = _content_id("dataset", "GET /datasets")
 
 
 MAX_SEED = 2**63 - 1
@@ -256,7 +294,7 @@ class TestSpec(_Schema):
     __test__ = False  # not a pytest class
 
     artifact: _ID | None = Field(None, description="artifact id of safetensors {inputs, targets}")
-    dataset: _ID | None = Field(None, description="dataset id (with indices)")
+    dataset: DatasetId | None = Field(None, description="dataset id (with indices)")
     indices: list[Annotated[int, Field(ge=0)]] | None = Field(None, min_length=1)
 
     @model_validator(mode="after")
@@ -271,8 +309,8 @@ class TestSpec(_Schema):
 
 
 class _EngineSpec(_Schema):
-    model: _ID = Field(description="checkpoint id (models.checkpoint_id)")
-    train: _ID = Field(description="training dataset id")
+    model: ModelId = Field(description="checkpoint id (models.checkpoint_id; GET /models)")
+    train: DatasetId = Field(description="training dataset id (GET /datasets)")
     loss: Literal["cross_entropy", "mse", "bce"] = "cross_entropy"
     hessian: Literal["gnh", "full"] = "gnh"
     damping: float = Field(1e-3, ge=0, description="λ of G + λI")
@@ -316,8 +354,8 @@ class DecompositionPayload(_Schema):
     correlations of Tables 6-8 on the given test points and the mislabel-detection curves of
     Figure 6."""
 
-    model: _ID
-    train: _ID
+    model: ModelId
+    train: DatasetId
     recipe: dict = Field(description="models.Recipe fields of the base training (validated there)")
     damping: float = Field(1e-3, ge=0, description="λ of G + λI and of the proximity term")
     response: dict = Field(
@@ -352,11 +390,14 @@ class DecompositionPayload(_Schema):
             raise ValueError(f"{bad} must be a finite number")
         return value
 
-    @model_validator(mode="after")
-    def _correlation_needs_test(self) -> DecompositionPayload:
-        if self.correlation is not None and self.test is None:
-            raise ValueError("correlation: needs 'test' points")
-        return self
+    @field_validator("correlation")
+    @classmethod
+    def _correlation_needs_test(cls, value: dict | None, info: ValidationInfo) -> dict | None:
+        """Correlations need test points (an error under ``correlation``; ``test`` comes
+        first, so it is known here unless it was itself invalid, which is reported)."""
+        if value is not None and "test" in info.data and info.data["test"] is None:
+            raise ValueError("correlation needs test points: give 'test' (dataset, indices)")
+        return value
 
 
 class ScoreShardPayload(_EngineSpec):
@@ -431,7 +472,4 @@ class SelfInfluenceResult(_Schema):
 
     scores: _ID
     num_train: int
-    meaning: str = (
-        "self-influence (1/N) grad L_i^T (G + damping I)^-1 grad L_i; large = unusual or "
-        "mislabelled training point."
-    )
+    meaning: str = SELF_INFLUENCE_MEANING

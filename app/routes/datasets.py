@@ -11,8 +11,9 @@ from starlette.concurrency import run_in_threadpool
 
 import models
 from app.deps import Caller, Svc, dataset_record
-from app.schemas import BuiltinDatasetRequest, DatasetItem, DatasetRecord
+from app.schemas import BuiltinDatasetRequest
 from app.thumbnails import NotAnImageError, render_png
+from app.views import DatasetItem, DatasetRecord
 
 router = APIRouter(prefix="/datasets", tags=["datasets"])
 

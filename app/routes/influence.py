@@ -27,9 +27,12 @@ from app.schemas import (
     Ranking,
     SelfInfluenceRequest,
     VerifyRequest,
-    target_value,
+    meaning_of,
 )
-from app.services import Submission, UnprocessableError
+from app.services import ConflictError, Submission, UnprocessableError
+from app.views import target_value
+from influence.decomposition import DecompositionArguments
+from influence.experiments.config import CorrelationArguments, MislabelArguments
 from models import Recipe
 from worker.contract import JobKind, JobStatus, check_mislabel_training_set
 from worker.queue import JobRecord
@@ -47,11 +50,11 @@ _QUEUED_OR_CACHED: dict[int | str, dict[str, Any]] = {
 }
 
 
-def _answer(submission: Submission) -> JSONResponse:
+def _answer(submission: Submission, kind: JobKind) -> JSONResponse:
     """200 with the finished job (result cache), else 202 with the queued/running job."""
     if submission.cached is not None:
         return JSONResponse(job_view(submission.cached, cached=True).model_dump(mode="json"), 200)
-    body = JobAccepted(job=submission.job, status=submission.status.value)
+    body = JobAccepted(job=submission.job, status=submission.status.value, meaning=meaning_of(kind))
     return JSONResponse(body.model_dump(), 202)
 
 
@@ -74,7 +77,8 @@ def post_influence(services: Svc, caller: Caller, request: InfluenceRequest) -> 
         test = services.dataset_test(caller.tenant, request.test, train)
     payload = request.model_dump(mode="json", exclude={"test"})
     payload["test"] = test.model_dump(mode="json", exclude_none=True)
-    return _answer(services.submit_query(caller.tenant, JobKind.INFLUENCE, payload))
+    submission = services.submit_query(caller.tenant, JobKind.INFLUENCE, payload)
+    return _answer(submission, JobKind.INFLUENCE)
 
 
 @router.post("/self-influence", status_code=202, responses=_QUEUED_OR_CACHED)
@@ -85,15 +89,28 @@ def post_self_influence(
     mislabelled points (appendix D.3). Rank with ``GET /influence/{job}/ranking``."""
     services.engine_inputs(caller.tenant, request.model, request.train, request.loss)
     payload = request.model_dump(mode="json")
-    return _answer(services.submit_query(caller.tenant, JobKind.SELF_INFLUENCE, payload))
+    submission = services.submit_query(caller.tenant, JobKind.SELF_INFLUENCE, payload)
+    return _answer(submission, JobKind.SELF_INFLUENCE)
 
 
-def _scored(record: JobRecord | None, job_id: str) -> JobRecord:
-    """404 unless ``record`` is the caller's influence/self-influence job, 409 until it has
-    succeeded."""
+SCORED_KINDS = (JobKind.INFLUENCE, JobKind.SELF_INFLUENCE)
+
+
+def _scored(
+    record: JobRecord | None,
+    job_id: str,
+    kinds: tuple[JobKind, ...] = SCORED_KINDS,
+    what: str = "rankings and score matrices",
+) -> JobRecord:
+    """``record`` if it is the caller's job of one of ``kinds`` and has succeeded: 404 for
+    no such job; 409 naming the job's kind when it is of another kind (the job exists, it
+    just has no ``what``), and 409 until it has succeeded."""
     record = visible(record, job_id)
-    if record.kind not in (JobKind.INFLUENCE, JobKind.SELF_INFLUENCE):
-        raise HTTPException(404, f"job {job_id} is a {record.kind.value} job, not an influence job")
+    if record.kind not in kinds:
+        wanted = " and ".join(kind.value for kind in kinds)
+        raise HTTPException(
+            409, f"job {job_id} is a {record.kind.value} job; {what} exist for {wanted} jobs only"
+        )
     if record.status != JobStatus.SUCCEEDED:
         raise HTTPException(
             409,
@@ -130,8 +147,15 @@ async def ranking(
     values, order = await services.ranked(result["scores"], test, direction == "helpful")
     page_values = values[offset : offset + limit].tolist()
     page_index = order[offset : offset + limit].tolist()
-    train_record = await services.dataset_record(caller.tenant, record.payload["train"])
+    train_id = record.payload["train"]
+    train_record = await services.dataset_record(caller.tenant, train_id)
     targets = await services.targets(train_record) if train_record is not None else None
+    warning = None
+    if train_record is None:
+        warning = (
+            f"the job's training set {train_id} was deleted: every item's target is null "
+            "(upload the same data again, which gets the same id, to see them)"
+        )
     items = [
         Item(index=i, score=s, target=target_value(targets[i]) if targets is not None else None)
         for i, s in zip(page_index, page_values, strict=True)
@@ -145,6 +169,7 @@ async def ranking(
         offset=offset,
         report=record.report,
         meaning=result.get("meaning", SCORE_MEANING),
+        warning=warning,
     )
 
 
@@ -177,10 +202,19 @@ def verify(
 ) -> JobAccepted:
     """Ground truth for one query: for its top-k helpful and harmful training points, solve
     the PBRF (or warm-start retraining) and compare predicted with actual test-loss change.
-    ``test`` must be a row of the job's test points (422 naming ``test``)."""
-    record = _scored(services.queue.get(job_id, caller.tenant), job_id)
-    if record.kind != JobKind.INFLUENCE:
-        raise HTTPException(404, f"job {job_id} is not an influence job")
+    ``test`` must be a row of the job's test points (422 naming ``test``). 409 for a job
+    that is not an influence job, has not succeeded, or whose model, training set or test
+    dataset has been deleted since (verifying retrains on them)."""
+    record = _scored(
+        services.queue.get(job_id, caller.tenant), job_id, (JobKind.INFLUENCE,), "verifications"
+    )
+    deleted = services.deleted_inputs(caller.tenant, record.payload)
+    if deleted:
+        raise ConflictError(
+            f"job {job_id} cannot be verified: its {' and its '.join(deleted)} "
+            f"{'was' if len(deleted) == 1 else 'were'} deleted, and verifying retrains on "
+            "them. Upload the same file again (same content, same id) and retry."
+        )
     request = request or VerifyRequest()
     num_test = (record.result or {}).get("num_test", 1)
     if request.test is not None and request.test >= num_test:
@@ -191,6 +225,36 @@ def verify(
     payload = request.payload(job_id).model_dump(mode="json")
     job = services.queue.submit(JobKind.VERIFY, payload, tenant=caller.tenant)
     return JobAccepted(job=job, status=JobStatus.QUEUED)
+
+
+def _within_training_set(request: DecompositionRequest, size: int) -> None:
+    """422 naming the field when a decomposition asks for more training points than the
+    training set of ``size`` examples has: removed points and correlation points would fail
+    the job in the worker; PBRF points past N would be cut to N and a fraction that
+    corrupts no label would give empty detection curves, so those are refused too."""
+    arguments = DecompositionArguments(**request.arguments)
+    checks: list[tuple[tuple[str, ...], int]] = []
+    if arguments.group_fraction is None:  # distinct single points
+        checks.append((("arguments", "num_points"), arguments.num_points))
+    if request.correlation is not None:
+        checks.append(
+            (("correlation", "num_points"), CorrelationArguments(**request.correlation).num_points)
+        )
+    if request.mislabel is not None:
+        mislabel = MislabelArguments(**request.mislabel)
+        checks.append((("mislabel", "pbrf_points"), mislabel.pbrf_points))
+        if round(mislabel.fraction * size) < 1:
+            raise UnprocessableError(
+                ("body", "mislabel", "fraction"),
+                f"mislabel.fraction = {mislabel.fraction} of the {size} training examples "
+                "corrupts no label; raise it",
+            )
+    for loc, count in checks:
+        if count > size:
+            raise UnprocessableError(
+                ("body", *loc),
+                f"{'.'.join(loc)} = {count} exceeds the {size} examples of the training set",
+            )
 
 
 @router.post("/decompositions", status_code=202, response_model=JobAccepted)
@@ -210,9 +274,10 @@ def decompositions(services: Svc, caller: Caller, request: DecompositionRequest)
     _, train_record = services.engine_inputs(
         caller.tenant, request.model, request.train, loss, loss_loc=("body", "recipe")
     )
+    _within_training_set(request, int(train_record["size"]))
     payload = request.model_dump(mode="json", exclude={"test"})
     if request.test is not None:
         test = services.dataset_test(caller.tenant, request.test, train_record)
         payload["test"] = test.model_dump(mode="json", exclude_none=True)
     job = services.queue.submit(JobKind.DECOMPOSITION, payload, tenant=caller.tenant)
-    return JobAccepted(job=job, status=JobStatus.QUEUED)
+    return JobAccepted(job=job, status=JobStatus.QUEUED)  # no meaning: its result is no score

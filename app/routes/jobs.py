@@ -9,7 +9,7 @@ from fastapi import APIRouter, Header, HTTPException, Query
 from fastapi.responses import StreamingResponse
 
 from app.deps import Caller, Svc
-from app.schemas import JobList, JobView
+from app.schemas import JobList, JobView, meaning_of
 from worker.contract import JobKind, JobStatus
 from worker.queue import JobRecord
 
@@ -21,7 +21,8 @@ KEEP_ALIVE_MS = 10_000
 
 
 def job_view(record: JobRecord, *, cached: bool = False) -> JobView:
-    """The public view of a job; influence jobs link to their ranking and score matrix."""
+    """The public view of a job; influence and self-influence jobs link to their ranking
+    and score matrix and say what their scores mean (``meaning``; null for other kinds)."""
     view = record.to_dict()
     del view["parent"]
     if record.kind in (JobKind.INFLUENCE, JobKind.SELF_INFLUENCE):
@@ -29,6 +30,7 @@ def job_view(record: JobRecord, *, cached: bool = False) -> JobView:
             "ranking": f"/influence/{record.id}/ranking",
             "scores": f"/influence/{record.id}/scores",
         }
+        view["meaning"] = (record.result or {}).get("meaning") or meaning_of(record.kind)
     return JobView(**view, cached=cached)
 
 

@@ -18,13 +18,16 @@ from typing import Any
 
 import pytest
 import redis
+import torch
 import uvicorn
 
 import models
 from app.client import InfluenceClient
 from app.main import create_app
 from worker.main import run_worker
+from worker.queue import JobQueue
 from worker.settings import Settings
+from worker.store import ArtifactStore
 
 API_KEYS = {"key-alice": "alice", "key-bob": "bob"}
 
@@ -172,3 +175,33 @@ def uploaded(
         train_record = client.upload_dataset(dataset_bytes(train, tmp_path), name="train")
         test_record = client.upload_dataset(dataset_bytes(test, tmp_path), name="test")
     return {"model": model.id, "train": train_record.id, "test": test_record.id}
+
+
+@pytest.fixture
+def queue(settings: Settings) -> Iterator[JobQueue]:
+    """The job queue of ``settings`` (to finish jobs by hand, without a worker)."""
+    client = redis.Redis.from_url(str(settings.redis_url), decode_responses=True)
+    yield JobQueue(client, settings)
+    client.close()
+
+
+def finish_influence_job(queue: JobQueue, settings: Settings, job: str, num_train: int) -> str:
+    """Complete queued influence job ``job`` by hand with a stored [2, N] score matrix (as
+    a worker would); returns the scores artifact id."""
+    claim = None
+    for _ in range(10):  # canceled jobs ahead of it in the stream are skipped one per claim
+        claim = queue.claim("test-finisher", block_ms=0)
+        if claim is not None:
+            break
+    assert claim is not None and claim.job_id == job
+    store = ArtifactStore.for_settings(settings)
+    scores = store.put_tensors({"scores": torch.randn(2, num_train)})
+    result = {
+        "scores": scores,
+        "s_test": scores,
+        "num_test": 2,
+        "num_train": num_train,
+        "test_targets": [0, 1],
+    }
+    queue.complete(claim, result)
+    return scores

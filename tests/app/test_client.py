@@ -10,7 +10,7 @@ import pytest
 
 from app.client import WaitTimeoutError
 from app.schemas import JobAccepted, JobView
-from tests.app.conftest import LiveServer
+from tests.app.conftest import LiveServer, WorkerThreads
 
 
 def _queued(live: LiveServer, uploaded: dict[str, str], row: int) -> str:
@@ -61,3 +61,42 @@ def test_wait_returns_a_finished_job_at_once(live: LiveServer, uploaded: dict[st
         final = client.wait(job, timeout=30, progress=seen.append)
     assert final.status == "canceled" and time.monotonic() - began < 5
     assert seen and seen[-1].status == "canceled"
+
+
+def test_wait_ranking_and_scores_take_the_answer_of_a_submission(
+    live: LiveServer, uploaded: dict[str, str], workers: WorkerThreads
+) -> None:
+    """The documented ``job = client.influence(...); client.wait(job)``: a new query answers
+    a queued JobAccepted (``.job``), the same query again the cached JobView (``.id``);
+    every job method takes either, or the id."""
+    workers.start(live.settings)
+    query = {
+        "model": uploaded["model"],
+        "train": uploaded["train"],
+        "test": {"dataset": uploaded["test"], "indices": [5]},
+        "solver": {"name": "cg", "tol": 1e-2},
+    }
+    with live.client() as client:
+        queued = client.influence(query)
+        assert isinstance(queued, JobAccepted)
+        final = client.wait(queued, timeout=120)
+        assert final.status == "succeeded" and final.id == queued.job
+        cached = client.influence(query)
+        assert isinstance(cached, JobView) and cached.cached and cached.id == queued.job
+        seen: list[JobView] = []
+        assert client.wait(cached, timeout=5, progress=seen.append) is cached  # no request
+        assert seen == [cached]
+        for job in (queued, cached, queued.job):
+            assert client.job(job).id == queued.job
+            assert client.ranking(job, limit=3).job == queued.job
+        assert tuple(client.scores(cached).shape) == (1, final.result["num_train"])
+
+
+def test_both_answers_of_a_submission_have_a_job_id() -> None:
+    accepted = JobAccepted(job="j1", status="queued")
+    view = JobView(
+        id="j2", kind="influence", status="succeeded", progress=1.0, phase="done",
+        attempts=1, max_attempts=3, created=0.0, payload={},
+    )  # fmt: skip
+    assert (accepted.job_id, view.job_id) == ("j1", "j2")
+    assert "job_id" not in accepted.model_dump() and "job_id" not in view.model_dump()

@@ -7,31 +7,23 @@ Jobs are finished by hand through the queue (no worker), so each test is quick."
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-import redis
 import safetensors.torch
 import torch
 
 import models
 from app.services import Services
 from tests.app.conftest import LiveServer, dataset_bytes
+from tests.app.conftest import finish_influence_job as _finish
 from worker.queue import JobQueue
 from worker.settings import Settings
 from worker.store import ArtifactStore
 
 ALICE = {"Authorization": "Bearer key-alice"}
-
-
-@pytest.fixture
-def queue(settings: Settings) -> Iterator[JobQueue]:
-    client = redis.Redis.from_url(str(settings.redis_url), decode_responses=True)
-    yield JobQueue(client, settings)
-    client.close()
 
 
 def _query(uploaded: dict[str, str], **changes: Any) -> dict[str, Any]:
@@ -45,28 +37,6 @@ def _query(uploaded: dict[str, str], **changes: Any) -> dict[str, Any]:
 
 def _post(live: LiveServer, path: str, body: dict[str, Any]) -> httpx.Response:
     return httpx.post(live.url + path, headers=ALICE, json=body, timeout=30)
-
-
-def _finish(queue: JobQueue, settings: Settings, job: str, num_train: int) -> str:
-    """Complete queued influence job ``job`` by hand with a stored [2, N] score matrix (as
-    a worker would); returns the scores artifact id."""
-    claim = None
-    for _ in range(10):  # canceled jobs ahead of it in the stream are skipped one per claim
-        claim = queue.claim("test-finisher", block_ms=0)
-        if claim is not None:
-            break
-    assert claim is not None and claim.job_id == job
-    store = ArtifactStore.for_settings(settings)
-    scores = store.put_tensors({"scores": torch.randn(2, num_train)})
-    result = {
-        "scores": scores,
-        "s_test": scores,
-        "num_test": 2,
-        "num_train": num_train,
-        "test_targets": [0, 1],
-    }
-    queue.complete(claim, result)
-    return scores
 
 
 # -- compatibility of model, dataset and loss ---------------------------------------------

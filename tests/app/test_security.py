@@ -272,7 +272,7 @@ def test_client_raises_api_error_with_detail(live: LiveServer) -> None:
         ({"response": {"lbfgs_steps": 10**6}}, ["body", "response"], "lbfgs_steps"),
         ({"response": {"damping": 1.0}}, ["body", "response"], "top level"),
         ({"response": {"device": "cuda"}}, ["body", "response"], "worker's (INFLUENCE_DEVICE)"),
-        ({"correlation": {"num_test": 5}}, ["body"], "needs 'test'"),
+        ({"correlation": {"num_test": 5}}, ["body", "correlation"], "needs test points"),
         ({"damping": 0.0}, ["body", "damping"], "greater than 0"),
         (
             {"arguments": {"num_points": 200}, "response": {"epochs": 200}},
@@ -292,7 +292,7 @@ def test_client_raises_api_error_with_detail(live: LiveServer) -> None:
         ),
         (
             {"test": {"dataset": "c" * 64, "indices": [0]}, "correlation": {"methods": ["cold"]}},
-            ["body"],
+            ["body", "correlation"],
             "correlation.methods: 'cold' needs the recorded training run",
         ),
     ],
