@@ -7,6 +7,11 @@ is loaded. All three peers return ``∇L_qᵀ H⁻¹ ∇L_i`` up to a positive f
 GNH scores), which is the sign of ours; Pearson is scale-free, so each peer's own
 normalisation (sum vs mean loss, 1/N) does not matter.
 
+Timing: each peer runs in a fresh interpreter with the parent's torch thread count and
+the parent's trained weights (a checkpoint; no retraining). Its library is imported
+before any timing, then it runs once untimed (warm-up: lazy imports, allocator, caches)
+and ``repeats`` times timed; the parent reports the median, as for our own methods.
+
 Peers install from ``bench/requirements-peers.txt``; a peer that is not installed is
 reported as skipped, never faked.
 """
@@ -14,6 +19,7 @@ reported as skipped, never faked.
 from __future__ import annotations
 
 import copy
+import importlib
 import importlib.util
 import logging
 import subprocess
@@ -40,18 +46,15 @@ class PeerMethod:
     package: str
     curvature: str
     run: Callable[[nn.Module, tuple[Tensor, Tensor], tuple[Tensor, Tensor], float], Tensor]
+    modules: tuple[str, ...] = ()
+    """What ``run`` imports: imported by :meth:`load` before anything is timed."""
 
     def available(self) -> bool:
         return importlib.util.find_spec(self.package) is not None
 
-
-def _timed(fn: Callable[[], Tensor]) -> Callable[[], tuple[Tensor, float]]:
-    def run() -> tuple[Tensor, float]:
-        start = time.perf_counter()
-        scores = fn()
-        return scores.detach().to(torch.float64), time.perf_counter() - start
-
-    return run
+    def load(self) -> None:
+        for module in self.modules:
+            importlib.import_module(module)
 
 
 def _captum_naive(model, train, test, damping):
@@ -142,16 +145,32 @@ def _kronfluence(strategy: str):
     return run
 
 
+_KRONFLUENCE = ("kronfluence.analyzer", "kronfluence.arguments", "kronfluence.task")
+_CAPTUM = ("captum.influence",)
+_PYDVL = ("pydvl.influence", "pydvl.influence.torch")
+
 PEERS: list[PeerMethod] = [
     PeerMethod(
-        "kronfluence EK-FAC", "kronfluence", "sampled Fisher, EK-FAC", _kronfluence("ekfac")
+        "kronfluence EK-FAC",
+        "kronfluence",
+        "sampled Fisher, EK-FAC",
+        _kronfluence("ekfac"),
+        _KRONFLUENCE,
     ),
-    PeerMethod("kronfluence K-FAC", "kronfluence", "sampled Fisher, K-FAC", _kronfluence("kfac")),
-    PeerMethod("captum Naive", "captum", "full Hessian", _captum_naive),
-    PeerMethod("pyDVL Direct", "pydvl", "full Hessian", _pydvl("direct")),
-    PeerMethod("pyDVL CG", "pydvl", "full Hessian", _pydvl("cg")),
-    PeerMethod("pyDVL LiSSA", "pydvl", "full Hessian", _pydvl("lissa")),
-    PeerMethod("pyDVL Arnoldi (rank 100)", "pydvl", "full Hessian", _pydvl("arnoldi", rank=100)),
+    PeerMethod(
+        "kronfluence K-FAC",
+        "kronfluence",
+        "sampled Fisher, K-FAC",
+        _kronfluence("kfac"),
+        _KRONFLUENCE,
+    ),
+    PeerMethod("captum Naive", "captum", "full Hessian", _captum_naive, _CAPTUM),
+    PeerMethod("pyDVL Direct", "pydvl", "full Hessian", _pydvl("direct"), _PYDVL),
+    PeerMethod("pyDVL CG", "pydvl", "full Hessian", _pydvl("cg"), _PYDVL),
+    PeerMethod("pyDVL LiSSA", "pydvl", "full Hessian", _pydvl("lissa"), _PYDVL),
+    PeerMethod(
+        "pyDVL Arnoldi (rank 100)", "pydvl", "full Hessian", _pydvl("arnoldi", rank=100), _PYDVL
+    ),
 ]
 
 
@@ -161,38 +180,76 @@ def run_peer(
     train: tuple[Tensor, Tensor],
     test: tuple[Tensor, Tensor],
     damping: float,
-) -> tuple[Tensor, float]:
-    """Scores ``[k, N]`` and seconds."""
+    repeats: int = 3,
+) -> tuple[Tensor, list[float]]:
+    """Scores ``[k, N]`` (of the last run) and the seconds of each of ``repeats`` timed
+    runs, after the peer's imports and one untimed warm-up run."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return _timed(lambda: peer.run(model, train, test, damping))()
+        peer.load()
+        peer.run(model, train, test, damping)  # warm-up
+        seconds = []
+        for _ in range(max(1, repeats)):
+            start = time.perf_counter()
+            scores = peer.run(model, train, test, damping)
+            seconds.append(time.perf_counter() - start)
+    return scores.detach().to(torch.float64), seconds
 
 
-def run_isolated(problem_name: str, peer: PeerMethod, damping: float) -> tuple[Tensor, float]:
-    """:func:`run_peer` in a fresh interpreter, so that a peer's crash is a result."""
+def run_isolated(
+    problem_name: str,
+    peer: PeerMethod,
+    damping: float,
+    *,
+    weights: str | Path,
+    threads: int,
+    repeats: int = 3,
+) -> tuple[Tensor, list[float]]:
+    """:func:`run_peer` in a fresh interpreter, so that a peer's crash is a result; it
+    runs at ``threads`` torch threads on the trained weights of the checkpoint
+    ``weights`` (:meth:`bench.reference.ReferenceProblem.save`). The median of the
+    returned seconds is the peer's time."""
     with tempfile.TemporaryDirectory() as out:
         path = Path(out) / "scores.safetensors"
+        command = [
+            sys.executable, "-m", "bench.peers", problem_name, peer.name, str(path),
+            str(damping), "--weights", str(weights), "--threads", str(threads),
+            "--repeats", str(repeats),
+        ]  # fmt: skip
         proc = subprocess.run(
-            [sys.executable, "-m", "bench.peers", problem_name, peer.name, str(path), str(damping)],
-            capture_output=True,
-            text=True,
-            cwd=Path(__file__).parent.parent,
+            command, capture_output=True, text=True, cwd=Path(__file__).parent.parent
         )
         if proc.returncode != 0:
             last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
             raise RuntimeError(f"exit code {proc.returncode}: {last[:200]}")
         tensors = load_file(path)
-        return tensors["scores"], float(tensors["seconds"])
+        return tensors["scores"], [float(s) for s in tensors["seconds"]]
 
 
 def _main() -> None:
+    import argparse
+
     from bench import reference
 
-    name, peer_name, path, damping = sys.argv[1:5]
-    problem = reference.load(name)
-    peer = next(p for p in PEERS if p.name == peer_name)
-    scores, seconds = run_peer(peer, problem.model, problem.train, problem.queries, float(damping))
-    save_file({"scores": scores.contiguous(), "seconds": torch.tensor(seconds)}, path)
+    parser = argparse.ArgumentParser(description="one peer on one reference problem")
+    parser.add_argument("problem", choices=["A", "B"])
+    parser.add_argument("peer", choices=[p.name for p in PEERS])
+    parser.add_argument("out", help="safetensors file for the scores and seconds")
+    parser.add_argument("damping", type=float)
+    parser.add_argument("--weights", required=True, help="checkpoint of the trained model")
+    parser.add_argument("--threads", type=int, required=True)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    problem = reference.load(args.problem, weights=args.weights)
+    peer = next(p for p in PEERS if p.name == args.peer)
+    scores, seconds = run_peer(
+        peer, problem.model, problem.train, problem.queries, args.damping, args.repeats
+    )
+    save_file(
+        {"scores": scores.contiguous(), "seconds": torch.tensor(seconds, dtype=torch.float64)},
+        args.out,
+    )
 
 
 if __name__ == "__main__":

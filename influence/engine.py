@@ -92,7 +92,7 @@ class InfluenceEngine:
         device: where to compute (default: the model's device).
         dtype: computation dtype (default: the model's; float64 for exact checks).
         compile_scoring: run JVP scoring through ``torch.compile`` (``influence.compiled``):
-            the first scoring call compiles (seconds), later ones are 14–24% faster.
+            the first scoring call compiles (seconds), later ones are up to ~14% faster.
             Worth it for large training sets scored many times; falls back to eager,
             with a warning, where compiling fails.
 

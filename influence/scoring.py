@@ -13,7 +13,7 @@ positive = helpful, negative = harmful). Two ways to get ``∇L_i · s_q``:
 
 ``"auto"`` uses ``"jvp"`` for k ≤ ``JVP_MAX_DIRECTIONS`` and ``"grad"`` above. The JVP
 path can run through ``torch.compile`` (``influence.compiled``; the engine's
-``compile_scoring``): 14–24% faster once compiled, seconds to compile.
+``compile_scoring``): up to ~14% faster once compiled, seconds to compile.
 Memory is flat in N: only one batch is live at a time.
 """
 

@@ -116,7 +116,7 @@ class Settings(BaseSettings):
     compile_scoring: bool = Field(
         False,
         description="Workers score through torch.compile (InfluenceEngine compile_scoring): "
-        "the first scoring of each model compiles (seconds), later ones run 14–24% faster. "
+        "the first scoring of each model compiles (seconds), later ones run up to ~14% faster. "
         "Worth it for large training sets queried often.",
     )
     dead_letter_max: int = Field(
