@@ -428,7 +428,8 @@ def query(args: argparse.Namespace) -> None:
             print(f"job {answer.id} (from the cache)")
             view = answer
         else:
-            print(f"job {answer.job} queued", flush=True)
+            state = "queued" if answer.status == "queued" else f"{answer.status} (joined)"
+            print(f"job {answer.job} {state}", flush=True)
             view = _follow(client, answer.job)
         if view.status != "succeeded":
             _fail(f"job {view.id} {view.status}: {view.error}")

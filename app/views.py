@@ -111,6 +111,11 @@ class JobView(BaseModel):
     id: str
     kind: str
     status: Literal["queued", "running", "succeeded", "failed", "canceled"]
+    cancel_requested: bool = Field(
+        False,
+        description="a running job was asked to cancel; it becomes canceled when its "
+        "worker next reports progress",
+    )
     progress: float = Field(description="0–1, never decreases")
     phase: str
     attempts: int

@@ -118,6 +118,7 @@ class JobRecord:
             "id": self.id,
             "kind": self.kind.value,
             "status": self.status.value,
+            "cancel_requested": self.cancel_requested,
             "progress": self.progress,
             "phase": self.phase,
             "attempts": self.attempts,

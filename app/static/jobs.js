@@ -63,14 +63,14 @@ function makeRow(job) {
 function update(entry, job) {
   const { bar, cells, cancelButton, open, row } = entry;
   cells.kind.textContent = job.kind ?? "–";
-  cells.status.textContent = job.status ?? "–";
+  cells.status.textContent = job.cancel_requested && !TERMINAL.has(job.status) ? "canceling" : job.status ?? "–";
   row.dataset.status = job.status ?? "";
   bar.set(job);
   cells.attempts.textContent = job.attempts ?? "–";
   cells.error.textContent = job.error ?? "";
   cells.created.textContent = when(job.created);
   const actions = [];
-  if (!TERMINAL.has(job.status)) actions.push(cancelButton);
+  if (!TERMINAL.has(job.status) && !job.cancel_requested) actions.push(cancelButton);
   if (job.status === "succeeded" && String(job.kind).startsWith("decomp")) actions.push(open);
   if (actions.length !== cells.actions.childElementCount || actions.some((a) => a.parentNode !== cells.actions)) {
     cells.actions.replaceChildren(...actions);

@@ -247,8 +247,13 @@ async function renderResult(box, id, body, job) {
     const label = body.test.indices ? `test index ${body.test.indices[i]}` : `entered example ${i + 1}`;
     picker.append(h("option", { value: String(i) }, label));
   }
+  let drawing = 0; // a later draw (the picker changed meanwhile) supersedes this one
   async function draw() {
-    const common = { id, test: t, trainId: body.train, trainRecord, onReport: showReport };
+    const mine = ++drawing;
+    const shown = t;
+    const card = await testCard(body, shown);
+    if (mine !== drawing) return;
+    const common = { id, test: shown, trainId: body.train, trainRecord, onReport: showReport };
     const helpful = rankingColumn({
       ...common,
       direction: "helpful",
@@ -261,15 +266,16 @@ async function renderResult(box, id, body, job) {
       title: "Top harmful",
       note: "removing these would lower the test loss most",
     });
-    const side = h("div", { class: "side" }, await testCard(body, t), reportBox);
+    const side = h("div", { class: "side" }, card, reportBox);
     board.replaceChildren(side, helpful.column, harmful.column);
     await Promise.all([helpful.load(), harmful.load()]);
   }
+  const exportMessage = h("div", { class: "form-message export-message" });
   picker.addEventListener("change", () => {
     t = Number(picker.value);
-    draw();
+    showMessage(exportMessage, "");
+    draw().catch((error) => showMessage(exportMessage, `Could not show test example: ${errorText(error)}`));
   });
-  const exportMessage = h("div", { class: "form-message export-message" });
   box.replaceChildren(
     h(
       "div",

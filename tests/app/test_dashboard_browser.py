@@ -212,6 +212,31 @@ def test_a_test_example_can_be_entered_by_value(session: Session) -> None:
     session.assert_clean()
 
 
+def test_switching_test_examples_quickly_shows_the_last_one_chosen(session: Session) -> None:
+    page = session.page
+    page.goto(f"{session.base}/")
+    page.fill("#query-form input[name=indices]", "3, 4, 5")
+    page.get_by_role("button", name="Find influential training points").click()
+    wait_for_job(page, "#query-progress", "#query-form")
+    page.wait_for_selector(".test-example >> text=index 3")
+    held = []  # test example 4's item request, answered only after 5 was drawn
+    page.route(re.compile(r".*/items/4$"), lambda route: held.append(route))
+    picker = page.get_by_label("Test example shown")
+    picker.select_option(label="test index 4")
+    for _ in range(200):  # until the page has sent it
+        if held:
+            break
+        page.wait_for_timeout(50)
+    assert len(held) == 1
+    picker.select_option(label="test index 5")
+    page.wait_for_selector(".test-example >> text=index 5")
+    held[0].continue_()
+    page.wait_for_load_state("networkidle")
+    assert "index 5" in page.inner_text(".test-example")
+    assert page.locator(".test-example").count() == 1
+    session.assert_clean()
+
+
 def test_a_job_is_followed_through_throttling_and_errors(session: Session) -> None:
     page = session.page
     throttled = {"status": 429, "headers": {"Retry-After": "1"}, "json": {"detail": "slow down"}}

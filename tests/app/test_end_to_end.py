@@ -19,6 +19,7 @@ from app.schemas import JobAccepted, JobView
 from influence import CG, InfluenceEngine
 from tests.app.conftest import LiveServer, WorkerThreads
 from tests.conftest import RTOL_F32
+from worker.queue import JobCanceledError, JobQueue
 from worker.settings import Settings
 
 SOLVER = {"name": "cg", "tol": 1e-6, "max_iter": 500}
@@ -177,6 +178,29 @@ def test_cancel_a_queued_job(live: LiveServer, uploaded: dict[str, str]) -> None
         with pytest.raises(ApiError) as err:
             client.ranking(job.job)
         assert err.value.status == 409 and "canceled" in str(err.value.detail)
+
+
+def test_canceling_a_running_job_is_shown_until_its_worker_stops(
+    live: LiveServer, uploaded: dict[str, str], queue: JobQueue
+) -> None:
+    query = {
+        "model": uploaded["model"],
+        "train": uploaded["train"],
+        "test": {"dataset": uploaded["test"], "indices": [11]},
+    }
+    with live.client() as client:
+        job = client.influence(query)
+        assert not client.job(job.job).cancel_requested
+        claim = queue.claim("test-runner", block_ms=0)  # a worker took it, mid-computation
+        assert claim is not None and claim.job_id == job.job
+        asked = client.cancel(job.job)
+        assert asked.status == "running" and asked.cancel_requested
+        assert client.job(job.job).cancel_requested
+        with pytest.raises(JobCanceledError):  # the worker's next progress report stops it
+            queue.report_progress(claim, 0.5, "scoring")
+        queue.finish_canceled(claim)
+        final = client.job(job.job)
+    assert final.status == "canceled"
 
 
 def test_dataset_items_and_thumbnails(live: LiveServer, uploaded: dict[str, str], demo) -> None:

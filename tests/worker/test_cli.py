@@ -15,6 +15,7 @@ import sys
 import threading
 import time
 import typing
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -26,7 +27,7 @@ import app.schemas
 from app.cli import WorkerSupervisor, main
 from app.client import ApiError
 from app.routes import influence as influence_routes
-from app.schemas import Item, JobView, Ranking
+from app.schemas import Item, JobAccepted, JobView, Ranking
 from worker.__main__ import CONFIG_ERROR
 
 REPO = Path(__file__).resolve().parents[2]
@@ -334,6 +335,26 @@ def test_query_and_rank_print_the_solver_report(
     out = capsys.readouterr().out.splitlines()
     assert out[-1] == "solver: cg, 72 iterations, relative residual 4.01e-06, converged: yes"
     assert any(line.startswith("test point 0") for line in out)
+
+
+class JoiningClient(RankingClient):
+    """A service whose identical query is already running: the submit joins that job."""
+
+    def influence(self, request: dict) -> JobAccepted:
+        return JobAccepted(job="j1", status="running")
+
+    def wait(self, job: str, progress: Callable[[JobView], None] | None = None) -> JobView:
+        return _view()
+
+
+def test_query_that_joins_a_running_job_says_so(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(app.client, "InfluenceClient", JoiningClient)
+    main(["query"])
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "job j1 running (joined)"
+    assert "queued" not in out[0]
 
 
 def test_rank_of_a_self_influence_job_says_what_is_ranked(
