@@ -31,6 +31,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 if TYPE_CHECKING:
+    from types import FrameType
+
     from app.client import InfluenceClient
     from app.embedded import EmbeddedRedis
     from app.views import JobView, Ranking
@@ -61,8 +63,9 @@ WORKER_STOP_TIMEOUT_S = 30.0
 before it kills them (``serve`` waits up to the job time limit instead). A killed attempt
 is taken up again once its lease expires."""
 GRACEFUL_SHUTDOWN_S = 3.0
-"""On shutdown the API finishes its requests in flight for at most this long: open event
-streams (``GET /jobs/{id}/events``, the dashboard) never finish by themselves."""
+"""On shutdown the API finishes its requests in flight for at most this long. Open event
+streams (``GET /jobs/{id}/events``, the dashboard) end by themselves within
+``app.routes.jobs.STOP_POLL_MS`` once ``serve`` is asked to stop."""
 PARENT_POLL_S = 1.0
 """How often a local worker checks that ``serve`` is still its parent."""
 
@@ -316,13 +319,23 @@ def serve(args: argparse.Namespace) -> None:
             print(f"demo for tenant {settings.default_tenant!r}: {ids}")
         supervisor = WorkerSupervisor(*_worker_command(settings), workers).start()
         print(f"serving on http://{args.host}:{args.port} (OpenAPI at /docs)", flush=True)
-        uvicorn.run(
-            create_app(settings),
-            host=args.host,
-            port=args.port,
-            log_level="warning",
-            timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,  # open event streams end then
-        )
+        api = create_app(settings)
+        stopping = api.state.services.stopping
+
+        class Server(uvicorn.Server):
+            def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+                stopping.set()  # open event streams end, so the shutdown need not cut them
+                super().handle_exit(sig, frame)
+
+        Server(
+            uvicorn.Config(
+                api,
+                host=args.host,
+                port=args.port,
+                log_level="warning",
+                timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
+            )
+        ).run()
     finally:
         _shutdown(supervisor, embedded, settings.job_time_limit_seconds)
 

@@ -333,6 +333,9 @@ class Services:
         )
 
     def __post_init__(self) -> None:
+        self.stopping = threading.Event()
+        """Set when the server begins to shut down (``serve`` sets it on Ctrl-C or SIGTERM):
+        open event streams end instead of holding the shutdown up."""
         self._cache = ByteLRU(self.settings.api_cache_bytes)
         self._unlink = self.redis.register_script(_UNLINK)
         self._relink = self.redis.register_script(_RELINK)

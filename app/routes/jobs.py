@@ -18,6 +18,9 @@ router = APIRouter(prefix="/jobs", tags=["jobs"])
 KEEP_ALIVE_MS = 10_000
 """An SSE comment is sent after this long without events, so proxies keep the stream
 (below the async Redis client's socket timeout, ``app.services.SSE_SOCKET_TIMEOUT_S``)."""
+STOP_POLL_MS = 500
+"""How often an idle stream checks whether the server is shutting down (then it ends, and
+the dashboard reconnects to whichever server answers next)."""
 
 
 def job_view(record: JobRecord, *, cached: bool = False) -> JobView:
@@ -109,19 +112,27 @@ def job_events(
     async def frames() -> AsyncIterator[str]:
         after = last_event_id or "0-0"
         record: JobRecord | None = await services.job(job_id, caller.tenant)
+        quiet_ms = 0
         while record is not None:  # None: expired (result_ttl_seconds) while we watched
             if record.status.terminal:
                 # finished: nothing more to wait for (also when resuming after the last event)
                 yield await done_frame(record, after)
                 return
+            if services.stopping.is_set():
+                return
             reply = await services.aredis.xread(
-                {keys.events(job_id): after}, count=100, block=KEEP_ALIVE_MS
+                {keys.events(job_id): after}, count=100, block=STOP_POLL_MS
             )
-            record = await services.job(job_id, caller.tenant)
             if not reply:
-                yield ": keep-alive\n\n"
+                quiet_ms += STOP_POLL_MS
+                if quiet_ms >= KEEP_ALIVE_MS:
+                    quiet_ms = 0
+                    record = await services.job(job_id, caller.tenant)
+                    yield ": keep-alive\n\n"
                 continue
+            quiet_ms = 0
             after = reply[0][1][-1][0]
+            record = await services.job(job_id, caller.tenant)
             if record is not None and not record.status.terminal:
                 yield _frame("progress", after, job_view(record))
 

@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,6 +21,7 @@ import pytest
 import redis
 
 import models
+from app.cli import GRACEFUL_SHUTDOWN_S
 from app.embedded import EmbeddedRedis
 from worker.contract import JobStatus
 from worker.queue import JobQueue
@@ -142,10 +144,23 @@ def test_ctrl_c_lets_the_running_job_finish_before_redis_stops(serve: Serve) -> 
         return state["status"] == "running" and state["progress"] > 0
 
     _until(running, 120, "the job did not start")
+    # a dashboard following a job queued behind it (its stream idle): the stream must end
+    waiting = httpx.post(
+        f"{api}/influence", json={**query, "test": {**query["test"], "indices": [1]}}
+    )
+    stream = f"{api}/jobs/{waiting.json()['job']}/events"
+    stream_ended: list[float] = []
+    follower = threading.Thread(target=_follow, args=(stream, stream_ended))
+    follower.start()
+    time.sleep(1.0)
+    assert not stream_ended, "the event stream ended before Ctrl-C"
     interrupted = time.time()
     os.killpg(serve.process.pid, signal.SIGINT)  # what the terminal's Ctrl-C does
     time.sleep(0.5)
     assert all(_alive(pid) for pid in serve.children), "Ctrl-C reached serve's children"
+    follower.join(timeout=30)
+    # it ended by itself, before uvicorn's graceful-shutdown timeout would have cut it
+    assert stream_ended and stream_ended[0] - interrupted < GRACEFUL_SHUTDOWN_S, stream_ended
 
     code = serve.process.wait(timeout=300)
     output = serve.output()
@@ -165,6 +180,14 @@ def test_ctrl_c_lets_the_running_job_finish_before_redis_stops(serve: Serve) -> 
     assert record is not None
     assert record.status == JobStatus.SUCCEEDED and record.attempts == 1, (record, output)
     assert record.finished is not None and record.finished > interrupted  # it was running
+
+
+def _follow(url: str, ended: list[float]) -> None:
+    """Read the event stream at ``url`` to its end; note when it ended."""
+    with httpx.stream("GET", url, timeout=60) as response:
+        for _ in response.iter_lines():
+            pass
+    ended.append(time.time())
 
 
 def test_children_do_not_outlive_a_killed_serve(serve: Serve) -> None:

@@ -7,6 +7,8 @@ float32 summation order), ranked the right way round.
 
 from __future__ import annotations
 
+import threading
+import time
 from pathlib import Path
 
 import httpx
@@ -15,6 +17,7 @@ import torch
 
 import models
 from app.client import ApiError
+from app.routes import jobs as jobs_routes
 from app.schemas import JobAccepted, JobView
 from influence import CG, InfluenceEngine
 from tests.app.conftest import LiveServer, WorkerThreads
@@ -178,6 +181,36 @@ def test_cancel_a_queued_job(live: LiveServer, uploaded: dict[str, str]) -> None
         with pytest.raises(ApiError) as err:
             client.ranking(job.job)
         assert err.value.status == 409 and "canceled" in str(err.value.detail)
+
+
+def test_an_idle_event_stream_keeps_alive_and_ends_when_the_server_stops(
+    live: LiveServer, uploaded: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(jobs_routes, "KEEP_ALIVE_MS", 1000)
+    query = {
+        "model": uploaded["model"],
+        "train": uploaded["train"],
+        "test": {"dataset": uploaded["test"], "indices": [12]},
+    }
+    with live.client() as client:
+        job = client.influence(query).job  # no worker: it stays queued, its stream idle
+    lines: list[str] = []
+
+    def read() -> None:
+        url = f"{live.url}/jobs/{job}/events"
+        with httpx.stream("GET", url, headers={"Authorization": "Bearer key-alice"}) as answer:
+            lines.extend(answer.iter_lines())
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    time.sleep(2.8)
+    assert reader.is_alive()
+    live.server.config.app.state.services.stopping.set()  # what serve does on Ctrl-C
+    reader.join(timeout=5)
+    assert not reader.is_alive(), "the stream did not end when the server began to stop"
+    assert lines.count(": keep-alive") >= 1, lines
+    assert sum(line.startswith("event: progress") for line in lines) == 1  # the queued event
+    assert not any(line.startswith("event: done") for line in lines)
 
 
 def test_canceling_a_running_job_is_shown_until_its_worker_stops(
