@@ -51,7 +51,7 @@ from torch import Tensor, nn
 
 from bench import peers, reference
 from influence import CG, Exact, InfluenceEngine, LiSSA, SolverError
-from influence.compiled import _own_code
+from influence.compiled import CompiledDirectional
 from influence.functional import per_example_directional
 from influence.kfac import KFAC
 from influence.nystrom import NystromArguments
@@ -215,13 +215,9 @@ def scoring_cost(
 
 
 def _without_graph_pass(engine: InfluenceEngine) -> None:
-    """Ablation: the engine's compiled scoring recompiled without its ``JvpProducts``
-    graph pass (``torch.compile`` alone, same static shapes and checks). Reaches into
-    ``CompiledDirectional``'s private compiled callable: a benchmark-only hack."""
-    directional = engine.compiled_scoring
-    directional._compiled = torch.compile(
-        _own_code(directional._eager), fullgraph=True, dynamic=False
-    )
+    """Ablation: the engine's compiled scoring without its ``JvpProducts`` graph pass
+    (``torch.compile`` alone, same static shapes and checks)."""
+    engine.compiled_scoring = CompiledDirectional(engine.fmodel, engine.loss, graph_pass=False)
 
 
 def k_sweep(

@@ -131,18 +131,19 @@ class CompiledDirectional:
     check fails, a ``RuntimeWarning`` says why and every later call is eager; a shape
     beyond Dynamo's recompile limit runs eagerly, with a warning, and the compiled
     shapes stay compiled. ``status`` is ``"pending"`` (not yet called), ``"compiled"``
-    or ``"eager: <reason>"``; ``graph_pass`` is the :class:`JvpProducts` used.
+    or ``"eager: <reason>"``; ``graph_pass`` is the :class:`JvpProducts` used (None with
+    ``graph_pass=False``: ``torch.compile`` alone, the benchmark's ablation).
     """
 
-    def __init__(self, fmodel: FlatModel, loss: Loss) -> None:
+    def __init__(self, fmodel: FlatModel, loss: Loss, *, graph_pass: bool = True) -> None:
         self.fmodel, self.loss = fmodel, loss
-        self.graph_pass = JvpProducts()
+        self.graph_pass = JvpProducts() if graph_pass else None
         self._eager: BatchDirectional = batch_directional(fmodel, loss)
         self._compiled = torch.compile(
             _own_code(self._eager),
             fullgraph=True,
             dynamic=False,
-            options={"post_grad_custom_post_pass": self.graph_pass},
+            options={"post_grad_custom_post_pass": self.graph_pass} if graph_pass else None,
         )
         self.status = "pending"
         self.compile_seconds: float | None = None

@@ -14,7 +14,7 @@ from torch import Tensor
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from influence import InfluenceEngine
-from influence.compiled import JvpProducts
+from influence.compiled import CompiledDirectional, JvpProducts
 from tests.conftest import RTOL_F32, rel_error
 from tests.influence.problems import tiny_cnn, tiny_data, tiny_mlp
 
@@ -77,6 +77,19 @@ def test_the_graph_pass_rewrites_the_compiled_scoring_graph() -> None:
     graph_pass = engine.compiled_scoring.graph_pass
     assert graph_pass.zero_products == 1  # the first layer's product with the input's tangent
     assert graph_pass.unfused >= 4  # the primal's two biases and both layers' tangents
+
+
+def test_compiled_scoring_without_the_graph_pass_gives_the_same_scores() -> None:
+    """The benchmark's ablation: ``torch.compile`` alone."""
+    model = tiny_mlp(3).float()
+    inputs, targets = tiny_data("classes3", 20)
+    engine = InfluenceEngine(model, train=(inputs.float(), targets), batch_size=16)
+    direction = torch.randn(1, engine.num_params)
+    expected = engine.scores_from_s_test(direction, method="grad")
+    engine.compiled_scoring = CompiledDirectional(engine.fmodel, engine.loss, graph_pass=False)
+    assert engine.compiled_scoring.graph_pass is None
+    assert rel_error(engine.scores_from_s_test(direction, method="jvp"), expected) < RTOL_F32
+    assert engine.compiled_scoring.status == "compiled"
 
 
 def _engine_with(compiled_pass: Callable[..., Tensor]) -> InfluenceEngine:
