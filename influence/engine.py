@@ -1,6 +1,7 @@
 """``InfluenceEngine``: the public entry point of the influence core.
 
-For a trained model θˢ and its training set, answers (DESIGN.md, appendix Eqns 20, 50)
+For a trained model θˢ and its training set, answers (docs/engine.md, Conventions;
+appendix Eqns 20, 50)
 
 - ``scores``: ``score[q, i] = (1/N) ∇L_qᵀ (G + λI)⁻¹ ∇L_i``, the predicted change of
   test loss q when training point i is removed (positive = helpful);

@@ -6,7 +6,7 @@ Per-example losses and their output-space Hessians come from ``models.losses``.
 
 Batch-level primitives (``gnh_product``, ``hessian_product``) return *sums* over the
 examples of the batch; ``dataset_product`` streams a dataset through them in chunks and
-divides by N, giving the mean curvature of the cost (DESIGN.md, "Math conventions"):
+divides by N, giving the mean curvature of the cost (docs/engine.md, Conventions):
 
 - Gauss-Newton: ``(1/N) Σ_i J_iᵀ H_i J_i v`` (appendix Eqn 45), via ``jvp`` → ``H_y`` →
   ``vjp``; J is never materialised.

@@ -141,7 +141,7 @@ class KFAC:
     ) -> KFAC:
         """Estimate the factors of ``G + λI`` over the training set ``(inputs, targets)``.
 
-        ``G = (1/N) Σ_i J_iᵀ H_i J_i + wd·I`` (DESIGN.md); ``λ = damping``.
+        ``G = (1/N) Σ_i J_iᵀ H_i J_i + wd·I`` (docs/engine.md, Conventions); ``λ = damping``.
         """
         arguments = arguments or KFACArguments()
         loss = get_loss(loss)

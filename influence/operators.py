@@ -1,7 +1,7 @@
 """The damped curvature ``G + λI`` as a linear operator on flat parameter vectors.
 
 ``G = (1/N) Σ_i J_iᵀ H_i J_i + wd·I`` (Gauss-Newton, the default) or the Hessian of the
-cost ``J(θ) = (1/N) Σ_i L_i + (wd/2)‖θ‖²`` (DESIGN.md, "Math conventions"); the solvers
+cost ``J(θ) = (1/N) Σ_i L_i + (wd/2)‖θ‖²`` (docs/engine.md, Conventions); the solvers
 see only ``matvec``/``matmat`` on the full training set, ``curvature`` on a minibatch,
 and, for small d, ``dense``.
 """

@@ -2,9 +2,9 @@
 
 Removing a set z of training points from the cost ``J(θ) = (1/N) Σ_i L_i(θ) + (wd/2)‖θ‖²``
 is downweighting each of its losses by ``ε`` (``ε = 1/N`` removes it exactly), giving
-``Q(θ) = J(θ) − ε Σ_{z∈z} L_z(θ)`` (DESIGN.md, "Math conventions"; appendix Eqn 5).
+``Q(θ) = J(θ) − ε Σ_{z∈z} L_z(θ)`` (docs/engine.md, Conventions; appendix Eqn 5).
 Starting from the recorded run (θ⁰, θˢ, recipe, batch order) the response functions are
-(DESIGN.md's table, appendix C.2):
+(the response table of docs/experiments/README.md, appendix C.2):
 
 - ``cold``: minimise ``Q`` from θ⁰ for K + K/2 epochs, the first K with the base batch
   order and learning rates (the schedule spans K epochs, then its last rate is held);
@@ -218,7 +218,8 @@ def _positive(name: str, value: float | int | None, *, allow_none: bool = False)
 
 @dataclass(frozen=True)
 class ResponseArguments:
-    """How the response functions of a recorded run are computed (DESIGN.md's table)."""
+    """How the response functions of a recorded run are computed (the response table of
+    docs/experiments/README.md)."""
 
     epsilon: float | None = field(
         default=None,

@@ -1,7 +1,7 @@
 """Scoring every training point against s_test, streaming over the training set.
 
 ``score[q, i] = (1/N) ∇L_iᵀ s_q`` with ``s_q = (G + λI)⁻¹ ∇L_q`` (appendix Eqn 50), the
-predicted change of test loss q when training point i is removed (DESIGN.md sign:
+predicted change of test loss q when training point i is removed (docs/engine.md sign:
 positive = helpful, negative = harmful). Two ways to get ``∇L_i · s_q``:
 
 - ``"jvp"``: a forward-mode pass along each s_q gives the directional derivative of

@@ -435,7 +435,7 @@ def _describe(preconditioner: Preconditioner) -> dict[str, Any] | None:
 
 @dataclass(frozen=True)
 class LiSSA:
-    """Stochastic Neumann series (appendix Eqn 49, DESIGN.md indexing from t = 0).
+    """Stochastic Neumann series (appendix Eqn 49, indexed from t = 0 as in docs/engine.md).
 
     ``x₀ = v``; ``x_t = v + (1 − λ/σ) x_{t−1} − G_B x_{t−1}/σ`` with a fresh minibatch B
     (drawn without replacement) per step; the answer is ``x/σ`` averaged over R repeats.

@@ -5,7 +5,7 @@ response functions all call here). Each loss ``L(y, t)`` maps a batch of network
 outputs ``y`` (first dimension = examples) and targets ``t`` to a vector of per-example
 losses, and provides ``H_y v`` — the Hessian of ``L`` with respect to ``y``, applied to a
 batch of output-space vectors — which the Gauss-Newton product ``Jᵀ H_y J v`` needs
-(DESIGN.md, "Math conventions").
+(docs/engine.md, Conventions).
 
 Conventions (stated because scores depend on them):
 

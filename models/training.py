@@ -1,6 +1,7 @@
 """Recorded, replayable training runs.
 
-The objective minimised is DESIGN.md's cost with optional per-example weights,
+The objective minimised is the cost of docs/engine.md (Conventions) with optional
+per-example weights,
 ``J_w(θ) = (1/B) Σ_{i∈B} w_i L(f(θ, x_i), t_i) + (wd/2) ‖θ‖²`` on each minibatch B. The
 mean divides by the batch size, not by Σ w_i, so ``w_z = 0`` removes z while keeping the
 ``1/N`` scale: full-batch, that is ``Q(θ) = J(θ) − ε L_z`` with ``ε = 1/N`` (appendix B).

@@ -4,7 +4,7 @@ names, and the JSON payload/result schemas.
 Payloads and results are JSON in Redis; tensors never are: they live in the artifact
 store (``worker.store``) as safetensors, referenced by their sha256 id.
 
-Score convention carried by every influence result (DESIGN.md):
+Score convention carried by every influence result (docs/engine.md, Conventions):
 ``score[q, i] = (1/N) ∇L_qᵀ (G + λI)⁻¹ ∇L_i`` (Eqn 20/50) is the predicted change of test
 loss ``q`` when training point ``i`` is removed; positive = helpful, negative = harmful.
 """

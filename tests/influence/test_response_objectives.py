@@ -34,7 +34,8 @@ def _perturbed(problem: ResponseProblem, scale: float = 0.05) -> torch.Tensor:
 
 
 def _written_objectives(problem: ResponseProblem) -> dict:
-    """The objectives of DESIGN.md's table spelled out with plain tensor algebra."""
+    """The objectives of the response table (docs/experiments/README.md) spelled out with
+    plain tensor algebra."""
     t, z, eps = problem.targets, problem.removed, problem.epsilon
     ts = problem.theta_s
 
