@@ -15,7 +15,7 @@ import influence.experiments.config
 import influence.response
 from influence.experiments.__main__ import main
 from influence.experiments.config import ExperimentConfig
-from influence.response import Responder, ResponseArguments, verify
+from influence.response import Responder, ResponseArguments, VerifyArguments, verify
 from models import Dataset, Recipe, train
 
 CONFIG = {"architecture": "mlp", "in_features": 3, "out_features": 3, "hidden": [4],
@@ -87,6 +87,33 @@ def test_responder_and_verify_retrain_on_their_device(data: Dataset, monkeypatch
     result = verify((model, run.config), data, data.subset(torch.arange(3)), [1, 2],
                     loss=RECIPE.loss, damping=1e-2, device="cpu:0")  # fmt: skip
     assert seen == [torch.device("cpu", 0)] * 2 and result.actual.device.type == "cpu"
+
+
+def test_device_cpu_is_bit_identical(data: Dataset, monkeypatch) -> None:
+    """Responses, influence and ``verify`` on ``device="cpu"`` equal, bit for bit, those on
+    ``"cpu:0"`` and those of retraining with ``models.train(device=None)`` (no device)."""
+    run = train(CONFIG, data, RECIPE, dtype=torch.float64)
+    model, test = run.model(), data.subset(torch.arange(4))
+
+    def results(device: str) -> list[torch.Tensor]:
+        arguments = ResponseArguments(damping=1e-2, device=device)
+        responder = Responder.from_run(run, data, arguments)
+        thetas = [responder.retrain(m, [3]) for m in ("cold", "warm", "pbrf", "two_stage")]
+        found = verify((model, run.config), data, test, [1, 2], loss=RECIPE.loss,
+                       damping=1e-2, device=device,
+                       arguments=VerifyArguments(steps=3, solver="exact"))  # fmt: skip
+        return [*thetas, responder.influence([[3], [5]])[0], found.predicted, found.actual]
+
+    baseline = results("cpu")
+    variants = {"cpu:0": results("cpu:0")}
+    real_train = influence.response.train
+    monkeypatch.setattr(
+        influence.response, "train", lambda *a, **kw: real_train(*a, **{**kw, "device": None})
+    )
+    variants["train(device=None)"] = results("cpu")
+    for name, found in variants.items():
+        for k, (a, b) in enumerate(zip(found, baseline, strict=True)):
+            assert a.device.type == "cpu" and torch.equal(a, b), (name, k)
 
 
 def test_train_base_uses_the_response_device(monkeypatch) -> None:

@@ -27,6 +27,7 @@ from influence.response import (
 from influence.solvers import CG, Exact
 from models import Dataset, Recipe, TrainingError, build, save_checkpoint, train
 from tests.conftest import RTOL_SOLVE
+from tests.influence.problems import dense_gnh, dense_hessian, reference_scores
 
 LR_CONFIG = {"architecture": "logistic_regression", "in_features": 3, "num_classes": 2}
 LR_RECIPE = Recipe(
@@ -180,13 +181,43 @@ def test_linearized_pbrf_by_sgd_approaches_closed_form() -> None:
     assert gaps[2] < 0.5 * gaps[1]
 
 
-def test_retraining_is_deterministic_and_minibatch(logreg: Responder) -> None:
+def test_retraining_is_deterministic_and_runs_the_recipes_minibatches(monkeypatch) -> None:
+    """Every retraining optimises its objective on minibatches of the recipe's batch size
+    (consecutive slices of one shuffled permutation per epoch; cold start replays the
+    recorded orders for its first K epochs), and retraining twice gives identical θ."""
     data = _classification(30, 3, seed=2)
     recipe = Recipe(optimizer="sgdm", lr=0.05, epochs=4, batch_size=8, loss="cross_entropy")
     run = train(MLP_CONFIG, data, recipe, dtype=torch.float64)
-    r = Responder.from_run(run, data)
-    for method in ("cold", "pbrf", "two_stage"):
-        assert torch.equal(r.retrain(method, [4]), r.retrain(method, [4]))
+    # recorded orders that differ from those the recipe's seed draws, so replay shows
+    recorded = [order.flip(0) for order in run.batch_order]
+    r = Responder(MLP_CONFIG, run.thetas, recipe, data, theta0=run.theta0, batch_order=recorded)
+    calls: list[list[list[int]]] = []  # per models.train call: the objective's idx, in order
+    real = influence.response.train
+
+    def spy(*args, **kwargs):
+        objective, seen = kwargs["objective"], []
+        calls.append(seen)
+
+        def recording(model, x, t, idx):
+            seen.append(idx.tolist())
+            return objective(model, x, t, idx)
+
+        return real(*args, **{**kwargs, "objective": recording})
+
+    monkeypatch.setattr(influence.response, "train", spy)
+    for method in ("cold", "warm", "proximal", "pbrf", "linearized", "two_stage"):
+        calls.clear()
+        assert torch.equal(r.retrain(method, [4]), r.retrain(method, [4])), method
+        epochs = 4 + 2 if method == "cold" else 2  # K + K/2, or K/2 from θˢ
+        # two_stage trains warm(D) once (cached) and warm(D − z) on each call
+        assert len(calls) == (3 if method == "two_stage" else 2), method
+        for seen in calls:
+            assert [len(idx) for idx in seen] == [8, 8, 8, 6] * epochs, method
+            orders = [[i for idx in seen[4 * e : 4 * e + 4] for i in idx] for e in range(epochs)]
+            assert all(sorted(o) == list(range(30)) for o in orders), method
+            assert any(o != list(range(30)) for o in orders), method  # shuffled
+            if method == "cold":
+                assert orders[:4] == [o.tolist() for o in recorded], method
 
 
 def test_decompose_checkpoint_mode_and_serialisation(logreg: Responder) -> None:
@@ -253,6 +284,63 @@ def test_verify_takes_the_query_hessian_and_a_solver_object() -> None:
 
     torch.testing.assert_close(result.predicted, predicted("full"), rtol=1e-8, atol=1e-12)
     assert not torch.allclose(result.predicted, predicted("gnh"), rtol=1e-3)
+
+
+@pytest.mark.parametrize("hessian", ["gnh", "full"])
+def test_verify_predicted_is_the_dense_influence_score(hessian: str) -> None:
+    """With ε = 1/N, ``predicted[k, t]`` is ``(1/N) ∇L_tᵀ (G+λI)⁻¹ ∇L_i`` for i =
+    ``train_indices[k]`` (docs/engine.md's score: the predicted change of test loss t
+    when i is removed), G the dense float64 Gauss-Newton matrix or Hessian with wd·I;
+    with another ε it scales by ε·N."""
+    data = _classification(40, 3, seed=4)
+    test = _classification(6, 3, seed=5)
+    recipe = Recipe(optimizer="adam", lr=0.05, epochs=30, batch_size=None, loss="cross_entropy")
+    run = train(MLP_CONFIG, data, recipe, dtype=torch.float64)
+    model, indices, damping, wd = run.model(), [0, 7, 12, 31], 0.05, 0.02
+    train_xy = (data.inputs.double(), data.targets)
+    dense = (dense_gnh if hessian == "gnh" else dense_hessian)(
+        model, "cross_entropy", *train_xy, wd
+    )
+    matrix = dense + damping * torch.eye(len(dense), dtype=torch.float64)
+    ref = reference_scores(
+        model, "cross_entropy", train_xy, (test.inputs.double(), test.targets), matrix
+    )[:, indices].T  # [k, T]
+    assert ref.abs().min() > 1e-6  # every entry a real comparison, not a zero
+
+    def predicted(epsilon: float | None) -> torch.Tensor:
+        small = VerifyArguments(epsilon=epsilon, steps=1, solver="exact")
+        return verify((model, MLP_CONFIG), data, test, indices, damping=damping,
+                      weight_decay=wd, hessian=hessian, method="linearized",
+                      arguments=small).predicted  # fmt: skip
+
+    torch.testing.assert_close(predicted(None), ref, rtol=1e-8, atol=0.0)
+    torch.testing.assert_close(predicted(1e-3), ref * 1e-3 * 40, rtol=1e-8, atol=0.0)
+
+
+def test_decomposition_gaps_compare_the_documented_pairs() -> None:
+    """Gap j of each removed set is d(a, b) of the two responses docs/experiments/README.md
+    (Table 5) names, each recomputed here by ``Responder.retrain`` / ``influence``."""
+    pairs = {
+        "warm_start": ("cold", "warm"),
+        "proximity": ("warm", "proximal"),
+        "non_convergence": ("proximal", "pbrf"),
+        "linearization": ("pbrf", "linearized"),
+        "solver": ("linearized", "influence"),
+    }
+    data = _classification(20, 3, seed=6)
+    recipe = Recipe(optimizer="sgd", lr=0.3, epochs=4, batch_size=8, loss="cross_entropy")
+    run = train(MLP_CONFIG, data, recipe, dtype=torch.float64)
+    r = Responder.from_run(run, data, ResponseArguments(damping=0.05))
+    result = decompose(r, DecompositionArguments(num_points=2, seed=1))
+    assert list(result.gaps) == list(pairs)
+    for j, z in enumerate(result.removed):
+        theta = {m: r.retrain(m, z) for m in ("cold", "warm", "proximal", "pbrf", "linearized")}
+        theta["influence"] = r.influence([z])[0][0]
+        out = {m: r.outputs(t) for m, t in theta.items()}
+        for name, (a, b) in pairs.items():
+            expected = output_distance(out[a], out[b])
+            assert expected > 1e-8, (name, z)  # a real distance, not two equal responses
+            assert result.gaps[name][j] == pytest.approx(expected, rel=1e-9), (name, z)
 
 
 def test_unbounded_pbrf_is_reported_clearly() -> None:

@@ -20,7 +20,7 @@ from influence import (
     SolverDivergedError,
 )
 from influence.operators import DampedCurvature
-from tests.conftest import RTOL_SOLVE, pearson, rel_error
+from tests.conftest import RTOL_EXACT, RTOL_SOLVE, pearson, rel_error
 from tests.influence.problems import (
     dense_gnh,
     dense_hessian,
@@ -208,6 +208,28 @@ def test_lissa_averages_the_documented_growing_tail(average: float, start: int |
     expected = iterates[-1] if start is None else iterates[start:].mean(dim=0)
     assert rel_error(solution, expected / scale) < 1e-10
     assert report.iterations == 130 and not report.converged
+
+
+def test_lissa_repeats_average_to_the_dense_recursion() -> None:
+    """R = 3 full-batch repeats are each the deterministic recursion, so their mean must
+    equal one dense float64 recursion (tail from s = 20: the largest 10·2^j ≤ 0.5·60)
+    whose matrix is the independent jacrev/hessian GNH plus wd·I and λI; a sum over the
+    repeats instead of their mean would be off by a factor R."""
+    engine = _tiny_engine()
+    op = engine.operator
+    train = tiny_data("classes3", 40)
+    dense = dense_gnh(engine.model, "cross_entropy", *train, weight_decay=WEIGHT_DECAY)
+    matrix = dense + DAMPING * torch.eye(dense.shape[0], dtype=torch.float64)
+    rhs = engine.gradients(*tiny_data("classes3", 2, seed=2)).T
+    scale = 1.1 * float(torch.linalg.eigvalsh(matrix)[-1])
+    solver = LiSSA(depth=60, window=10, average=0.5, scale=scale, tol=1e-300, repeats=3,
+                   batch_size=op.num_examples)  # fmt: skip
+    with pytest.warns(ConvergenceWarning, match="depth=60"):
+        solution, report = solver.solve(op, rhs)
+    expected = _dense_lissa_iterates(matrix, rhs, scale, 60)[20:].mean(dim=0) / scale
+    assert rel_error(solution, expected) < RTOL_EXACT
+    assert report.details["steps"] == [60, 60, 60] and report.iterations == 180
+    assert report.details["repeats"] == 3 and not report.converged
 
 
 def test_lissa_replayed_minibatch_products_give_the_eager_answer() -> None:
