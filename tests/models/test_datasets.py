@@ -237,6 +237,35 @@ def test_digits_matches_the_benchmark_definition() -> None:
     assert float(train.inputs.min()) == 0.0 and float(train.inputs.max()) == 1.0
 
 
+def _raw_split(name: str) -> tuple[np.ndarray, ...]:
+    """scikit-learn's raw rows of ``name``, split as documented on ``builtin_dataset``
+    (80/20, random_state=0, stratified for classification): x_tr, x_te, y_tr, y_te."""
+    from sklearn.datasets import load_breast_cancer, load_diabetes
+    from sklearn.model_selection import train_test_split
+
+    if name == "breast_cancer":
+        raw = load_breast_cancer()
+        return train_test_split(
+            raw.data, raw.target, test_size=0.2, stratify=raw.target, random_state=0
+        )
+    raw = load_diabetes(scaled=False)
+    return train_test_split(raw.data, raw.target.reshape(-1, 1), test_size=0.2, random_state=0)
+
+
+def _assert_rebuilds(
+    standardised: torch.Tensor, stats: dict, raw: np.ndarray, raw_train: np.ndarray
+) -> None:
+    """``stats`` are the raw train split's mean/std, and ``mean + x * std`` gives back the raw
+    rows (compared in train standard deviations: the stored values are float32)."""
+    mean = torch.tensor(stats["mean"], dtype=torch.float64)
+    std = torch.tensor(stats["std"], dtype=torch.float64)
+    torch.testing.assert_close(mean, torch.from_numpy(raw_train.mean(0)), rtol=1e-12, atol=0)
+    torch.testing.assert_close(std, torch.from_numpy(raw_train.std(0)), rtol=1e-12, atol=0)
+    rebuilt = mean + standardised.double() * std
+    unit = torch.from_numpy(raw_train.std(0))
+    torch.testing.assert_close(rebuilt / unit, torch.from_numpy(raw) / unit, rtol=0, atol=1e-6)
+
+
 @pytest.mark.parametrize("name", ["breast_cancer", "diabetes"])
 def test_standardised_with_train_statistics(name: str) -> None:
     train, test = models.builtin_dataset(name), models.builtin_dataset(name, "test")
@@ -248,12 +277,21 @@ def test_standardised_with_train_statistics(name: str) -> None:
         x.std(0, unbiased=False), torch.ones(x.shape[1], dtype=torch.float64), atol=1e-5, rtol=0
     )
     assert test.inputs.double().mean(0).abs().max() > 1e-3  # test split is not re-standardised
+    x_tr, x_te, y_tr, y_te = _raw_split(name)
+    assert test.metadata == {**train.metadata, "split": "test"}
     stats = train.metadata["input_standardisation"]
-    raw = torch.tensor(stats["mean"]) + x[0] * torch.tensor(stats["std"])
-    assert raw.min() >= 0 or name == "diabetes"
-    if name == "diabetes":
+    _assert_rebuilds(train.inputs, stats, x_tr, x_tr)
+    _assert_rebuilds(test.inputs, stats, x_te, x_tr)  # the test split uses train statistics
+    if name == "breast_cancer":
+        assert "target_standardisation" not in train.metadata
+        assert torch.equal(train.targets, torch.from_numpy(y_tr))
+        assert torch.equal(test.targets, torch.from_numpy(y_te))
+    else:
         y = train.targets.double()
         assert abs(float(y.mean())) < 1e-6 and abs(float(y.std(unbiased=False)) - 1) < 1e-5
+        stats = train.metadata["target_standardisation"]
+        _assert_rebuilds(train.targets, stats, y_tr, y_tr)
+        _assert_rebuilds(test.targets, stats, y_te, y_tr)
 
 
 def test_unknown_builtin_and_split() -> None:

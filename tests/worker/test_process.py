@@ -41,7 +41,9 @@ def test_sigkilled_worker_job_completes_on_another_exactly_once(
     solver = LiSSA(depth=400, repeats=3, batch_size=8, seed=0)
     expected = engine.scores(tiny["test"], solver).scores
     got = store.get_tensors(record.result["scores"])["scores"]
-    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4 * float(expected.abs().max()))
+    # LiSSA is seeded and the computation deterministic: the finishing attempt (whatever it
+    # reuses from the killed one) must give the very scores of one uninterrupted solve
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
 
     survivor.send_signal(signal.SIGTERM)
     assert survivor.wait(timeout=20) == 0

@@ -22,8 +22,16 @@ from worker.settings import Settings
 PAYLOAD = {"model": "ab" * 32, "train": "cd" * 32}
 
 
-def short_lease(client: redis.Redis, settings: Settings, **extra: float) -> JobQueue:
-    update = {"lease_seconds": 0.3, "heartbeat_seconds": 0.1, **extra}
+# Leases for tests that also assert a lease is *still held*: the held-lease checks run well
+# within it even on a busy machine. Tests that only wait for a lease to run out use 0.3 s:
+# they sleep past it, so a slow machine only makes them wait longer.
+HELD_LEASE = 1.5
+
+
+def short_lease(
+    client: redis.Redis, settings: Settings, lease: float = 0.3, **extra: float
+) -> JobQueue:
+    update = {"lease_seconds": lease, "heartbeat_seconds": lease / 3, **extra}
     return JobQueue(client, settings.model_copy(update=update))
 
 
@@ -64,13 +72,13 @@ def test_bad_payload_is_refused_naming_the_field(queue: JobQueue) -> None:
 def test_expired_lease_is_taken_over_and_the_stale_attempt_cannot_write(
     client: redis.Redis, settings: Settings
 ) -> None:
-    queue = short_lease(client, settings)
+    queue = short_lease(client, settings, lease=HELD_LEASE)
     job = queue.submit(JobKind.SELF_INFLUENCE, PAYLOAD, tenant=TENANT)
     stale = queue.claim("dead-worker", block_ms=100)
     assert stale is not None
-    queue.report_progress(stale, 0.4, "s_test")
+    queue.report_progress(stale, 0.4, "s_test")  # progress alone does not renew the lease
     assert queue.claim("other", block_ms=50) is None  # lease still held
-    time.sleep(0.4)
+    time.sleep(HELD_LEASE + 0.2)
     fresh = queue.claim("other", block_ms=100)
     assert fresh is not None and fresh.job_id == job and fresh.attempt == 2
 
@@ -91,13 +99,15 @@ def test_expired_lease_is_taken_over_and_the_stale_attempt_cannot_write(
 
 
 def test_heartbeat_keeps_the_lease(client: redis.Redis, settings: Settings) -> None:
-    queue = short_lease(client, settings)
+    queue = short_lease(client, settings, lease=HELD_LEASE)
     queue.submit(JobKind.SELF_INFLUENCE, PAYLOAD, tenant=TENANT)
     claim = queue.claim("busy", block_ms=100)
-    for _ in range(5):
-        time.sleep(0.15)
+    start = time.monotonic()
+    for _ in range(8):  # a beat every 0.3 s for 2.4 s: well past one lease without a renewal
+        time.sleep(0.3)
+        assert queue.claim("thief", block_ms=0) is None  # 0.3 s since the last renewal
         assert queue.heartbeat(claim)
-        assert queue.claim("thief", block_ms=0) is None
+    assert time.monotonic() - start > HELD_LEASE + 0.5
     queue.complete(claim, {})
     assert queue.get(claim.job_id).attempts == 1
 
@@ -189,12 +199,12 @@ def test_progress_never_goes_backwards_and_events_record_it(queue: JobQueue) -> 
 def test_time_limit_aborts_through_the_progress_callback(
     client: redis.Redis, settings: Settings
 ) -> None:
-    queue = short_lease(client, settings, job_time_limit_seconds=0.2)
+    queue = short_lease(client, settings, job_time_limit_seconds=1.0)
     queue.submit(JobKind.SELF_INFLUENCE, PAYLOAD, tenant=TENANT)
     claim = queue.claim("w", block_ms=50)
     progress = queue.progress_callback(claim)
-    progress(0.1, "start")
-    time.sleep(0.25)
+    progress(0.1, "start")  # well within the limit, even on a busy machine
+    time.sleep(1.1)
     with pytest.raises(JobTimeoutError, match="time limit"):
         progress(0.2, "later")
 
