@@ -31,6 +31,7 @@ a term linear in z's logits, which a ReLU network can grow quadratically in θ f
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from functools import cached_property
@@ -46,6 +47,8 @@ from influence.engine import InfluenceEngine
 from influence.functional import FlatModel
 from influence.solvers import CG, Exact, LiSSA, Solver, SolverReport
 from models import (
+    ARCHITECTURES,
+    ConfigError,
     Dataset,
     Progress,
     Recipe,
@@ -54,6 +57,7 @@ from models import (
     build,
     load_checkpoint,
     train,
+    validate_dataset,
 )
 from models.losses import Loss, get_loss
 from models.training import resolve_device
@@ -64,6 +68,7 @@ __all__ = [
     "Responder",
     "ResponseArguments",
     "ResponseProblem",
+    "TrainingData",
     "VerifyArguments",
     "VerifyResult",
     "bregman_divergence",
@@ -75,6 +80,73 @@ __all__ = [
 
 RETRAIN_METHODS = ("cold", "warm", "proximal", "pbrf", "linearized", "two_stage")
 VERIFY_METHODS = ("pbrf", "warm", "linearized")
+
+TrainingData = Dataset | tuple[Tensor, Tensor]
+"""A ``models.Dataset`` or an ``(inputs, targets)`` pair of tensors (as ``InfluenceEngine``
+takes); a pair becomes ``Dataset(inputs, targets)`` with no metadata."""
+
+
+def _as_dataset(data: Any, name: str) -> Dataset:
+    """``data`` (a :data:`TrainingData`) as a validated ``models.Dataset``.
+
+    Raises ``TypeError`` for anything else and ``models.DatasetError`` (a ``ValueError``)
+    naming ``name`` for a malformed one (unequal lengths, non-finite values, bad dtypes).
+    """
+    if isinstance(data, Dataset):
+        dataset = data
+    elif isinstance(data, tuple | list):
+        if len(data) != 2:
+            raise TypeError(
+                f"{name} must be a models.Dataset or an (inputs, targets) pair of tensors, "
+                f"got a {type(data).__name__} of {len(data)} items"
+            )
+        for part, value in zip(("inputs", "targets"), data, strict=True):
+            if not isinstance(value, Tensor):
+                raise TypeError(
+                    f"{name}: {part} must be a torch.Tensor, got {type(value).__name__}"
+                )
+        dataset = Dataset(data[0], data[1])
+    else:
+        raise TypeError(
+            f"{name} must be a models.Dataset or an (inputs, targets) pair of tensors, "
+            f"got {type(data).__name__}"
+        )
+    return validate_dataset(dataset, max_bytes=sys.maxsize, what=name)
+
+
+def _registered_config(config: Any, who: str) -> dict[str, Any]:
+    """``config`` as a dict if it names a registered architecture (``models.ARCHITECTURES``);
+    retraining rebuilds the network from it with ``models.build`` (via ``models.train``),
+    so an arbitrary ``nn.Module`` with no such config cannot be retrained."""
+    valid = ", ".join(sorted(ARCHITECTURES))
+    need = (
+        f"{who} retrains the model, so it needs a registered architecture config "
+        f"(models.ARCHITECTURES: {valid})"
+    )
+    if not isinstance(config, Mapping):
+        raise ConfigError(f"{need}; got {type(config).__name__}, not a dict")
+    if "architecture" not in config:
+        raise ConfigError(f"{need}; got a config without 'architecture'")
+    name = config["architecture"]
+    if not isinstance(name, str) or name not in ARCHITECTURES:
+        raise ConfigError(f"{need}; got architecture {name!r}")
+    return dict(config)
+
+
+def _check_fits(expected: Mapping[str, Tensor], thetas: Mapping[str, Tensor], name: str) -> None:
+    """Raise ``ConfigError`` unless ``thetas`` has exactly the tensor names and shapes of
+    ``expected`` (the state dict of ``build(config)`` for architecture ``name``)."""
+    what = f"state dict does not fit build(config) for {name!r}"
+    missing, extra = sorted(set(expected) - set(thetas)), sorted(set(thetas) - set(expected))
+    if missing or extra:
+        raise ConfigError(f"{what}: missing tensor(s) {missing}, unexpected tensor(s) {extra}")
+    for key, want in expected.items():
+        have = thetas[key]
+        if not isinstance(have, Tensor) or have.shape != want.shape:
+            shape = list(have.shape) if isinstance(have, Tensor) else type(have).__name__
+            raise ConfigError(
+                f"{what}: tensor {key!r} has shape {shape}, expected {list(want.shape)}"
+            )
 
 
 def live_parameters(model: nn.Module) -> Tensor:
@@ -303,6 +375,10 @@ class ResponseArguments:
 class Responder:
     """Computes every response function for removed sets z of one base run.
 
+    ``config`` must be a registered architecture config (``models.build``; retraining
+    rebuilds the network from it) that ``thetas`` fits, else :class:`models.ConfigError`;
+    ``dataset`` is a ``models.Dataset`` or an ``(inputs, targets)`` tensor pair
+    (:data:`TrainingData`), kept as a ``Dataset`` in ``self.dataset``.
     ``theta0``/``batch_order`` (the recorded start and epoch orders) are needed only by
     ``cold``; a plain checkpoint with its recipe supports every other method. Retraining
     goes through ``models.train`` with the recipe (``weight_decay`` moved into the
@@ -321,7 +397,7 @@ class Responder:
         config: Mapping[str, Any],
         thetas: Mapping[str, Tensor],
         recipe: Recipe,
-        dataset: Dataset,
+        dataset: TrainingData,
         arguments: ResponseArguments | None = None,
         *,
         theta0: Mapping[str, Tensor] | None = None,
@@ -332,15 +408,18 @@ class Responder:
         self.solver: Solver = solver if solver is not None else self.arguments.make_solver()
         self.dtype = getattr(torch, self.arguments.dtype)
         self.device = resolve_device(self.arguments.device, "device", ValueError)
-        self.config, self.recipe, self.dataset = dict(config), recipe, dataset
+        self.config, self.recipe = _registered_config(config, "Responder"), recipe
+        self.dataset = _as_dataset(dataset, "dataset")
         self.theta0, self.batch_order = theta0, list(batch_order or [])
         self.model = build(self.config).to(self.dtype)
+        _check_fits(self.model.state_dict(), thetas, self.config["architecture"])
         self.model.load_state_dict(dict(thetas), strict=True)
         self.model.to(self.device).eval()
         self.fmodel, self.theta_s = FlatModel.of(self.model)
         self.loss = get_loss(recipe.loss)
-        self.inputs, self.targets = self._cast(dataset.inputs), self._cast(dataset.targets)
-        self.n = len(dataset)
+        self.inputs = self._cast(self.dataset.inputs)
+        self.targets = self._cast(self.dataset.targets)
+        self.n = len(self.dataset)
         self.retrain_epochs = self.arguments.epochs or max(1, recipe.epochs // 2)
         self.engine = InfluenceEngine(
             self.model, self.loss, train=(self.inputs, self.targets),
@@ -351,7 +430,7 @@ class Responder:
 
     @classmethod
     def from_run(
-        cls, run: TrainRun, dataset: Dataset, arguments: ResponseArguments | None = None
+        cls, run: TrainRun, dataset: TrainingData, arguments: ResponseArguments | None = None
     ) -> Responder:
         """From a recorded ``models.TrainRun`` (all methods, ``cold`` included)."""
         return cls(
@@ -572,8 +651,8 @@ class VerifyResult:
 
 def verify(
     source: str | Path | tuple[nn.Module, Mapping[str, Any]],
-    train_set: Dataset,
-    test_set: Dataset,
+    train_set: TrainingData,
+    test_set: TrainingData,
     train_indices: Sequence[int],
     *,
     loss: str = "cross_entropy",
@@ -592,12 +671,17 @@ def verify(
     ``∇L_testᵀ ε (G+λI)⁻¹ ∇L_i`` (Eqn 20) against the actual change
     ``L_test(θ_method) − L_test(θˢ)``, ``method`` = ``pbrf`` (Eqn 8, what influence
     approximates), ``linearized`` (Eqn 10) or ``warm`` (warm-start retraining, Q from θˢ).
-    ``source`` is a checkpoint path or ``(model, config)``; no training recipe is needed
-    (see :class:`VerifyArguments`). ``hessian`` (``"gnh"`` or ``"full"``), ``damping`` and
-    ``weight_decay`` define the curvature ``G + λI`` as for the influence query being
-    checked; ``solver`` (a solver object, e.g. ``CG(tol=1e-8)`` or ``LiSSA(depth=2000)``)
-    replaces the default one named by ``arguments.solver``. ``device`` runs the solve and
-    the retraining there (``ResponseArguments.device``); the result is on the CPU.
+    ``source`` is a checkpoint path or ``(model, config)`` with ``config`` a registered
+    architecture config (``{"architecture": NAME, ...}``, ``models.build``) that ``model``'s
+    state dict fits: the retraining rebuilds the network from ``config``, so a module with
+    no such config cannot be checked (:class:`models.ConfigError` says so). ``train_set``
+    and ``test_set`` are ``models.Dataset`` objects or ``(inputs, targets)`` tensor pairs.
+    No training recipe is needed (see :class:`VerifyArguments`). ``hessian`` (``"gnh"`` or
+    ``"full"``), ``damping`` and ``weight_decay`` define the curvature ``G + λI`` as for the
+    influence query being checked; ``solver`` (a solver object, e.g. ``CG(tol=1e-8)`` or
+    ``LiSSA(depth=2000)``) replaces the default one named by ``arguments.solver``.
+    ``device`` runs the solve and the retraining there (``ResponseArguments.device``); the
+    result is on the CPU.
     """
     arguments = arguments or VerifyArguments()
     if method not in VERIFY_METHODS:
@@ -606,8 +690,18 @@ def verify(
         raise ValueError("train_indices: at least one training index is needed")
     if isinstance(source, str | Path):
         model, config = load_checkpoint(source)
-    else:
+    elif isinstance(source, tuple | list) and len(source) == 2:
         model, config = source
+        if not isinstance(model, nn.Module):
+            raise TypeError(
+                f"source: the model must be a torch.nn.Module, got {type(model).__name__}"
+            )
+        config = _registered_config(config, "verify")
+    else:
+        raise TypeError(
+            f"source must be a checkpoint path or a (model, config) pair, got {source!r:.80}"
+        )
+    train_set, test_set = _as_dataset(train_set, "train_set"), _as_dataset(test_set, "test_set")
     recipe = Recipe(
         optimizer="lbfgs", lr=1.0, epochs=arguments.steps, weight_decay=weight_decay,
         loss=get_loss(loss).name, lbfgs_tolerance_grad=1e-10,
