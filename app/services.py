@@ -221,10 +221,11 @@ def compatibility_problem(
     targets = [int(d) for d in layout["targets"]["shape"]]
     real_targets = _is_real(layout["targets"]["dtype"])
     if loss == "cross_entropy":
-        if real_targets and dataset.get("task") == "regression":
+        if real_targets:
+            kind = "is a regression set with" if dataset.get("task") == "regression" else "has"
             return "loss", (
-                f"cross_entropy needs class-index targets; dataset {data_id} is a regression "
-                "set with real-valued targets (use mse)"
+                f"cross_entropy needs integer class-index targets; dataset {data_id} {kind} "
+                f"real-valued targets ({layout['targets']['dtype']}; use mse or bce)"
             )
         if out and targets != out[:-1]:
             return "loss", (

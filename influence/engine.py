@@ -28,7 +28,9 @@ from influence.errors import ConvergenceWarning
 from influence.functional import (
     CurvatureKind,
     FlatModel,
+    batch_product,
     batch_slices,
+    per_example_directional,
     per_example_grads,
     summed_grad,
 )
@@ -42,19 +44,61 @@ from influence.solvers import (
     relative_residuals,
 )
 from models.datasets import Dataset
-from models.losses import Loss, get_loss
-from models.training import Progress
+from models.losses import Loss, TargetError, get_loss
+from models.training import Progress, resolve_device
 
 __all__ = ["InfluenceEngine"]
 
 _RESIDUAL_SAMPLE = 64
 """Columns on which ``self_influence`` measures a factorizing solver's residual."""
 
+_PROBE_EXAMPLES = 2
+"""Training examples the construction-time probe runs the model's transforms on."""
+
+_MIN_BITS = 32
+"""Narrowest floating dtype the engine computes in: solves and curvature in half precision
+(float16, bfloat16, float8) lose most digits, yet CG and Exact would still report success."""
+
+_TORCH_ERRORS = (RuntimeError, IndexError, TypeError, ValueError)
+"""What torch raises for a model/input mismatch or an unsupported transform
+(NotImplementedError is a RuntimeError)."""
+
+_SINGLE_EXAMPLE_HINT = "pass a single example as a batch of one, e.g. (X[:1], y[:1])"
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _compute_dtype(requested: Any, model_dtype: torch.dtype) -> torch.dtype:
+    """The engine's computation dtype: ``requested``, else the model's, with half types
+    (fewer than 32 bits) upcast to float32 by default and refused when asked for."""
+    if requested is None:
+        if model_dtype.is_floating_point and torch.finfo(model_dtype).bits < _MIN_BITS:
+            return torch.float32
+        return model_dtype
+    if not isinstance(requested, torch.dtype):
+        raise ValueError(f"dtype must be a torch.dtype such as torch.float64, got {requested!r}")
+    if requested.is_floating_point and torch.finfo(requested).bits < _MIN_BITS:
+        raise ValueError(
+            f"dtype {_dtype_name(requested)} is too coarse for influence: solves and curvature "
+            "need at least float32 (a half-precision model is computed in float32 by default); "
+            "pass dtype=torch.float32 or torch.float64"
+        )
+    return requested
+
 
 def _as_pair(
-    data: Any, name: str, dtype: torch.dtype, device: torch.device
+    data: Any,
+    name: str,
+    dtype: torch.dtype,
+    device: torch.device,
+    batch_dims: tuple[int, int] | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """(inputs, targets) from a 2-tuple or a Dataset-like object (``.inputs``/``.targets``)."""
+    """(inputs, targets) from a 2-tuple or a Dataset-like object (``.inputs``/``.targets``).
+
+    ``batch_dims``: the training set's (inputs, targets) ranks; a pair one rank short in
+    both is a single example without its batch dimension (ValueError saying so)."""
     if hasattr(data, "inputs") and hasattr(data, "targets"):
         inputs, targets = data.inputs, data.targets
     elif isinstance(data, Sequence) and len(data) == 2:
@@ -63,6 +107,18 @@ def _as_pair(
         raise ValueError(f"{name} must be an (inputs, targets) pair or a Dataset")
     if not (isinstance(inputs, Tensor) and isinstance(targets, Tensor)):
         raise ValueError(f"{name}: inputs and targets must be torch Tensors")
+    if inputs.dim() == 0 or targets.dim() == 0:
+        raise ValueError(
+            f"{name}: inputs and targets need a leading batch dimension, got shapes "
+            f"{list(inputs.shape)} and {list(targets.shape)}; {_SINGLE_EXAMPLE_HINT}"
+        )
+    if batch_dims is not None and (inputs.dim() + 1, targets.dim() + 1) == batch_dims:
+        raise ValueError(
+            f"{name}: inputs of shape {list(inputs.shape)} and targets of shape "
+            f"{list(targets.shape)} look like one example without its batch dimension (the "
+            f"training set's have {batch_dims[0]} and {batch_dims[1]} dimensions); "
+            f"{_SINGLE_EXAMPLE_HINT}"
+        )
     if len(inputs) == 0 or len(inputs) != len(targets):
         raise ValueError(
             f"{name}: need as many targets as inputs (> 0), got {len(inputs)} inputs "
@@ -90,12 +146,20 @@ class InfluenceEngine:
         damping: λ in ``G + λI``.
         weight_decay: wd of the training cost ``(wd/2)‖θ‖²``; adds ``wd·I`` to G.
         batch_size: examples per vectorised pass (memory vs speed).
-        device: where to compute (default: the model's device).
-        dtype: computation dtype (default: the model's; float64 for exact checks).
+        device: where to compute (default: the model's device); ``"cuda"`` without a usable
+            GPU is a ValueError.
+        dtype: computation dtype (default: the model's, except that a float16/bfloat16
+            model is computed in float32 on an upcast copy; float64 for exact checks).
+            Dtypes narrower than float32 are refused (ValueError).
         compile_scoring: run JVP scoring through ``torch.compile`` (``influence.compiled``):
             the first scoring call compiles (seconds), later ones are up to ~14% faster.
             Worth it for large training sets scored many times; falls back to eager,
             with a warning, where compiling fails.
+
+    Construction probes the model on the first two training examples (forward, loss,
+    ``torch.func.jvp``, ``vmap(grad)`` and one curvature product) and turns a failure into
+    a ValueError saying which step failed (docs/engine.md, Model requirements). Test
+    points are checked the same way (a forward pass and the loss on two of them).
 
     Attributes:
         last_report: the :class:`SolverReport` of the latest ``s_test``, ``scores``,
@@ -123,12 +187,14 @@ class InfluenceEngine:
         first = next(model.parameters(), None)
         if first is None:
             raise ValueError("model has no parameters")
-        self.device = torch.device(device) if device is not None else first.device
-        self.dtype = dtype or first.dtype
+        self.device = (
+            resolve_device(device, "device", ValueError) if device is not None else first.device
+        )
+        self.dtype = _compute_dtype(dtype, first.dtype)
         if not self.dtype.is_floating_point:
             raise ValueError(f"dtype must be a floating-point dtype, got {self.dtype}")
-        self.model = copy.deepcopy(model).to(device=self.device, dtype=self.dtype).eval()
         self.loss = get_loss(loss)
+        self.model = copy.deepcopy(model).to(device=self.device, dtype=self.dtype).eval()
         self.fmodel, self.theta = FlatModel.of(self.model)
         if not torch.isfinite(self.theta).all():
             raise ValueError("model parameters contain NaN or infinite values")
@@ -137,6 +203,7 @@ class InfluenceEngine:
             self.fmodel, self.theta, self.loss, inputs, targets,
             kind=hessian, weight_decay=weight_decay, damping=damping, batch_size=batch_size,
         )  # fmt: skip
+        self._probe(inputs, targets)
         self.last_report: SolverReport | None = None
         self.compiled_scoring = (
             CompiledDirectional(self.fmodel, self.loss) if compile_scoring else None
@@ -152,12 +219,108 @@ class InfluenceEngine:
         """d, the number of trainable parameters."""
         return self.operator.size
 
-    def _pair(self, data: Any, name: str) -> tuple[Tensor, Tensor]:
-        return _as_pair(data, name, self.dtype, self.device)
+    def _outputs(self, inputs: Tensor, what: str) -> Tensor:
+        """The model's outputs on a few examples (no graph); ValueError if it cannot take
+        ``what`` (e.g. "the training inputs")."""
+        try:
+            with torch.no_grad():
+                outputs = self.fmodel(self.theta, inputs)
+        except _TORCH_ERRORS as exc:
+            train_shape = list(self.operator.inputs.shape[1:])
+            raise ValueError(
+                f"the model cannot take {what} (per-example shape {list(inputs.shape[1:])}, "
+                f"dtype {_dtype_name(inputs.dtype)}; the training inputs have {train_shape}): "
+                f"{exc}"
+            ) from exc
+        if not isinstance(outputs, Tensor):
+            raise ValueError(
+                f"the model must return one Tensor of outputs, got a {type(outputs).__name__} "
+                "(e.g. nn.LSTM returns (output, state): wrap it in a module that returns logits)"
+            )
+        return outputs
 
-    def gradients(self, inputs: Tensor, targets: Tensor) -> Tensor:
-        """Per-example loss gradients ``∇_θ L(f(θˢ, x_j), t_j)``, shape ``[k, d]``."""
-        x, t = self._pair((inputs, targets), "gradients")
+    def _check_targets(self, outputs: Tensor, targets: Tensor, what: str) -> None:
+        """Class indices lie in ``[0, C)`` for cross-entropy (all of ``targets``, before any
+        loss is evaluated: on CUDA an out-of-range index is a device-side assert), and the
+        loss takes ``outputs`` and the first ``len(outputs)`` targets (one value each)."""
+        integer = not (targets.is_floating_point() or targets.is_complex())
+        if self.loss.name == "cross_entropy" and integer:  # float targets: the loss says so
+            classes = outputs.shape[-1]
+            bad = (targets < 0) | (targets >= classes)
+            if bool(bad.any()):
+                row = int(bad.reshape(len(bad), -1).any(dim=1).nonzero()[0, 0])
+                value = int(targets[row][bad[row]].reshape(-1)[0])
+                raise ValueError(
+                    f"cross_entropy targets must be integer class indices [0, {classes}) (the "
+                    f"model gives {classes} logits): {what} example {row} has {value}"
+                )
+        try:
+            with torch.no_grad():
+                values = self.loss.per_example(outputs, targets[: len(outputs)])
+        except TargetError as exc:  # already says what is wrong; say which targets
+            raise ValueError(f"{what}: {exc}") from exc
+        except _TORCH_ERRORS as exc:
+            raise ValueError(
+                f"the {self.loss.name} loss cannot take the model's outputs (per-example shape "
+                f"{list(outputs.shape[1:])}) and {what} (per-example shape "
+                f"{list(targets.shape[1:])}, dtype {_dtype_name(targets.dtype)}): {exc}"
+            ) from exc
+        if values.shape != (len(outputs),):
+            raise ValueError(
+                f"the {self.loss.name} loss of the model's outputs and {what} has shape "
+                f"{list(values.shape)}, expected one value per example ({len(outputs)})"
+            )
+
+    def _probe(self, inputs: Tensor, targets: Tensor) -> None:
+        """Run every transform the engine relies on, on the first ``_PROBE_EXAMPLES``
+        training examples, so an unsupported model fails here with a ValueError naming the
+        step instead of deep inside a solve."""
+        x, t = inputs[:_PROBE_EXAMPLES], targets[:_PROBE_EXAMPLES]
+        outputs = self._outputs(x, "the training inputs")
+        self._check_targets(outputs, targets, "the training targets")
+        fmodel, loss, theta = self.fmodel, self.loss, self.theta
+        direction = torch.ones_like(theta).unsqueeze(0)
+        kind = self.operator.kind
+        steps = (
+            (
+                "forward-mode autodiff (torch.func.jvp), which the Gauss-Newton products and "
+                "JVP scoring need",
+                lambda: per_example_directional(fmodel, loss, theta, x, t, direction),
+            ),
+            (
+                "per-example gradients (torch.func.vmap over torch.func.grad), which test "
+                "gradients, self-influence and 'grad' scoring need",
+                lambda: per_example_grads(fmodel, loss, theta, x, t),
+            ),
+            (
+                "the Gauss-Newton product (torch.func.jvp, then vjp)"
+                if kind == "gnh"
+                else "the Hessian product (forward-over-reverse: torch.func.jvp of grad)",
+                lambda: batch_product(kind, fmodel, loss)(theta, x, t, direction[0]),
+            ),
+        )
+        for needed, run in steps:
+            try:
+                run()
+            except _TORCH_ERRORS as exc:
+                raise ValueError(
+                    f"the model does not support {needed}: {exc} (see docs/engine.md, Model "
+                    "requirements)"
+                ) from exc
+
+    def _pair(self, data: Any, name: str, noun: str | None = None) -> tuple[Tensor, Tensor]:
+        """``data`` as (inputs, targets) in the engine's dtype and device, checked against
+        the model: a forward pass and the loss on a few of them, class-index ranges, and
+        a hint when a single example was passed without its batch dimension. Messages call
+        them ``noun`` (default "the {name}") inputs/targets."""
+        noun = noun or f"the {name}"
+        ranks = (self.operator.inputs.dim(), self.operator.targets.dim())
+        x, t = _as_pair(data, name, self.dtype, self.device, ranks)
+        outputs = self._outputs(x[:_PROBE_EXAMPLES], f"{noun} inputs")
+        self._check_targets(outputs, t, f"{noun} targets")
+        return x, t
+
+    def _gradients(self, x: Tensor, t: Tensor) -> Tensor:
         return torch.cat(
             [
                 per_example_grads(self.fmodel, self.loss, self.theta, x[sl], t[sl])
@@ -165,13 +328,17 @@ class InfluenceEngine:
             ]
         )
 
+    def gradients(self, inputs: Tensor, targets: Tensor) -> Tensor:
+        """Per-example loss gradients ``∇_θ L(f(θˢ, x_j), t_j)``, shape ``[k, d]``."""
+        return self._gradients(*self._pair((inputs, targets), "gradients", "the gradients()"))
+
     def s_test(
         self, test: Any, solver: Solver, progress: Progress | None = None
     ) -> tuple[Tensor, SolverReport]:
         """``s_q = (G + λI)⁻¹ ∇L_q`` for k test points in one k-column solve (Eqn 50);
         returns ``([k, d], report)``."""
-        x, t = self._pair(test, "test")
-        grads = self.gradients(x, t)
+        _require_solver(solver)
+        grads = self._gradients(*self._pair(test, "test"))
         solution, report = solver.solve(self.operator, grads.T, progress)
         self.last_report = report
         return solution.T.contiguous(), report
@@ -234,6 +401,7 @@ class InfluenceEngine:
         the largest per-chunk iteration count, and the total seconds. Unconverged chunks
         give one ``ConvergenceWarning`` for the call, not one per chunk.
         """
+        _require_solver(solver)
         started = time.perf_counter()
         op = self.operator
         factorizes = hasattr(solver, "factorize")
@@ -258,7 +426,7 @@ class InfluenceEngine:
                 if progress is not None:
                     progress(sl.stop / n, "self_influence")
         if inverse is not None:
-            sample = self.gradients(*_rows(op, slice(0, _RESIDUAL_SAMPLE))).T
+            sample = self._gradients(*_rows(op, slice(0, _RESIDUAL_SAMPLE))).T
             residual = relative_residuals(op, inverse.solve(sample), sample)
             report = SolverReport(
                 method=type(solver).__name__.lower(),
@@ -291,6 +459,7 @@ class InfluenceEngine:
         """Predicted change of each test loss when the set S = ``indices`` is removed,
         S's loss being ``Σ_{i∈S} L_i`` with ε = 1/N: ``(1/N) ∇L_qᵀ (G+λI)⁻¹ Σ_{i∈S} ∇L_i``.
         Returns ``([k], report)``; one solve whatever k."""
+        _require_solver(solver)
         index = torch.as_tensor(indices, dtype=torch.long).reshape(-1)
         if index.numel() == 0:
             raise ValueError("indices must name at least one training point")
@@ -298,16 +467,29 @@ class InfluenceEngine:
             raise ValueError(f"indices must lie in [0, {self.num_train}), got {index.tolist()}")
         if index.unique().numel() != index.numel():
             raise ValueError("indices must not repeat: a group is a set of training points")
+        x, t = self._pair(test, "test")
         op = self.operator
         index = index.to(self.device)
         group_grad = sum(
             summed_grad(self.fmodel, self.loss, self.theta, *_rows(op, index[sl]))
             for sl in batch_slices(len(index), op.batch_size)
         )
-        x, t = self._pair(test, "test")
         solution, report = solver.solve(op, group_grad)
         self.last_report = report
-        return self.gradients(x, t) @ solution / self.num_train, report
+        return self._gradients(x, t) @ solution / self.num_train, report
+
+
+def _require_solver(solver: Any) -> None:
+    """TypeError unless ``solver`` is a solver instance (not its class)."""
+    if isinstance(solver, type):
+        raise TypeError(
+            f"solver must be an instance, e.g. {solver.__name__}(), not the class {solver.__name__}"
+        )
+    if not callable(getattr(solver, "solve", None)):
+        raise TypeError(
+            "solver must be an instance such as Exact(), CG(), LiSSA() or Lanczos(), got "
+            f"{type(solver).__name__}"
+        )
 
 
 def _rows(op: DampedCurvature, index: slice | Tensor) -> tuple[Tensor, Tensor]:

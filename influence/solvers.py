@@ -234,11 +234,28 @@ class EigenInverse:
         return out.to(rhs.dtype)
 
 
+def _curvature_advice(operator: DampedCurvature) -> str:
+    """What a non-positive curvature value means for ``operator.kind``, and what to do.
+
+    The full Hessian can be indefinite (suggest damping or the GNH); the GNH is PSD, so
+    there it can only come from rounding or non-finite values (suggesting the GNH would
+    be no advice at all)."""
+    if operator.kind == "full":
+        return (
+            f"the full Hessian can be indefinite: increase damping (now "
+            f"{operator.damping:g}) or use hessian='gnh'"
+        )
+    return (
+        "the Gauss-Newton matrix is positive semi-definite, so a non-positive value means "
+        "rounding in a (near-)singular matrix, or non-finite values in the model or its "
+        f"inputs: raise damping (now {operator.damping:g})"
+    )
+
+
 def _negative_curvature(operator: DampedCurvature, value: float, count: int, how: str) -> None:
     raise NegativeCurvatureError(
         f"the damped {operator.kind} curvature G + λI is not positive definite: {how} "
-        f"{value:.4g} ({count} such direction(s)); increase damping (now {operator.damping:g}) "
-        f"or use hessian='gnh'",
+        f"{value:.4g} ({count} such direction(s)); {_curvature_advice(operator)}",
         value=value,
     )
 
@@ -381,9 +398,7 @@ class CG:
                 value = float(curvature[j] / p_a[:, j].pow(2).sum())
                 raise NegativeCurvatureError(
                     f"CG iteration {it}: direction p with pᵀ(G+λI)p/‖p‖² = {value:.4g} <= 0 "
-                    f"(right-hand side {int(active[j])}); the damped {operator.kind} curvature "
-                    f"is indefinite: increase damping (now {operator.damping:g}) or use "
-                    f"hessian='gnh'",
+                    f"(right-hand side {int(active[j])}); {_curvature_advice(operator)}",
                     value=value,
                     iteration=it,
                 )

@@ -9,9 +9,11 @@ batch of output-space vectors — which the Gauss-Newton product ``Jᵀ H_y J v`
 
 Conventions (stated because scores depend on them):
 
-- ``cross_entropy``: softmax over the last dimension of the logits. For sequence
-  outputs ``[B, T, V]`` with integer targets ``[B, T]`` (``transformer_lm``) the
-  per-example loss is the mean over the T positions. ``H_y = diag(p) − p pᵀ`` per
+- ``cross_entropy``: softmax over the last dimension of the logits; targets are integer
+  class indices in ``[0, C)``, and floating-point targets (one-hot, probabilities) are
+  refused with a ``TargetError`` (a ``ValueError``) rather than truncated to indices.
+  For sequence outputs ``[B, T, V]`` with integer targets ``[B, T]`` (``transformer_lm``)
+  the per-example loss is the mean over the T positions. ``H_y = diag(p) − p pᵀ`` per
   position (divided by T for sequences).
 - ``mse``: ``L = ½ ‖y − t‖²`` summed over output dimensions, so ``H_y = I``.
 - ``bce``: sigmoid + binary cross-entropy on logits, summed over output dimensions;
@@ -27,7 +29,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["LOSSES", "Loss", "get_loss"]
+__all__ = ["LOSSES", "Loss", "TargetError", "get_loss"]
+
+
+class TargetError(ValueError):
+    """Targets a loss refuses outright (e.g. floating-point targets for cross-entropy)."""
 
 
 class _LossFn(Protocol):
@@ -43,7 +49,21 @@ def _flat_positions(outputs: Tensor) -> int:
     return 1 if outputs.dim() <= 2 else int(outputs[0, ..., 0].numel())
 
 
+def _require_class_indices(outputs: Tensor, targets: Tensor) -> None:
+    """TargetError (a ValueError) unless ``targets`` hold integers: a check of their dtype
+    only, so it also holds under ``vmap``, ``jvp`` and ``torch.compile``. Ranges depend on
+    the data and are checked where the data enter (``InfluenceEngine``)."""
+    if targets.is_floating_point() or targets.is_complex():
+        classes = outputs.shape[-1]
+        raise TargetError(
+            f"cross_entropy targets must be integer class indices [0, {classes}), got "
+            f"{str(targets.dtype).removeprefix('torch.')} targets (one-hot or probability "
+            "targets are not supported; pass targets.argmax(-1) for one-hot labels)"
+        )
+
+
 def _ce_per_example(outputs: Tensor, targets: Tensor) -> Tensor:
+    _require_class_indices(outputs, targets)
     if outputs.dim() == 2:
         return F.cross_entropy(outputs, targets.long(), reduction="none")
     per_pos = F.cross_entropy(
@@ -105,12 +125,31 @@ LOSSES: dict[str, Loss] = {
 }
 
 
+_TORCH_EQUIVALENTS = {
+    "CrossEntropyLoss": "cross_entropy",
+    "MSELoss": "mse",
+    "BCEWithLogitsLoss": "bce",
+}
+"""torch.nn loss modules whose built-in counterpart an error message can suggest."""
+
+
 def get_loss(name: str | Loss) -> Loss:
-    """Look a loss up by name; an unknown name lists the valid ones."""
+    """Look a loss up by name; an unknown name, or anything else (e.g. a ``torch.nn`` loss
+    module), is a ValueError listing the valid names."""
     if isinstance(name, Loss):
         return name
+    valid = ", ".join(repr(n) for n in sorted(LOSSES))
+    if not isinstance(name, str):
+        kind = type(name).__name__
+        hint = ""
+        if kind in _TORCH_EQUIVALENTS:
+            hint = f" (for {kind} use {_TORCH_EQUIVALENTS[kind]!r}"
+            hint += "; note mse is ½‖y − t‖² summed per example)" if kind == "MSELoss" else ")"
+        raise ValueError(
+            f"loss must be one of the built-in names {valid} or a models.losses.Loss (per-"
+            f"example values plus the output-space Hessian product), got a {kind}{hint}"
+        )
     try:
         return LOSSES[name]
     except KeyError:
-        valid = ", ".join(sorted(LOSSES))
         raise ValueError(f"unknown loss {name!r}; valid losses: {valid}") from None

@@ -410,19 +410,20 @@ def _decomposition(ctx: Context, claim: Claim, progress: Progress) -> Outcome:
     tenant = claim.job.tenant
     payload = DecompositionPayload.model_validate(claim.job.payload)
     model, config = ctx.checkpoint(tenant, payload.model)
+    train_set = ctx.dataset(tenant, payload.train)
+    mislabel = None
+    if payload.mislabel is not None:  # before the Responder, whose loss checks the targets
+        mislabel = build_dataclass(MislabelArguments, payload.mislabel, "mislabel")
+        check_mislabel_training_set(train_set.metadata, payload.train)
     responder = Responder(
         config,
         model.state_dict(),
         models.Recipe.from_dict(payload.recipe),
-        ctx.dataset(tenant, payload.train),
+        train_set,
         ResponseArguments(
             **{**payload.response, "damping": payload.damping, "device": str(ctx.device)}
         ),
     )
-    mislabel = None
-    if payload.mislabel is not None:
-        mislabel = build_dataclass(MislabelArguments, payload.mislabel, "mislabel")
-        check_mislabel_training_set(responder.dataset.metadata, payload.train)
     # progress shares: the decomposition, then the correlations and the mislabel run
     test = None
     if payload.correlation is not None and payload.test is not None:

@@ -133,6 +133,25 @@ def test_compatible_losses_are_accepted(live: LiveServer, tmp_path: Path) -> Non
     assert ce.status_code == 422 and "regression" in ce.json()["detail"][0]["msg"]
 
 
+def test_cross_entropy_on_real_valued_targets_is_refused_at_submit(
+    live: LiveServer, uploaded: dict[str, str], tmp_path: Path
+) -> None:
+    """Real-valued targets are not class indices, whether or not the dataset says it is a
+    regression set (the worker's loss would refuse them; the API says so first)."""
+    generator = torch.Generator().manual_seed(0)
+    real = models.Dataset(
+        torch.rand(20, 64, generator=generator), torch.rand(20, generator=generator)
+    )
+    assert "task" not in real.metadata
+    with live.client() as client:
+        train = client.upload_dataset(dataset_bytes(real, tmp_path), name="real-targets").id
+    body = {"model": uploaded["model"], "train": train, "loss": "cross_entropy"}
+    response = _post(live, "/self-influence", body)
+    assert response.status_code == 422, response.text
+    (error,) = response.json()["detail"]
+    assert error["loc"] == ["body", "loss"] and "real-valued targets" in error["msg"], error
+
+
 # -- de-duplication of identical queries in flight -------------------------------------------
 
 
