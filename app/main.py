@@ -58,6 +58,12 @@ ARTIFACT_MISSING = (
 )
 """Detail of the 410 answered when a job or dataset record names an absent artifact."""
 
+REDIS_UNAVAILABLE = (
+    "Redis unavailable: the service's store is unreachable or not answering; retry later "
+    "(the server log has the cause)"
+)
+"""Detail of the 503 answered when a request meets a Redis error."""
+
 
 def validation_details(errors: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """Validation errors as the API answers them: ``loc``, ``msg`` and ``type`` of each.
@@ -153,8 +159,11 @@ def create_app(settings: Settings) -> FastAPI:
         return settings.max_body_bytes
 
     @app.exception_handler(redis.RedisError)
-    async def redis_unavailable(_: Request, exc: redis.RedisError) -> JSONResponse:
-        return JSONResponse({"detail": f"Redis unavailable: {exc}"}, 503)
+    async def redis_unavailable(request: Request, exc: redis.RedisError) -> JSONResponse:
+        # the cause names Redis's address: logged here, not shown to callers (/metrics
+        # answers anyone)
+        log.warning("%s %s: Redis unavailable: %s", request.method, request.url.path, exc)
+        return JSONResponse({"detail": REDIS_UNAVAILABLE}, 503)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(_: Request, exc: RequestValidationError) -> JSONResponse:

@@ -63,8 +63,10 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-SSE_SOCKET_TIMEOUT_S = 30.0
-"""Socket timeout of the async Redis client (rate limits; blocking XREADs of SSE streams)."""
+ASYNC_SOCKET_TIMEOUT_S = 5.0
+"""Socket timeout of the async Redis client (rate limits on every keyed request; the event
+streams' XREADs, which block for ``app.routes.jobs.STOP_POLL_MS`` at most): a Redis that
+stops answering makes requests fail with 503 after this long, not hang."""
 
 
 class ByteLRU:
@@ -315,7 +317,7 @@ class Services:
         client = connect(settings)
         store = ArtifactStore.for_settings(settings)
         aclient = redis.asyncio.Redis.from_url(
-            str(settings.redis_url), decode_responses=True, socket_timeout=SSE_SOCKET_TIMEOUT_S
+            str(settings.redis_url), decode_responses=True, socket_timeout=ASYNC_SOCKET_TIMEOUT_S
         )
         return cls(
             settings=settings,

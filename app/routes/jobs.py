@@ -17,10 +17,11 @@ router = APIRouter(prefix="/jobs", tags=["jobs"])
 
 KEEP_ALIVE_MS = 10_000
 """An SSE comment is sent after this long without events, so proxies keep the stream
-(below the async Redis client's socket timeout, ``app.services.SSE_SOCKET_TIMEOUT_S``)."""
+(counted over polls of ``STOP_POLL_MS``)."""
 STOP_POLL_MS = 500
-"""How often an idle stream checks whether the server is shutting down (then it ends, and
-the dashboard reconnects to whichever server answers next)."""
+"""How long one XREAD of an idle stream blocks (below the async Redis client's socket
+timeout, ``app.services.ASYNC_SOCKET_TIMEOUT_S``); between polls the stream checks whether
+the server is shutting down (then it ends, and the dashboard falls back to polling)."""
 
 
 def job_view(record: JobRecord, *, cached: bool = False) -> JobView:

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import socket
+import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -50,6 +54,42 @@ def test_redis_outage_is_503_not_500(tmp_path: Path) -> None:
         response = client.get("/models")
     assert response.status_code == 503
     assert response.json()["detail"].startswith("Redis unavailable")
+    assert "no-redis.sock" not in response.text  # the address is logged, not shown
+
+
+def test_a_redis_that_stops_answering_is_503_within_seconds(tmp_path: Path) -> None:
+    """A Redis that accepts connections and never replies (a hung server, a black-holed
+    network) must not hold keyed requests: the rate limiter's async client times out too."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    accepted: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        listener.settimeout(0.2)
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                accepted.append(listener.accept()[0])  # and never answer
+
+    acceptor = threading.Thread(target=accept, daemon=True)
+    acceptor.start()
+    port = listener.getsockname()[1]
+    settings = Settings(redis_url=f"redis://127.0.0.1:{port}/0", data_dir=tmp_path, key_prefix="t:")
+    try:
+        with TestClient(create_app(settings), raise_server_exceptions=False) as client:
+            started = time.monotonic()
+            response = client.get("/models")
+            waited = time.monotonic() - started
+    finally:
+        stop.set()
+        acceptor.join(timeout=5)
+        for connection in accepted:
+            connection.close()
+        listener.close()
+    assert response.status_code == 503, response.text
+    assert str(port) not in response.text
+    assert waited < 15, f"{waited:.1f} s"  # the 5 s socket timeout (it was 30 s)
 
 
 def test_api_cache_is_bounded_by_bytes() -> None:
