@@ -207,8 +207,7 @@ class Registry:
             "config": config,
             "artifact": artifact,
         }
-        self.redis.hset(self.keys.models(tenant), model_id, json.dumps(record))
-        return record
+        return self._save(self.keys.models(tenant), record)
 
     def get_model(self, tenant: str, model_id: str) -> dict[str, Any] | None:
         """The tenant's model record, or None."""
@@ -250,14 +249,15 @@ class Registry:
     ) -> dict[str, Any]:
         if len(dataset) > self.max_dataset_size:
             raise models.DatasetError(
-                f"dataset has {len(dataset)} examples, over the cap of {self.max_dataset_size}"
+                f"dataset has {len(dataset)} examples, over the cap of {self.max_dataset_size} "
+                "(INFLUENCE_MAX_DATASET_SIZE)"
             )
         artifact, _ = self._put_via_file(lambda path: models.save_dataset(path, dataset))
         meta = dataset.metadata
         record = {
             "id": dataset.id,
             "size": len(dataset),
-            "name": name or meta.get("name"),
+            "name": name,
             "task": meta.get("task"),
             "num_classes": meta.get("num_classes"),
             "input_shape": meta.get("input_shape") or list(dataset.inputs.shape[1:]),
@@ -265,8 +265,7 @@ class Registry:
             "tensors": tensor_layout(dataset),
             "artifact": artifact,
         }
-        self.redis.hset(self.keys.datasets(tenant), dataset.id, json.dumps(record))
-        return record
+        return self._save(self.keys.datasets(tenant), record, meta.get("name"))
 
     def get_dataset(self, tenant: str, dataset_id: str) -> dict[str, Any] | None:
         """The tenant's dataset record, or None."""
@@ -290,6 +289,18 @@ class Registry:
         return models.load_dataset_bytes(self.store.get_bytes(record["artifact"]))
 
     # -- helpers -----------------------------------------------------------------------
+
+    def _save(self, key: str, record: dict[str, Any], default_name: str | None = None) -> dict:
+        """Store ``record`` under its id in the registry hash ``key``. Without a name given,
+        an upload of content already registered keeps the name it had (uploading the same
+        file again is how a deleted record comes back), else takes ``default_name``."""
+        if record["name"] is None:
+            previous = self.redis.hget(key, record["id"])
+            record["name"] = (json.loads(previous) if previous else {}).get("name") or (
+                default_name
+            )
+        self.redis.hset(key, record["id"], json.dumps(record))
+        return record
 
     def _put_via_file(self, write: Callable[[Path], None]) -> tuple[str, int]:
         """Serialise with a ``models`` writer (one format, one writer) and store the bytes:

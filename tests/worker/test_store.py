@@ -105,6 +105,25 @@ def test_registry_is_per_tenant(registry: Registry, tmp_path: Path) -> None:
     assert registry.get_dataset(TENANT, data.id) is None
 
 
+def test_uploading_the_same_content_again_keeps_its_name(
+    registry: Registry, tmp_path: Path
+) -> None:
+    """Re-uploading a file (how a deleted record comes back) without a name keeps the name
+    the record had; a name given renames it; a new record takes the file's own name."""
+    data = models.Dataset(torch.randn(4, 2), torch.tensor([0, 1, 0, 1]), {"name": "file-name"})
+    raw = dataset_bytes(data, tmp_path)
+    assert registry.put_dataset(TENANT, raw)["name"] == "file-name"
+    assert registry.put_dataset(TENANT, raw, name="train")["name"] == "train"
+    assert registry.put_dataset(TENANT, raw)["name"] == "train"
+    assert registry.get_dataset(TENANT, data.id)["name"] == "train"
+    weights = checkpoint_bytes(models.build(MLP_CONFIG), MLP_CONFIG, tmp_path)
+    model_id = registry.put_model(TENANT, None, weights, name="demo")["id"]
+    assert registry.put_model(TENANT, None, weights)["name"] == "demo"
+    assert registry.get_model(TENANT, model_id)["name"] == "demo"
+    registry.delete_model(TENANT, model_id)
+    assert registry.put_model(TENANT, None, weights)["name"] is None  # forgotten with it
+
+
 def test_bad_dataset_is_refused(registry: Registry, store: ArtifactStore) -> None:
     with pytest.raises(models.DatasetError):
         registry.put_dataset(TENANT, b"\x00" * 32)
