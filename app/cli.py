@@ -282,10 +282,13 @@ def serve(args: argparse.Namespace) -> None:
     from app.embedded import EmbeddedRedis, EmbeddedRedisError
     from app.main import create_app
     from models.training import resolve_device
-    from worker.settings import Settings
+    from worker.settings import load_settings
 
     overrides: dict[str, Any] = {"data_dir": args.data_dir} if args.data_dir else {}
-    settings = Settings(**overrides)
+    try:
+        settings = load_settings(**overrides)
+    except ValueError as exc:
+        _fail(str(exc))
     if not settings.api_keys and not _is_loopback(args.host):
         _fail(
             f"refusing to bind to {args.host}: no API keys are configured, so anyone who can "
@@ -315,7 +318,10 @@ def serve(args: argparse.Namespace) -> None:
             except ValueError as exc:
                 _fail(str(exc))
         if demo:
-            ids = bootstrap_demo(settings)
+            try:
+                ids = bootstrap_demo(settings)
+            except ValueError as exc:  # e.g. a dataset cap below the demo's size
+                _fail(f"cannot register the demo: {exc} (or start with --no-demo)")
             print(f"demo for tenant {settings.default_tenant!r}: {ids}")
         supervisor = WorkerSupervisor(*_worker_command(settings), workers).start()
         print(f"serving on http://{args.host}:{args.port} (OpenAPI at /docs)", flush=True)

@@ -23,14 +23,18 @@ __all__ = ["BodySizeLimit", "PayloadTooLargeError", "RateLimitExceededError", "R
 class PayloadTooLargeError(HTTPException):
     """The request body passed its cap (an HTTPException, so FastAPI answers 413 with it)."""
 
-    def __init__(self, limit: int) -> None:
-        super().__init__(status_code=413, detail=f"request body exceeds the limit of {limit} bytes")
+    def __init__(self, limit: int, setting: str) -> None:
+        super().__init__(
+            status_code=413,
+            detail=f"request body exceeds the limit of {limit} bytes ({setting})",
+        )
 
 
 class BodySizeLimit:
-    """ASGI middleware: 413 once more than ``limit_for(scope)`` body bytes have arrived."""
+    """ASGI middleware: 413 once more body bytes have arrived than ``limit_for(scope)``
+    allows; it gives the limit and the setting that sets it, which the 413 names."""
 
-    def __init__(self, app: ASGIApp, *, limit_for: Callable[[Scope], int]) -> None:
+    def __init__(self, app: ASGIApp, *, limit_for: Callable[[Scope], tuple[int, str]]) -> None:
         self.app = app
         self.limit_for = limit_for
 
@@ -38,10 +42,10 @@ class BodySizeLimit:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        limit = self.limit_for(scope)
+        limit, setting = self.limit_for(scope)
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
-            response = JSONResponse({"detail": PayloadTooLargeError(limit).detail}, 413)
+            response = JSONResponse({"detail": PayloadTooLargeError(limit, setting).detail}, 413)
             await response(scope, receive, send)
             return
         received = 0
@@ -52,7 +56,7 @@ class BodySizeLimit:
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > limit:
-                    raise PayloadTooLargeError(limit)
+                    raise PayloadTooLargeError(limit, setting)
             return message
 
         await self.app(scope, counting_receive, send)

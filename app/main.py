@@ -153,10 +153,10 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.services = services
     app.state.metrics = new_registry(services.queue)
 
-    def body_limit(scope: Scope) -> int:
+    def body_limit(scope: Scope) -> tuple[int, str]:
         if scope["method"] == "POST" and scope["path"].rstrip("/") in UPLOAD_ROUTES:
-            return settings.max_upload_bytes
-        return settings.max_body_bytes
+            return settings.max_upload_bytes, "INFLUENCE_MAX_UPLOAD_BYTES"
+        return settings.max_body_bytes, "INFLUENCE_MAX_BODY_BYTES"
 
     @app.exception_handler(redis.RedisError)
     async def redis_unavailable(request: Request, exc: redis.RedisError) -> JSONResponse:

@@ -21,7 +21,8 @@ __all__ = ["QueueCollector", "RequestMetrics", "new_registry"]
 
 _COUNTERS = {
     "cache_hits": "Influence queries answered from the result cache.",
-    "cache_misses": "Influence queries that needed a new job.",
+    "cache_misses": "Influence queries not answered from the result cache (a new job, or "
+    "one an identical query in flight had started).",
     "dead_lettered": "Jobs moved to the dead-letter list after their last attempt.",
 }
 
@@ -34,10 +35,18 @@ class QueueCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         counts = self.queue.counts()
-        jobs = GaugeMetricFamily("influence_jobs", "Jobs by status.", labels=["status"])
+        jobs = GaugeMetricFamily("influence_jobs", "Jobs queued or running now.", labels=["status"])
+        finished = CounterMetricFamily(
+            "influence_jobs_finished",
+            "Jobs that ended with each status (since Redis's data began; finished job "
+            "records expire, these counts do not).",
+            labels=["status"],
+        )
         for status in JobStatus:
-            jobs.add_metric([status.value], counts.get(status.value, 0))
+            family = finished if status.terminal else jobs
+            family.add_metric([status.value], counts.get(status.value, 0))
         yield jobs
+        yield finished
         yield GaugeMetricFamily(
             "influence_queue_depth", "Jobs waiting for a worker.", value=counts[JobStatus.QUEUED]
         )

@@ -47,6 +47,7 @@ from worker.contract import (
     SolverSpec,
     VerifyPayload,
 )
+from worker.settings import MAX_TEST_POINTS
 
 __all__ = [
     "MAX_LISSA_WORK",
@@ -73,9 +74,6 @@ __all__ = [
     "meaning_of",
 ]
 
-MAX_TEST_POINTS = 256
-"""Hard ceiling on test points per request; a deployment may set a lower
-``INFLUENCE_MAX_TEST_POINTS``, which the routes enforce."""
 MAX_LISSA_WORK = 1_000_000
 """Bound on LiSSA depth × repeats (each step is one minibatch curvature product)."""
 MAX_REMOVED_SETS = 200

@@ -10,7 +10,7 @@ import threading
 
 from models.training import resolve_device
 from worker.main import run_worker
-from worker.settings import Settings
+from worker.settings import load_settings
 
 CONFIG_ERROR = 2
 """Exit status of a worker that cannot start as configured (like argparse's usage errors):
@@ -22,7 +22,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", help="torch device (default: INFLUENCE_DEVICE or cpu)")
     parser.add_argument("--name", help="consumer name (default: host-pid-random)")
     args = parser.parse_args(argv)
-    settings = Settings()
+    try:
+        settings = load_settings()
+    except ValueError as exc:
+        parser.exit(CONFIG_ERROR, f"{parser.prog}: error: {exc}\n")
     if not settings.redis_url:
         parser.error("REDIS_URL is not set: point it at the service's Redis")
     device = args.device or settings.device

@@ -11,8 +11,12 @@ import json
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import AliasChoices, Field, field_validator, model_validator
+from pydantic import AliasChoices, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+MAX_TEST_POINTS = 256
+"""Ceiling on test points per request (``app.schemas`` validates against it; the setting
+``max_test_points`` may lower it)."""
 
 __all__ = ["Settings"]
 
@@ -100,7 +104,11 @@ class Settings(BaseSettings):
         200_000, gt=0, description="Most examples an uploaded dataset may hold."
     )
     max_test_points: int = Field(
-        256, gt=0, description="Most test points in one influence request."
+        MAX_TEST_POINTS,
+        gt=0,
+        le=MAX_TEST_POINTS,
+        description=f"Most test points in one influence request (at most {MAX_TEST_POINTS}, "
+        "the API's ceiling: a deployment can lower it, not raise it).",
     )
     api_keys: Annotated[dict[str, str], NoDecode] = Field(
         default_factory=dict,
@@ -184,3 +192,19 @@ class Settings(BaseSettings):
                 "each heartbeat"
             )
         return self
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """``Settings`` from the environment and ``overrides``; a bad value raises ValueError
+    with one line per problem, each naming its environment variable (never the value:
+    it may be a secret key), for the CLI to print instead of pydantic's traceback."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        lines = []
+        for error in exc.errors(include_input=False, include_url=False):
+            field = str(error["loc"][0]) if error["loc"] else ""
+            name = "REDIS_URL" if field == "redis_url" else f"INFLUENCE_{field.upper()}"
+            where = f"{name}: " if field else ""
+            lines.append(f"  {where}{error['msg']}")
+        raise ValueError("invalid settings:\n" + "\n".join(lines)) from None

@@ -24,6 +24,8 @@ def test_metrics_report_queue_state_and_request_latency(
         client.post("/influence", json={"model": "0" * 64, "train": "0" * 64})  # 422
         text = client.get("/metrics").text
     assert 'influence_jobs{status="queued"} 0.0' in text
+    assert 'influence_jobs_finished_total{status="succeeded"} 0.0' in text
+    assert 'influence_jobs{status="succeeded"}' not in text  # a count of the past, not a gauge
     assert "influence_queue_depth 0.0" in text
     assert "influence_workers_alive 0.0" in text
     assert "influence_cache_hits_total 0.0" in text

@@ -101,6 +101,7 @@ def test_oversize_bodies_are_413_with_and_without_content_length(small_caps: Liv
         small_caps.url + "/models", headers=ALICE, files={"weights": ("w.safetensors", payload)}
     )
     assert sized.status_code == 413 and "4096 bytes" in sized.json()["detail"]
+    assert "INFLUENCE_MAX_UPLOAD_BYTES" in sized.json()["detail"]
 
     def chunks() -> Iterator[bytes]:
         for _ in range(10):
@@ -118,6 +119,7 @@ def test_oversize_bodies_are_413_with_and_without_content_length(small_caps: Liv
         content=(b'{"model": "' + b"a" * 4000 + b'"}' for _ in range(1)),
     )
     assert big_json.status_code == 413
+    assert "2048 bytes (INFLUENCE_MAX_BODY_BYTES)" in big_json.json()["detail"]
     assert _artifacts(small_caps.settings) == []
     assert httpx.get(small_caps.url + "/models", headers=ALICE).json() == []
 

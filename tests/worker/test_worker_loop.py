@@ -139,3 +139,20 @@ def test_worker_process_with_an_unusable_device_exits_with_the_reason(settings) 
     )
     assert done.returncode == 2
     assert f"INFLUENCE_DEVICE '{MISSING_GPU}'" in done.stderr.decode()
+
+
+def test_worker_process_with_bad_settings_names_them_without_a_traceback(settings) -> None:
+    env = {
+        **os.environ,
+        "REDIS_URL": str(settings.redis_url),
+        "INFLUENCE_KEY_PREFIX": settings.key_prefix,
+        "INFLUENCE_MAX_TEST_POINTS": "1000",
+        "PYTHONPATH": str(REPO),
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "worker"], cwd=REPO, env=env, capture_output=True, timeout=60
+    )
+    stderr = done.stderr.decode()
+    assert done.returncode == 2, stderr
+    assert "invalid settings" in stderr and "INFLUENCE_MAX_TEST_POINTS" in stderr
+    assert "Traceback" not in stderr
