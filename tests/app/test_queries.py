@@ -16,7 +16,7 @@ import safetensors.torch
 import torch
 
 import models
-from app.services import Services
+from app.services import IN_FLIGHT_PENDING_TTL_S, Services
 from tests.app.conftest import LiveServer, dataset_bytes
 from tests.app.conftest import finish_influence_job as _finish
 from worker.queue import JobQueue
@@ -152,6 +152,63 @@ def test_cross_entropy_on_real_valued_targets_is_refused_at_submit(
     assert error["loc"] == ["body", "loss"] and "real-valued targets" in error["msg"], error
 
 
+LM_CONFIG = {
+    "architecture": "transformer_lm",
+    "vocab_size": 11,
+    "context_length": 4,
+    "d_model": 8,
+    "n_layers": 1,
+    "n_heads": 2,
+}
+
+
+@pytest.fixture
+def lm_model(live: LiveServer, tmp_path: Path) -> str:
+    """A tiny language model (vocabulary 11, context 4), uploaded by alice."""
+    path = tmp_path / "lm.safetensors"
+    models.save_checkpoint(path, models.build(LM_CONFIG), LM_CONFIG)
+    with live.client() as client:
+        return client.upload_model(path).id
+
+
+def _token_set(live: LiveServer, tmp_path: Path, length: int, target_length: int) -> str:
+    """A token dataset of 6 sequences of ``length`` ids, targets of ``target_length``."""
+    tokens = torch.randint(0, 11, (6, length + 1), generator=torch.Generator().manual_seed(0))
+    data = models.Dataset(
+        tokens[:, :length], tokens[:, 1 : target_length + 1], {"task": "language_modeling"}
+    )
+    with live.client() as client:
+        name = f"tokens-{length}-{target_length}"
+        return client.upload_dataset(dataset_bytes(data, tmp_path), name=name).id
+
+
+def test_sequences_as_long_as_the_context_are_accepted_and_longer_ones_are_422(
+    live: LiveServer, lm_model: str, tmp_path: Path
+) -> None:
+    context = LM_CONFIG["context_length"]
+    full = _token_set(live, tmp_path, context, context)
+    response = _post(live, "/self-influence", {"model": lm_model, "train": full})
+    assert response.status_code == 202, response.text
+    long = _token_set(live, tmp_path, context + 1, context + 1)
+    response = _post(live, "/self-influence", {"model": lm_model, "train": long})
+    assert response.status_code == 422, response.text
+    (error,) = response.json()["detail"]
+    assert error["loc"] == ["body", "train"], error
+    assert f"at most {context} token ids" in error["msg"] and "[5]" in error["msg"], error
+
+
+def test_sequence_targets_of_the_wrong_length_are_422(
+    live: LiveServer, lm_model: str, tmp_path: Path
+) -> None:
+    """Outputs [4, 11] need targets [4]; targets [3] have the right rank but not the size."""
+    short = _token_set(live, tmp_path, 4, 3)
+    response = _post(live, "/self-influence", {"model": lm_model, "train": short})
+    assert response.status_code == 422, response.text
+    (error,) = response.json()["detail"]
+    assert error["loc"] == ["body", "loss"], error
+    assert "targets of shape [4]" in error["msg"] and "shape [3]" in error["msg"], error
+
+
 # -- de-duplication of identical queries in flight -------------------------------------------
 
 
@@ -189,6 +246,39 @@ def test_identical_queries_in_flight_share_one_job(
     _finish(queue, settings, fresh.json()["job"], len(train))
     cached = _post(live, "/influence", body)
     assert cached.status_code == 200 and cached.json()["id"] == fresh.json()["job"]
+
+
+def test_a_running_job_asked_to_cancel_is_not_joined(
+    live: LiveServer, uploaded: dict[str, str], queue: JobQueue
+) -> None:
+    """A job still running but asked to cancel will not deliver: the same query starts a
+    new job instead of joining it."""
+    body = _query(uploaded, damping=0.125)
+    job = _post(live, "/influence", body).json()["job"]
+    claim = queue.claim("test-worker", block_ms=0)
+    assert claim is not None and claim.job_id == job
+    assert httpx.delete(f"{live.url}/jobs/{job}", headers=ALICE).status_code < 300
+    record = queue.get(job, "alice")
+    assert record is not None and record.cancel_requested
+    again = _post(live, "/influence", body)
+    assert again.status_code == 202, again.text
+    assert again.json()["job"] != job and again.json()["status"] == "queued"
+
+
+def test_the_in_flight_link_lives_as_long_as_the_job_may(
+    live: LiveServer, uploaded: dict[str, str], queue: JobQueue
+) -> None:
+    """After a submit the link names the job and lives for every attempt plus the queue
+    allowance, not just the short pending TTL it is created with."""
+    services: Services = live.server.config.app.state.services  # type: ignore[union-attr]
+    job = _post(live, "/influence", _query(uploaded)).json()["job"]
+    record = queue.get(job, "alice")
+    assert record is not None and record.cache_key
+    link = queue.keys.in_flight("alice", record.cache_key)
+    assert queue.redis.get(link) == job
+    ttl = queue.redis.ttl(link)
+    assert services.in_flight_ttl - 60 <= ttl <= services.in_flight_ttl, ttl
+    assert ttl > 10 * IN_FLIGHT_PENDING_TTL_S
 
 
 def test_concurrent_identical_queries_start_one_job(

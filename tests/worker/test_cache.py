@@ -133,3 +133,16 @@ def test_in_flight_links_are_per_tenant_and_query() -> None:
     assert keys.in_flight("alice", "k1") == "p:tenant:alice:inflight:k1"
     assert len({keys.in_flight(t, k) for t in ("a", "b") for k in ("k1", "k2")}) == 4
     assert keys.in_flight("alice", "k1") != keys.result_cache("alice", "k1")
+
+
+def test_the_same_indices_of_different_test_sets_are_different_queries() -> None:
+    """The content id of (dataset, indices) includes the dataset: row 0 of one test set is
+    not row 0 of another, so neither the result cache nor the s_test cache may share them."""
+    a, b = "ef" * 32, "ee" * 32
+    assert query_content_id(TestSpec(dataset=a, indices=[0])) != query_content_id(
+        TestSpec(dataset=b, indices=[0])
+    )
+    query_a = {**QUERY, "test": {"dataset": a, "indices": [0]}}
+    query_b = {**QUERY, "test": {"dataset": b, "indices": [0]}}
+    assert result_key(JobKind.INFLUENCE, query_a) != result_key(JobKind.INFLUENCE, query_b)
+    assert s_test_key(query_a) != s_test_key(query_b)
