@@ -47,6 +47,28 @@ def test_jvp_products_pass_drops_zero_operands_and_unfuses_addmm() -> None:
     torch.testing.assert_close(module(*args), f(*args))
 
 
+def test_jvp_products_pass_drops_only_fills_of_zero() -> None:
+    def f(x: Tensor, w: Tensor) -> Tensor:
+        ones = torch.full((4, 3), 1.0)
+        twos = torch.full((3, 5), 2.0).t().t()
+        zeros = torch.full((4, 3), 0.0)
+        return torch.mm(ones, w) + torch.mm(x, twos) + torch.mm(zeros, w)
+
+    args = (torch.randn(4, 3), torch.randn(3, 5))
+    module = make_fx(f)(*args)
+    fills = [n for n in module.graph.nodes if n.target == aten.full.default]
+    assert sorted(n.args[1] for n in fills) == [0.0, 1.0, 2.0]
+    rewrite = JvpProducts()
+    rewrite(module.graph)
+    module.recompile()
+    assert rewrite.zero_products == 1
+    emptied = [n for n in _products(module.graph) if n.args[0].target == aten.slice.Tensor]
+    assert len(emptied) == 1 and emptied[0].args[0].args[0].args[1] == 0.0
+    x, w = args
+    expected = w.sum(dim=0).expand(4, 5) + 2.0 * x.sum(dim=1, keepdim=True).expand(4, 5)
+    torch.testing.assert_close(module(*args), expected)
+
+
 @pytest.mark.parametrize("problem", ["mlp", "cnn"])
 def test_compiled_scores_match_per_example_gradients_in_float32(problem: str) -> None:
     if problem == "mlp":

@@ -110,8 +110,24 @@ def test_self_influence_records_one_aggregated_report_and_warns_once() -> None:
     assert report.to_dict()["details"]["solve_converged"] == [False] * 3
     engine.self_influence(Exact())
     report = engine.last_report
-    assert report.method == "exact" and report.converged and report.relative_residual < 1e-10
+    assert report.method == "exact" and report.converged and 0 < report.relative_residual < 1e-10
     assert report.details["residual_columns"] == 40
+
+
+def test_factorized_self_influence_reports_the_residual_of_its_factorization() -> None:
+    """Rank-20 Lanczos on d = 57 is a rough inverse: the reported residual is the largest
+    ‖(G+λI)x_j − g_j‖/‖g_j‖ over the training gradients g_j (N = 40 < the 64 sampled), with
+    x_j the factorization's solution, recomputed here with the dense float64 matrix."""
+    engine = _tiny_engine()
+    solver = Lanczos(rank=20)
+    engine.self_influence(solver)
+    report = engine.last_report
+    matrix, grads = _tiny_reference()
+    solution, _ = solver.solve(engine.operator, grads.T)
+    expected = ((matrix @ solution - grads.T).norm(dim=0) / grads.norm(dim=1)).max()
+    assert 1e-3 < float(expected) < 0.1  # measured 8.6e-3
+    assert report.method == "lanczos" and report.details["residual_columns"] == 40
+    assert report.relative_residual == pytest.approx(float(expected), rel=1e-6)
 
 
 def test_self_influence_with_lissa_estimates_the_scale_once(monkeypatch) -> None:
@@ -163,6 +179,20 @@ def test_group_influence_is_the_summed_loss_removal() -> None:
             engine.group_influence(bad, test, Exact())
 
 
+def test_group_influence_sums_a_group_larger_than_one_batch() -> None:
+    """A group of 10 with batch_size 4 is summed in chunks of 4, 4 and 2; every chunk must
+    take its own rows (dense reference: the group's columns of the dense score matrix)."""
+    engine = _tiny_engine(batch_size=4)
+    test = tiny_data("classes3", 3, seed=1)
+    group = [0, 3, 7, 8, 12, 19, 22, 27, 33, 39]
+    value, _ = engine.group_influence(group, test, Exact())
+    matrix, _ = _tiny_reference()
+    expected = reference_scores(
+        engine.model, "cross_entropy", tiny_data("classes3", 40), test, matrix
+    )
+    assert rel_error(value, expected[:, group].sum(dim=1)) < RTOL_SOLVE
+
+
 def test_stream_scores_validates_its_arguments() -> None:
     engine = _tiny_engine()
     op = engine.operator
@@ -193,6 +223,7 @@ def test_top_k_ranks_helpful_and_harmful() -> None:
     assert ranked.helpful.tolist() == [[2, 0], [3, 1]]
     assert ranked.harmful.tolist() == [[1, 4], [4, 2]]
     assert ranked.helpful_scores.tolist() == [[3.0, 0.5], [4.0, 2.0]]
+    assert torch.equal(ranked.harmful_scores, torch.tensor([[-2.0, -0.1], [-5.0, -3.0]]))
     assert top_k(scores, 10).helpful.shape == (2, 5)
     with pytest.raises(ValueError, match="k must be"):
         top_k(scores, 0)
@@ -224,6 +255,9 @@ def test_top_k_rankings_match_an_independent_dense_reference(solver) -> None:
     assert ranked.helpful.tolist() == order[:, :5].tolist()
     assert ranked.harmful.tolist() == order.flip(1)[:, :5].tolist()
     torch.testing.assert_close(ranked.helpful_scores, expected.gather(1, order[:, :5]))
+    ascending = expected.argsort(dim=1)
+    torch.testing.assert_close(ranked.harmful_scores, expected.gather(1, ascending[:, :5]))
+    assert (ranked.harmful_scores < 0).all()
 
 
 @pytest.mark.parametrize(

@@ -12,6 +12,7 @@ from influence.experiments.__main__ import main
 from influence.experiments.config import ExperimentConfig
 from influence.experiments.correlation import CorrelationResult, correlate
 from influence.experiments.mislabel import (
+    MislabelResult,
     corrupt_labels,
     detect_mislabels,
     detection_curve,
@@ -71,6 +72,17 @@ def test_corrupt_labels_changes_exactly_the_chosen_labels() -> None:
 def test_detection_curve_counts_found_labels() -> None:
     curve = detection_curve(torch.tensor([4, 0, 2, 1, 3]), torch.tensor([2, 4]), 5)
     assert curve.tolist() == [0.0, 0.5, 0.5, 1.0, 1.0, 1.0]
+
+
+def test_found_at_reads_the_curve_after_the_nearest_whole_number_inspected() -> None:
+    found = detection_curve(torch.tensor([4, 0, 2, 1, 3]), torch.tensor([2, 4]), 5)
+    steps = torch.tensor([0.0, 0.2, 0.4, 0.6, 0.8, 1.0], dtype=torch.float64)
+    result = MislabelResult([2, 4], {"found": found, "steps": steps}, {})
+    # N = 5: inspecting 0.4 of the data is 2 points, 0.6 is 3, 0.35 (1.75 points) is 2.
+    for inspected, k in ((0.0, 0), (0.2, 1), (0.35, 2), (0.4, 2), (0.6, 3), (0.8, 4), (1.0, 5)):
+        expected = {"found": [0.0, 0.5, 0.5, 1.0, 1.0, 1.0][k], "steps": k / 5}
+        assert result.found_at(inspected) == pytest.approx(expected, abs=1e-15), inspected
+    assert result.to_dict()["found_at"]["0.20"] == pytest.approx({"found": 0.5, "steps": 0.2})
 
 
 def test_correlation_row_slopes_and_leverage_note() -> None:
