@@ -21,7 +21,8 @@ from tests.worker.conftest import (
 )
 from worker.cache import STestCache, result_key, s_test_key
 from worker.contract import JobKind, JobStatus
-from worker.queue import JobQueue
+from worker.handlers import Context, _assemble, _score_shard
+from worker.queue import Claim, JobQueue
 from worker.store import ArtifactStore
 
 
@@ -380,3 +381,125 @@ def test_sharded_job_assembles_after_its_test_set_was_deleted(
     assert record.result["test_targets"] == [targets[2].item(), targets[0].item()]
     assert record.result["num_test"] == 2 and record.result["num_train"] == 40
     assert not queue.redis.exists(queue.keys.shards_done(job))
+
+
+def test_warm_engines_are_kept_apart_by_weight_decay_and_hessian(
+    queue: JobQueue, store: ArtifactStore, tiny: dict, thread_worker
+) -> None:
+    """One worker (one warm Context) runs queries that differ only in weight decay, then
+    only in curvature: each must be scored by an engine of its own settings."""
+    base = {**influence_payload(tiny), "damping": 0.5}  # the full Hessian is indefinite here
+    variants = [
+        {"weight_decay": 0.0, "hessian": "gnh"},
+        {"weight_decay": 0.5, "hessian": "gnh"},
+        {"weight_decay": 0.0, "hessian": "full"},
+    ]
+    thread_worker()
+    got = []
+    for variant in variants:
+        job = queue.submit(JobKind.INFLUENCE, {**base, **variant}, tenant=TENANT)
+        record = wait_for(queue, job, finished)
+        assert record.status == JobStatus.SUCCEEDED, record.error
+        got.append(scores_of(store, record))
+    train = (tiny["train"].inputs, tiny["train"].targets)
+    for variant, scores in zip(variants, got, strict=True):
+        fresh = InfluenceEngine(tiny["model"], loss="cross_entropy", train=train, damping=0.5,
+                                **variant)  # fmt: skip
+        expected = fresh.scores(tiny["test"], Exact()).scores
+        torch.testing.assert_close(scores, expected, rtol=RTOL_F32, atol=1e-9, msg=str(variant))
+    for other in got[1:]:  # the settings matter on this model: a shared engine would show
+        assert not torch.allclose(got[0], other, rtol=1e-3, atol=1e-6)
+
+
+def _handed_over_parent(queue: JobQueue, tiny: dict, shards: int) -> tuple[str, Claim]:
+    """An influence job split into ``shards`` (as ``_influence`` does), its own shard jobs
+    not yet submitted."""
+    parent = queue.submit(JobKind.INFLUENCE, influence_payload(tiny), tenant=TENANT)
+    claim = queue.claim("w", block_ms=100)
+    assert claim is not None and claim.job_id == parent
+    queue.mark_sharded(claim, shards, tiny["test"][1].tolist())
+    return parent, claim
+
+
+def test_assemble_waits_for_every_shard_and_orders_them_by_index(
+    queue: JobQueue, registry, store: ArtifactStore, tiny: dict, settings
+) -> None:
+    ctx = Context(queue, registry, settings, "cpu")
+    parent, claim = _handed_over_parent(queue, tiny, 3)
+    queue.hand_over_to_shards(claim, {"method": "exact"})
+    s_test = store.put_tensors({"s_test": torch.zeros(3, 5)})
+    parts = [torch.full((3, width), float(i)) for i, width in enumerate((2, 3, 4))]
+    for i in (2, 0):  # shards finish out of order
+        artifact = store.put_tensors({"scores": parts[i]})
+        queue.shard_done(parent, i, artifact, base=0.5, share=0.5)
+    _assemble(ctx, parent, s_test, 3)  # 2 of 3 done: nothing to assemble yet
+    record = queue.get(parent)
+    assert record.status == JobStatus.RUNNING and record.result is None
+    queue.shard_done(parent, 1, store.put_tensors({"scores": parts[1]}), base=0.5, share=0.5)
+    _assemble(ctx, parent, s_test, 3)
+    record = queue.get(parent)
+    assert record.status == JobStatus.SUCCEEDED, record.error
+    assert torch.equal(scores_of(store, record), torch.cat(parts, dim=1))
+    assert record.result["num_train"] == 9 and record.result["s_test"] == s_test
+    assert record.result["test_targets"] == tiny["test"][1].tolist()
+
+
+def test_only_the_shard_that_completes_the_set_assembles(
+    queue: JobQueue, registry, store: ArtifactStore, tiny: dict, settings, monkeypatch
+) -> None:
+    """Shards scored out of order (2, 0, 1) by the handler: the first two leave the parent
+    running without trying to assemble; the last one assembles the engine's matrix."""
+    assembled: list[int] = []
+    real_assemble = _assemble
+
+    def spy(ctx, parent_id, s_test, total):
+        assembled.append(len(ctx.queue.shard_results(parent_id)))
+        real_assemble(ctx, parent_id, s_test, total)
+
+    monkeypatch.setattr("worker.handlers._assemble", spy)
+    ctx = Context(queue, registry, settings, "cpu")
+    engine = engine_for(tiny)
+    s_test, _ = engine.s_test(tiny["test"], Exact())
+    s_artifact = store.put_tensors({"s_test": s_test})
+    parent, claim = _handed_over_parent(queue, tiny, 3)
+    body = {k: v for k, v in influence_payload(tiny).items() if k != "test"}
+    for index, (lo, hi) in enumerate([(0, 16), (16, 32), (32, 40)]):
+        shard = {**body, "parent": parent, "index": index, "start": lo, "stop": hi,
+                 "s_test": s_artifact}  # fmt: skip
+        queue.submit(JobKind.SCORE_SHARD, shard, tenant=TENANT, parent=parent)
+    queue.hand_over_to_shards(claim, {"method": "exact"})
+    claims = {}
+    for _ in range(3):
+        shard_claim = queue.claim("w", block_ms=100)
+        claims[shard_claim.job.payload["index"]] = shard_claim
+    for step, index in enumerate((2, 0, 1)):
+        shard_claim = claims[index]
+        _score_shard(ctx, shard_claim, queue.progress_callback(shard_claim))
+        if step < 2:
+            record = queue.get(parent)
+            assert record.status == JobStatus.RUNNING and record.result is None
+            assert assembled == [], "assembly tried before every shard was done"
+    assert assembled == [3]
+    record = queue.get(parent)
+    assert record.status == JobStatus.SUCCEEDED, record.error
+    expected = engine.scores(tiny["test"], Exact()).scores
+    scale = float(expected.abs().max())
+    torch.testing.assert_close(scores_of(store, record), expected, rtol=RTOL_F32, atol=1e-5 * scale)
+
+
+def test_lost_s_test_artifact_is_solved_again(
+    queue: JobQueue, store: ArtifactStore, tiny: dict, thread_worker, settings
+) -> None:
+    """The s_test cache names an artifact that the store lost: the next query with the same
+    s_test key solves it again instead of failing on the missing file."""
+    payload = influence_payload(tiny)
+    thread_worker()
+    first = wait_for(queue, queue.submit(JobKind.INFLUENCE, payload, tenant=TENANT), finished)
+    assert first.status == JobStatus.SUCCEEDED, first.error
+    cached = STestCache(queue.redis, settings).get(s_test_key(payload))
+    assert cached is not None and store.delete(cached[0])
+    second = wait_for(queue, queue.submit(JobKind.INFLUENCE, payload, tenant=TENANT), finished)
+    assert second.status == JobStatus.SUCCEEDED and second.attempts == 1, second.error
+    expected = engine_for(tiny).scores(tiny["test"], Exact()).scores
+    torch.testing.assert_close(scores_of(store, second), expected, rtol=RTOL_F32, atol=1e-9)
+    assert store.exists(second.result["s_test"])

@@ -365,3 +365,37 @@ def test_expired_jobs_leave_the_index_and_the_dead_letter_list_is_bounded(
             queue.fail(queue.claim("w", block_ms=50), "RuntimeError: boom", retry=True)
     assert [d["job"] for d in queue.dead_letters()] == dead[1:]  # the oldest was dropped
     assert queue.counts()["dead_lettered"] == 3
+
+
+def test_a_shard_out_of_attempts_at_claim_fails_its_parent(
+    client: redis.Redis, settings: Settings
+) -> None:
+    queue = short_lease(client, settings)
+    parent, children = sharded_parent(queue, 2)
+    for attempt in (1, 2, 3):  # the shard's workers keep dying
+        claim = queue.claim(f"crashing-{attempt}", block_ms=100)
+        assert claim is not None and claim.job_id == children[0] and claim.attempt == attempt
+        time.sleep(0.4)
+    assert queue.claim("survivor", block_ms=0) is None  # gives up on it
+    assert queue.get(children[0]).status == JobStatus.FAILED
+    record = queue.get(parent)
+    assert record.status == JobStatus.FAILED, "the parent waits forever on a dead shard"
+    assert children[0] in record.error and "gave up after 3 attempts" in record.error
+
+
+@pytest.mark.parametrize("end", ["completed", "canceled"])
+def test_a_shard_failing_after_its_parent_ended_leaves_the_parent_alone(
+    queue: JobQueue, end: str
+) -> None:
+    parent, children = sharded_parent(queue, 2)
+    claim = queue.claim("w", block_ms=50)
+    assert claim is not None and claim.job_id == children[0]
+    if end == "completed":  # e.g. a retried shard after a concurrent assembly
+        assert queue.complete_parent(parent, {"scores": "c" * 64})
+    else:
+        assert queue.cancel(parent, TENANT).status == JobStatus.CANCELED
+    before = queue.get(parent)
+    queue.fail(claim, "ValueError: late", retry=False)
+    after = queue.get(parent)
+    assert (after.status, after.result, after.error) == (before.status, before.result, before.error)
+    assert after.status == (JobStatus.SUCCEEDED if end == "completed" else JobStatus.CANCELED)
