@@ -32,6 +32,16 @@ from worker.store import ArtifactStore
 API_KEYS = {"key-alice": "alice", "key-bob": "bob"}
 
 
+LM_CONFIG = {  # a tiny language model (vocabulary 11, context 4) for token tests
+    "architecture": "transformer_lm",
+    "vocab_size": 11,
+    "context_length": 4,
+    "d_model": 8,
+    "n_layers": 1,
+    "n_heads": 2,
+}
+
+
 def make_settings(redis_url: str, data_dir: Path, **overrides: Any) -> Settings:
     """Settings for one test: its own key prefix and data directory, fast leases."""
     values: dict[str, Any] = {

@@ -17,7 +17,7 @@ import torch
 
 import models
 from app.services import IN_FLIGHT_PENDING_TTL_S, Services
-from tests.app.conftest import LiveServer, dataset_bytes
+from tests.app.conftest import LM_CONFIG, LiveServer, dataset_bytes
 from tests.app.conftest import finish_influence_job as _finish
 from worker.queue import JobQueue
 from worker.settings import Settings
@@ -150,16 +150,6 @@ def test_cross_entropy_on_real_valued_targets_is_refused_at_submit(
     assert response.status_code == 422, response.text
     (error,) = response.json()["detail"]
     assert error["loc"] == ["body", "loss"] and "real-valued targets" in error["msg"], error
-
-
-LM_CONFIG = {
-    "architecture": "transformer_lm",
-    "vocab_size": 11,
-    "context_length": 4,
-    "d_model": 8,
-    "n_layers": 1,
-    "n_heads": 2,
-}
 
 
 @pytest.fixture

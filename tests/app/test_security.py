@@ -13,7 +13,7 @@ import torch
 import models
 from app.cli import main as cli_main
 from app.client import ApiError
-from tests.app.conftest import API_KEYS, LiveServer, WorkerThreads, dataset_bytes
+from tests.app.conftest import API_KEYS, LM_CONFIG, LiveServer, WorkerThreads, dataset_bytes
 from tests.models.test_checkpoints import CORPUS
 from worker.settings import Settings
 from worker.store import ArtifactStore
@@ -341,16 +341,6 @@ def test_event_stream_takes_the_key_in_the_header_only(
     stream = httpx.get(url, headers=ALICE)
     assert stream.headers["content-type"].startswith("text/event-stream")
     assert "event: done" in stream.text and '"status":"canceled"' in stream.text
-
-
-LM_CONFIG = {
-    "architecture": "transformer_lm",
-    "vocab_size": 11,
-    "context_length": 4,
-    "d_model": 8,
-    "n_layers": 1,
-    "n_heads": 2,
-}
 
 
 @pytest.fixture

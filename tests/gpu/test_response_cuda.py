@@ -19,6 +19,7 @@ from influence.experiments.mislabel import detect_mislabels_on
 from influence.response import Responder, ResponseArguments
 from models import Dataset, Recipe, TrainRun, train
 from tests.conftest import RTOL_SOLVE, rel_error
+from tests.influence.problems import three_class_set
 
 pytestmark = [
     pytest.mark.gpu,
@@ -31,16 +32,9 @@ RECIPE = Recipe(optimizer="sgd", lr=0.2, epochs=6, batch_size=8, weight_decay=1e
 ARGUMENTS = ResponseArguments(damping=1e-2)
 
 
-def _data(n: int, seed: int) -> Dataset:
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, 3, generator=g, dtype=torch.float64)
-    t = (x[:, 0] > 0).long() + (x[:, 1] > 0.5).long()
-    return Dataset(x, t, {"task": "classification", "num_classes": 3})
-
-
 @pytest.fixture(scope="module")
 def data() -> Dataset:
-    return _data(32, seed=0)
+    return three_class_set(32, seed=0)
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +99,7 @@ def test_first_order_proximity_on_cuda_matches_cpu() -> None:
     # Needs a converged θˢ (H_Q positive definite): L-BFGS logistic regression.
     config = {"architecture": "logistic_regression", "in_features": 3, "num_classes": 2}
     recipe = Recipe(optimizer="lbfgs", lr=1.0, epochs=4, weight_decay=0.01, loss="bce")
-    data = _data(32, seed=2)
+    data = three_class_set(32, seed=2)
     data = Dataset(data.inputs, (data.targets > 0).long(), {**data.metadata, "num_classes": 2})
     run = train(config, data, recipe, dtype=torch.float64)
     cpu, cuda = (
@@ -122,7 +116,7 @@ def test_correlation_on_cuda_matches_cpu_and_comes_back_on_cpu(
 ) -> None:
     cpu, cuda = pair
     arguments = CorrelationArguments(num_points=2, num_test=3, methods=("warm", "pbrf"))
-    test_set = _data(8, seed=1)
+    test_set = three_class_set(8, seed=1)
     expected, got = correlate(cpu, test_set, arguments), correlate(cuda, test_set, arguments)
     assert got.predicted.device.type == "cpu"
     assert all(a.device.type == "cpu" for a in got.actual.values())

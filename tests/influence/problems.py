@@ -151,6 +151,14 @@ def tiny_data(kind: str, n: int, seed: int = 0) -> tuple[Tensor, Tensor]:
 
 
 @functools.cache
+def three_class_set(n: int, seed: int) -> models.Dataset:
+    """n seeded float64 points in 3-d, three classes cut by two thresholds (a Dataset)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 3, generator=g, dtype=torch.float64)
+    t = (x[:, 0] > 0).long() + (x[:, 1] > 0.5).long()
+    return models.Dataset(x, t, {"task": "classification", "num_classes": 3})
+
+
 def digits_mlp() -> tuple[nn.Module, models.Dataset, models.Dataset]:
     """Digits MLP 64-16-10 (tanh), 300 full-batch Adam steps (lr 1e-2, seed 0).
 

@@ -14,6 +14,7 @@ from torch import nn
 
 from influence.response import Responder, ResponseArguments, VerifyArguments, verify
 from models import ARCHITECTURES, ConfigError, Dataset, DatasetError, Recipe, build, train
+from tests.influence.problems import three_class_set
 
 CONFIG = {"architecture": "mlp", "in_features": 3, "out_features": 3, "hidden": [4]}
 RECIPE = Recipe(optimizer="sgd", lr=0.2, epochs=4, batch_size=8, weight_decay=1e-2, seed=1)
@@ -21,18 +22,11 @@ SMALL = VerifyArguments(epsilon=1e-3, steps=2, solver="exact")
 MODELS_DOC = Path(__file__).resolve().parents[2] / "docs" / "models.md"
 
 
-def _data(n: int, seed: int) -> Dataset:
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, 3, generator=g, dtype=torch.float64)
-    t = (x[:, 0] > 0).long() + (x[:, 1] > 0.5).long()
-    return Dataset(x, t, {"task": "classification", "num_classes": 3})
-
-
 @pytest.fixture(scope="module")
 def setup() -> tuple[nn.Module, Dataset, Dataset]:
-    data = _data(24, seed=0)
+    data = three_class_set(24, seed=0)
     run = train(CONFIG, data, RECIPE, dtype=torch.float64)
-    return run.model(), data, _data(5, seed=1)
+    return run.model(), data, three_class_set(5, seed=1)
 
 
 def test_verify_accepts_input_target_pairs(setup) -> None:
