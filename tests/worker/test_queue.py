@@ -165,6 +165,20 @@ def test_cancel_queued_job_is_never_run(queue: JobQueue) -> None:
     assert queue.redis.xpending(queue.keys.stream, GROUP)["pending"] == 0
 
 
+def test_a_job_asked_to_cancel_whose_worker_died_is_not_run_again(
+    client: redis.Redis, settings: Settings
+) -> None:
+    queue = short_lease(client, settings)
+    job = queue.submit(JobKind.SELF_INFLUENCE, PAYLOAD, tenant=TENANT)
+    assert queue.claim("dies", block_ms=100) is not None
+    assert queue.cancel(job, TENANT).cancel_requested  # running: the flag only
+    time.sleep(0.4)  # the worker dies before its next progress report: the lease expires
+    assert queue.claim("survivor", block_ms=100) is None  # canceled at claim, not re-run
+    record = queue.get(job)
+    assert record.status == JobStatus.CANCELED and record.attempts == 1
+    assert queue.redis.xpending(queue.keys.stream, GROUP)["pending"] == 0
+
+
 def test_cancel_running_job_aborts_at_next_progress(queue: JobQueue) -> None:
     job = queue.submit(JobKind.SELF_INFLUENCE, PAYLOAD, tenant=TENANT)
     claim = queue.claim("w", block_ms=50)
