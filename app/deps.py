@@ -2,7 +2,8 @@
 the registry look-ups that routes share.
 
 ``Caller`` authenticates (401) and then takes a token from the caller's rate-limit
-bucket (429), so every route that declares it is both protected and limited. The key
+bucket (429), so every route that declares it is both protected and limited; refused
+keys take theirs from a bucket per client address. The key
 travels only in the ``Authorization`` header, never in a URL (where logs and browser
 history would keep it).
 """
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import Depends, Header, Request
+from fastapi import Depends, Header, HTTPException, Request
 
 from app.auth import Principal
 from app.services import Services
@@ -29,9 +30,17 @@ Svc = Annotated[Services, Depends(get_services)]
 
 async def _caller(
     services: Svc,
+    request: Request,
     authorization: Annotated[str | None, Header(description="Bearer <API key>")] = None,
 ) -> Principal:
-    principal = services.api_keys.authenticate(authorization)
+    try:
+        principal = services.api_keys.authenticate(authorization)
+    except HTTPException:
+        # refused keys draw from one bucket per client address, so guessing keys is
+        # throttled too (429 once it is empty, else the 401)
+        client = request.client.host if request.client else "unknown"
+        await services.limiter.check(f"refused:{client}")
+        raise
     await services.limiter.check(principal.key_id)
     return principal
 

@@ -250,6 +250,21 @@ def test_rate_limit_is_429_with_retry_after(settings_factory: Callable[..., Sett
         server.stop()
 
 
+def test_guessing_keys_is_rate_limited_too(settings_factory: Callable[..., Settings]) -> None:
+    server = LiveServer(
+        settings_factory(api_keys=API_KEYS, rate_limit_per_s=0.5, rate_limit_burst=3)
+    ).start()
+    try:
+        wrong = {"Authorization": "Bearer not-a-key"}
+        codes = [httpx.get(server.url + "/models", headers=wrong) for _ in range(4)]
+        assert [r.status_code for r in codes] == [401, 401, 401, 429]
+        assert int(codes[-1].headers["Retry-After"]) >= 1
+        # a refused guess does not spend a real key's tokens
+        assert httpx.get(server.url + "/models", headers=ALICE).status_code == 200
+    finally:
+        server.stop()
+
+
 def test_serve_refuses_public_bind_without_keys(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
