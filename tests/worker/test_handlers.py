@@ -59,6 +59,12 @@ def test_influence_job_equals_the_engine_and_is_cached(
     assert queue.counts()["queued"] == 0  # the hit enqueued nothing
     cached = STestCache(queue.redis, settings).get(s_test_key(payload))
     assert cached is not None and cached[0] == record.result["s_test"]
+    # both cache entries expire with the cache's lifetime, not never
+    for link in (
+        queue.keys.result_cache(TENANT, key),
+        queue.keys.s_test_cache(s_test_key(payload)),
+    ):
+        assert 0 < queue.redis.ttl(link) <= settings.cache_ttl_seconds, link
 
 
 @pytest.mark.parametrize("compile_scoring", [False, True])
