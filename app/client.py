@@ -318,7 +318,8 @@ class InfluenceClient:
                 yield None, None
 
     def events(self, job_id: JobRef, *, timeout: float | None = None) -> Iterator[JobView]:
-        """The job's state after each progress event (SSE), ending with the finished job.
+        """The job's state after each progress event (SSE), ending with the finished job
+        (or earlier, without it, when the server shuts down: then call :meth:`wait`).
         ``timeout`` bounds each read (the server sends a keep-alive every 10 s), not the
         whole stream: use :meth:`wait` for an overall limit."""
         for _, view in self._stream(_id_of(job_id), read_timeout=timeout):

@@ -45,7 +45,7 @@ from models.architectures import ARCHITECTURES, example_input
 from models.checkpoints import canonical_json
 from worker.cache import result_key
 from worker.contract import JobKind, JobStatus, TestSpec
-from worker.main import connect
+from worker.main import REDIS_SOCKET_TIMEOUT_S, connect
 from worker.queue import JobQueue, JobRecord
 from worker.settings import Settings
 from worker.store import ArtifactStore, Registry
@@ -62,11 +62,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-ASYNC_SOCKET_TIMEOUT_S = 5.0
-"""Socket timeout of the async Redis client (rate limits on every keyed request; the event
-streams' XREADs, which block for ``app.routes.jobs.STOP_POLL_MS`` at most): a Redis that
-stops answering makes requests fail with 503 after this long, not hang."""
 
 
 class ByteLRU:
@@ -316,8 +311,11 @@ class Services:
         the embedded Redis) and open the artifact store under ``data_dir``."""
         client = connect(settings)
         store = ArtifactStore.for_settings(settings)
-        aclient = redis.asyncio.Redis.from_url(
-            str(settings.redis_url), decode_responses=True, socket_timeout=ASYNC_SOCKET_TIMEOUT_S
+        aclient = redis.asyncio.Redis.from_url(  # the event streams' XREADs block 0.5 s
+            str(settings.redis_url),
+            decode_responses=True,
+            socket_timeout=REDIS_SOCKET_TIMEOUT_S,
+            socket_connect_timeout=REDIS_SOCKET_TIMEOUT_S,
         )
         return cls(
             settings=settings,

@@ -225,6 +225,8 @@ class InfluenceEngine:
         try:
             with torch.no_grad():
                 outputs = self.fmodel(self.theta, inputs)
+        except torch.OutOfMemoryError:
+            raise  # transient, not a model defect: the caller may retry
         except _TORCH_ERRORS as exc:
             train_shape = list(self.operator.inputs.shape[1:])
             raise ValueError(
@@ -259,6 +261,8 @@ class InfluenceEngine:
                 values = self.loss.per_example(outputs, targets[: len(outputs)])
         except TargetError as exc:  # already says what is wrong; say which targets
             raise ValueError(f"{what}: {exc}") from exc
+        except torch.OutOfMemoryError:
+            raise  # transient, not a model defect: the caller may retry
         except _TORCH_ERRORS as exc:
             raise ValueError(
                 f"the {self.loss.name} loss cannot take the model's outputs (per-example shape "
@@ -302,6 +306,8 @@ class InfluenceEngine:
         for needed, run in steps:
             try:
                 run()
+            except torch.OutOfMemoryError:
+                raise  # transient, not a model defect: the caller may retry
             except _TORCH_ERRORS as exc:
                 raise ValueError(
                     f"the model does not support {needed}: {exc} (see docs/engine.md, Model "

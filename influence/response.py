@@ -59,6 +59,7 @@ from models import (
     train,
     validate_dataset,
 )
+from models.checkpoints import check_state_dict
 from models.losses import Loss, get_loss
 from models.training import resolve_device
 
@@ -131,22 +132,6 @@ def _registered_config(config: Any, who: str) -> dict[str, Any]:
     if not isinstance(name, str) or name not in ARCHITECTURES:
         raise ConfigError(f"{need}; got architecture {name!r}")
     return dict(config)
-
-
-def _check_fits(expected: Mapping[str, Tensor], thetas: Mapping[str, Tensor], name: str) -> None:
-    """Raise ``ConfigError`` unless ``thetas`` has exactly the tensor names and shapes of
-    ``expected`` (the state dict of ``build(config)`` for architecture ``name``)."""
-    what = f"state dict does not fit build(config) for {name!r}"
-    missing, extra = sorted(set(expected) - set(thetas)), sorted(set(thetas) - set(expected))
-    if missing or extra:
-        raise ConfigError(f"{what}: missing tensor(s) {missing}, unexpected tensor(s) {extra}")
-    for key, want in expected.items():
-        have = thetas[key]
-        if not isinstance(have, Tensor) or have.shape != want.shape:
-            shape = list(have.shape) if isinstance(have, Tensor) else type(have).__name__
-            raise ConfigError(
-                f"{what}: tensor {key!r} has shape {shape}, expected {list(want.shape)}"
-            )
 
 
 def live_parameters(model: nn.Module) -> Tensor:
@@ -412,7 +397,13 @@ class Responder:
         self.dataset = _as_dataset(dataset, "dataset")
         self.theta0, self.batch_order = theta0, list(batch_order or [])
         self.model = build(self.config).to(self.dtype)
-        _check_fits(self.model.state_dict(), thetas, self.config["architecture"])
+        check_state_dict(
+            self.model.state_dict(),
+            thetas,
+            f"state dict does not fit build(config) for {self.config['architecture']!r}",
+            ConfigError,
+            dtypes=False,  # cast to the responder's dtype below
+        )
         self.model.load_state_dict(dict(thetas), strict=True)
         self.model.to(self.device).eval()
         self.fmodel, self.theta_s = FlatModel.of(self.model)

@@ -74,9 +74,15 @@ def checkpoint_id(model: nn.Module, config: Mapping[str, Any]) -> str:
 
 
 def check_state_dict(
-    expected: Mapping[str, Tensor], got: Mapping[str, Tensor], what: str, error: type[ValueError]
+    expected: Mapping[str, Tensor],
+    got: Mapping[str, Tensor],
+    what: str,
+    error: type[ValueError],
+    *,
+    dtypes: bool = True,
 ) -> None:
-    """Strict comparison of key set, shapes and dtypes; all values must be finite."""
+    """Strict comparison of key set, shapes and (unless ``dtypes=False``, for weights that
+    will be cast) dtypes; all values must be finite."""
     missing = sorted(set(expected) - set(got))
     if missing:
         raise error(f"{what}: missing tensor(s) {missing}")
@@ -89,7 +95,7 @@ def check_state_dict(
             raise error(
                 f"{what}: tensor {name!r} has shape {list(have.shape)}, expected {list(want.shape)}"
             )
-        if have.dtype != want.dtype:
+        if dtypes and have.dtype != want.dtype:
             raise error(f"{what}: tensor {name!r} has dtype {have.dtype}, expected {want.dtype}")
         bad = nonfinite(have)
         if bad:

@@ -29,7 +29,6 @@ from influence.experiments.mislabel import detect_mislabels_on
 from influence.response import Responder, ResponseArguments, VerifyArguments, verify
 from influence.solvers import phase_progress
 from models import Progress
-from models.losses import get_loss
 from worker.cache import STestCache, s_test_key
 from worker.contract import (
     DecompositionPayload,
@@ -115,25 +114,31 @@ class Context:
         )
 
     def engine(self, tenant: str, spec: _EngineSpec) -> InfluenceEngine:
-        """The engine for (model, train, loss, hessian, damping, weight decay), built after
-        a one-example check that model, training set and loss fit together
-        (``check_model_fits``)."""
+        """The engine for (model, train, loss, hessian, damping, weight decay). A model,
+        training set and loss that do not fit together fail its construction checks with a
+        ValueError, here prefixed with their ids: the job fails at once (no retry), instead
+        of meeting a torch error deep in a solve attempt after attempt."""
         model, _ = self.checkpoint(tenant, spec.model)
         train = self.dataset(tenant, spec.train)
         key = (spec.model, spec.train, spec.loss, spec.hessian, spec.damping, spec.weight_decay)
 
         def build() -> InfluenceEngine:
-            check_model_fits(model, train, spec.loss, spec.model, spec.train)
-            return InfluenceEngine(
-                model,
-                loss=spec.loss,
-                train=(train.inputs, train.targets),
-                hessian=spec.hessian,
-                damping=spec.damping,
-                weight_decay=spec.weight_decay,
-                device=self.device,
-                compile_scoring=self.settings.compile_scoring,
-            )
+            try:
+                return InfluenceEngine(
+                    model,
+                    loss=spec.loss,
+                    train=(train.inputs, train.targets),
+                    hessian=spec.hessian,
+                    damping=spec.damping,
+                    weight_decay=spec.weight_decay,
+                    device=self.device,
+                    compile_scoring=self.settings.compile_scoring,
+                )
+            except ValueError as exc:
+                raise ValueError(
+                    f"model {spec.model}, training set {spec.train} and loss {spec.loss!r} "
+                    f"do not fit together: {exc}"
+                ) from exc
 
         return self._engines.get(key, build)
 
@@ -167,55 +172,6 @@ class Context:
             _, config = self.checkpoint(tenant, spec.model)
             check_test_points(points, self.dataset(tenant, spec.train), config)
         return points
-
-
-def check_model_fits(
-    model: nn.Module, train: models.Dataset, loss: str, model_id: str, train_id: str
-) -> None:
-    """ValueError (no retry) unless the model runs on the first training example, its
-    output and that example's target give one loss value, and cross-entropy class targets
-    lie within the model's outputs. A mismatch (wrong input width, output vs target shape)
-    would otherwise surface as a torch RuntimeError deep in the engine, which the queue
-    retries (``worker.main.PERMANENT_ERRORS``) until the job is dead-lettered."""
-    what = f"model {model_id}, training set {train_id} and loss {loss!r} do not fit together"
-    inputs, targets = train.inputs[:1], train.targets[:1]
-    first = next(model.parameters(), None)
-    if first is not None:  # as the engine casts them (``_as_pair``)
-        inputs, targets = (
-            t.to(first.device, first.dtype if t.is_floating_point() else t.dtype)
-            for t in (inputs, targets)
-        )
-    errors = (RuntimeError, IndexError, TypeError, ValueError)
-    training = model.training
-    model.eval()  # batch-norm layers refuse a batch of one in training mode
-    try:
-        with torch.no_grad():
-            outputs = model(inputs)
-    except errors as exc:
-        raise ValueError(f"{what}: the model fails on training example 0: {exc}") from None
-    finally:
-        model.train(training)
-    if loss == "cross_entropy" and not train.targets.is_floating_point():
-        classes = outputs.shape[-1]
-        bad = (train.targets < 0) | (train.targets >= classes)
-        if bool(bad.any()):
-            row = int(bad.reshape(len(bad), -1).any(dim=1).nonzero()[0, 0])
-            raise ValueError(
-                f"{what}: training example {row} has a class index outside the model's "
-                f"{classes} outputs [0, {classes})"
-            )
-    try:
-        values = get_loss(loss).per_example(outputs, targets)
-    except errors as exc:
-        raise ValueError(
-            f"{what}: the loss of training example 0 fails (model output shape "
-            f"{list(outputs.shape)}, target shape {list(targets.shape)}): {exc}"
-        ) from None
-    if values.shape != (1,):
-        raise ValueError(
-            f"{what}: the loss of training example 0 has shape {list(values.shape)}, "
-            "expected one value per example"
-        )
 
 
 def check_test_points(test: models.Dataset, train: models.Dataset, config: dict[str, Any]) -> None:

@@ -39,14 +39,26 @@ REDIS_BACKOFF_MAX = 30.0
 """Wait after a Redis error in the claim loop: doubling from the first to the second."""
 
 
+REDIS_SOCKET_TIMEOUT_S = 5.0
+"""Socket (and connect) timeout of every Redis client of the service: a Redis that stops
+answering fails a call after this long instead of hanging it (blocking reads here block
+for at most a second)."""
+
+
 def connect(settings: Settings) -> redis.Redis:
-    """A Redis client for ``settings.redis_url`` (decoded strings, as the queue expects)."""
+    """A Redis client for ``settings.redis_url`` (decoded strings, as the queue expects;
+    ``REDIS_SOCKET_TIMEOUT_S``)."""
     if not settings.redis_url:
         raise ValueError(
             "redis_url is not set: give REDIS_URL (the API's `serve` starts an embedded "
             "Redis and passes its URL to its local workers)"
         )
-    return redis.Redis.from_url(settings.redis_url, decode_responses=True)
+    return redis.Redis.from_url(
+        settings.redis_url,
+        decode_responses=True,
+        socket_timeout=REDIS_SOCKET_TIMEOUT_S,
+        socket_connect_timeout=REDIS_SOCKET_TIMEOUT_S,
+    )
 
 
 def _heartbeat(queue: JobQueue, claim: Claim, done: threading.Event, period: float) -> None:

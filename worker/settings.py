@@ -18,7 +18,7 @@ MAX_TEST_POINTS = 256
 """Ceiling on test points per request (``app.schemas`` validates against it; the setting
 ``max_test_points`` may lower it)."""
 
-__all__ = ["Settings"]
+__all__ = ["MAX_TEST_POINTS", "Settings", "load_settings"]
 
 
 class Settings(BaseSettings):

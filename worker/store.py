@@ -290,10 +290,12 @@ class Registry:
 
     # -- helpers -----------------------------------------------------------------------
 
-    def _save(self, key: str, record: dict[str, Any], default_name: str | None = None) -> dict:
+    def _save(
+        self, key: str, record: dict[str, Any], default_name: str | None = None
+    ) -> dict[str, Any]:
         """Store ``record`` under its id in the registry hash ``key``. Without a name given,
-        an upload of content already registered keeps the name it had (uploading the same
-        file again is how a deleted record comes back), else takes ``default_name``."""
+        re-uploading content that is still registered keeps the name it has (a deleted
+        record's name is gone with it), else the record takes ``default_name``."""
         if record["name"] is None:
             previous = self.redis.hget(key, record["id"])
             record["name"] = (json.loads(previous) if previous else {}).get("name") or (

@@ -20,7 +20,7 @@ KEEP_ALIVE_MS = 10_000
 (counted over polls of ``STOP_POLL_MS``)."""
 STOP_POLL_MS = 500
 """How long one XREAD of an idle stream blocks (below the async Redis client's socket
-timeout, ``app.services.ASYNC_SOCKET_TIMEOUT_S``); between polls the stream checks whether
+timeout, ``worker.main.REDIS_SOCKET_TIMEOUT_S``); between polls the stream checks whether
 the server is shutting down (then it ends, and the dashboard falls back to polling)."""
 
 

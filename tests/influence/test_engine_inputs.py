@@ -207,6 +207,34 @@ def test_a_model_without_a_needed_transform_is_refused_at_construction(activatio
         InfluenceEngine(_Net(activation).double(), train=tiny_data("classes3", 8))
 
 
+class _OutOfMemory(nn.Module):
+    """Raises what a GPU out of memory raises, once ``fail`` is set."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(5, 3)
+        self.fail = False
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.fail:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return self.linear(x)
+
+
+def test_running_out_of_memory_in_the_checks_is_not_called_a_model_defect() -> None:
+    """Out of memory is transient (a worker retries the job); a ValueError would be final."""
+    inputs, labels = tiny_data("classes3", 8)
+    model = _OutOfMemory().double()
+    model.fail = True
+    with pytest.raises(torch.OutOfMemoryError):
+        InfluenceEngine(model, train=(inputs, labels))
+    model.fail = False
+    engine = InfluenceEngine(model, train=(inputs, labels))
+    engine.model.fail = True  # the engine's copy
+    with pytest.raises(torch.OutOfMemoryError):
+        engine.scores((inputs[:2], labels[:2]), Exact())
+
+
 def test_inputs_the_model_cannot_take_are_named_training_or_test() -> None:
     inputs, labels = tiny_data("classes3", 8)
     with pytest.raises(ValueError, match=r"cannot take the training inputs \(per-example shape"):

@@ -117,7 +117,7 @@ def test_model_and_config_must_agree(setup) -> None:
     fits = r"state dict does not fit build\(config\) for 'mlp'"
     other = build({**CONFIG, "hidden": [5]})
     with pytest.raises(
-        ConfigError, match=rf"{fits}: tensor '0\.weight' has shape \[5, 3\], expected \[4, 3\]"
+        ConfigError, match=rf"{fits}: tensor '0\.bias' has shape \[5\], expected \[4\]"
     ):
         verify((other, CONFIG), data, test, [1], arguments=SMALL)
     single = nn.Sequential(nn.Linear(3, 3))

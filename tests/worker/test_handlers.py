@@ -325,10 +325,10 @@ def test_decomposition_mislabel_on_a_regression_set_fails(
         (
             {**MLP_CONFIG, "in_features": 5},
             "cross_entropy",
-            "the model fails on training example 0",
+            "the model cannot take the training inputs",
         ),
-        ({**MLP_CONFIG, "out_features": 2}, "cross_entropy", "outside the model's 2 outputs"),
-        (MLP_CONFIG, "mse", "the loss of training example 0 fails (model output shape [1, 3]"),
+        ({**MLP_CONFIG, "out_features": 2}, "cross_entropy", "class indices [0, 2) (the model"),
+        (MLP_CONFIG, "mse", "the mse loss cannot take the model's outputs (per-example shape [3])"),
     ],
     ids=["input-width", "classes", "loss"],
 )

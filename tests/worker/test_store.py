@@ -108,8 +108,8 @@ def test_registry_is_per_tenant(registry: Registry, tmp_path: Path) -> None:
 def test_uploading_the_same_content_again_keeps_its_name(
     registry: Registry, tmp_path: Path
 ) -> None:
-    """Re-uploading a file (how a deleted record comes back) without a name keeps the name
-    the record had; a name given renames it; a new record takes the file's own name."""
+    """Re-uploading a file that is still registered, without a name, keeps the name it has;
+    a name given renames it; a new record takes the file's own name."""
     data = models.Dataset(torch.randn(4, 2), torch.tensor([0, 1, 0, 1]), {"name": "file-name"})
     raw = dataset_bytes(data, tmp_path)
     assert registry.put_dataset(TENANT, raw)["name"] == "file-name"
