@@ -236,33 +236,31 @@ def test_out_of_range_query_parameters_are_422(live: LiveServer, uploaded: dict[
     assert verify.status_code == 422 and verify.json()["detail"][0]["loc"] == ["body", "top"]
 
 
-def test_rate_limit_is_429_with_retry_after(settings_factory: Callable[..., Settings]) -> None:
+@pytest.fixture
+def limited(settings_factory: Callable[..., Settings]) -> Iterator[LiveServer]:
+    """The API with a burst of 3 requests per bucket, refilling at one every 2 s."""
     server = LiveServer(
         settings_factory(api_keys=API_KEYS, rate_limit_per_s=0.5, rate_limit_burst=3)
     ).start()
-    try:
-        codes = [httpx.get(server.url + "/models", headers=ALICE) for _ in range(4)]
-        assert [r.status_code for r in codes] == [200, 200, 200, 429]
-        assert int(codes[-1].headers["Retry-After"]) >= 1
-        # buckets are per key: bob is unaffected by alice's burst
-        assert httpx.get(server.url + "/models", headers=BOB).status_code == 200
-    finally:
-        server.stop()
+    yield server
+    server.stop()
 
 
-def test_guessing_keys_is_rate_limited_too(settings_factory: Callable[..., Settings]) -> None:
-    server = LiveServer(
-        settings_factory(api_keys=API_KEYS, rate_limit_per_s=0.5, rate_limit_burst=3)
-    ).start()
-    try:
-        wrong = {"Authorization": "Bearer not-a-key"}
-        codes = [httpx.get(server.url + "/models", headers=wrong) for _ in range(4)]
-        assert [r.status_code for r in codes] == [401, 401, 401, 429]
-        assert int(codes[-1].headers["Retry-After"]) >= 1
-        # a refused guess does not spend a real key's tokens
-        assert httpx.get(server.url + "/models", headers=ALICE).status_code == 200
-    finally:
-        server.stop()
+def test_rate_limit_is_429_with_retry_after(limited: LiveServer) -> None:
+    codes = [httpx.get(limited.url + "/models", headers=ALICE) for _ in range(4)]
+    assert [r.status_code for r in codes] == [200, 200, 200, 429]
+    assert int(codes[-1].headers["Retry-After"]) >= 1
+    # buckets are per key: bob is unaffected by alice's burst
+    assert httpx.get(limited.url + "/models", headers=BOB).status_code == 200
+
+
+def test_guessing_keys_is_rate_limited_too(limited: LiveServer) -> None:
+    wrong = {"Authorization": "Bearer not-a-key"}
+    codes = [httpx.get(limited.url + "/models", headers=wrong) for _ in range(4)]
+    assert [r.status_code for r in codes] == [401, 401, 401, 429]
+    assert int(codes[-1].headers["Retry-After"]) >= 1
+    # a refused guess does not spend a real key's tokens
+    assert httpx.get(limited.url + "/models", headers=ALICE).status_code == 200
 
 
 def test_serve_refuses_public_bind_without_keys(
