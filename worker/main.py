@@ -9,6 +9,8 @@ import socket
 import threading
 import traceback
 import uuid
+from collections.abc import Callable
+from functools import partial
 
 import redis
 
@@ -75,24 +77,57 @@ def _heartbeat(queue: JobQueue, claim: Claim, done: threading.Event, period: flo
             log.warning("job %s: heartbeat failed (%s); retrying", claim.job_id, exc)
 
 
-def _settle(queue: JobQueue, ctx: Context, claim: Claim) -> None:
-    """Run the job and record how it ended (StaleAttemptError propagates: nothing to record)."""
+def _until_written(write: Callable[[], object], claim: Claim, stop: threading.Event) -> None:
+    """Record a job's outcome, retrying through Redis errors (backoff doubling from
+    ``REDIS_BACKOFF_MIN`` to ``REDIS_BACKOFF_MAX`` s) so that an outage neither loses a
+    finished result nor charges the job an attempt; gives up once ``stop`` is set (the
+    lease then expires and the job runs again)."""
+    backoff = REDIS_BACKOFF_MIN
+    while True:
+        try:
+            write()
+            return
+        except redis.RedisError as exc:
+            if stop.is_set():
+                raise
+            log.warning(
+                "job %s: outcome not recorded (%s: %s); retrying in %g s",
+                claim.job_id,
+                type(exc).__name__,
+                exc,
+                backoff,
+            )
+            stop.wait(backoff)
+            backoff = min(2 * backoff, REDIS_BACKOFF_MAX)
+
+
+def _settle(queue: JobQueue, ctx: Context, claim: Claim, stop: threading.Event) -> None:
+    """Run the job and record how it ended (StaleAttemptError propagates: nothing to
+    record). A job cut short by a Redis error is released: queued again, uncharged."""
+    write: Callable[[], object]
     try:
         outcome = run_job(ctx, claim, queue.progress_callback(claim))
-        if outcome is not None:
-            queue.complete(claim, outcome.result, outcome.report)
     except StaleAttemptError:
         raise
     except JobCanceledError:
-        queue.finish_canceled(claim)
+        write = partial(queue.finish_canceled, claim)
+    except redis.RedisError as exc:
+        error = f"Redis unavailable during attempt {claim.attempt} ({type(exc).__name__}: {exc})"
+        log.warning("job %s: %s; releasing it", claim.job_id, error)
+        write = partial(queue.release, claim, error)
     except PERMANENT_ERRORS as exc:
-        queue.fail(claim, f"{type(exc).__name__}: {exc}", retry=False)
+        write = partial(queue.fail, claim, f"{type(exc).__name__}: {exc}", retry=False)
     except Exception as exc:
         log.error("job %s failed:\n%s", claim.job_id, traceback.format_exc())
-        queue.fail(claim, f"{type(exc).__name__}: {exc}", retry=True)
+        write = partial(queue.fail, claim, f"{type(exc).__name__}: {exc}", retry=True)
+    else:
+        if outcome is None:
+            return
+        write = partial(queue.complete, claim, outcome.result, outcome.report)
+    _until_written(write, claim, stop)
 
 
-def _run_one(queue: JobQueue, ctx: Context, claim: Claim) -> None:
+def _run_one(queue: JobQueue, ctx: Context, claim: Claim, stop: threading.Event) -> None:
     done = threading.Event()
     beat = threading.Thread(
         target=_heartbeat,
@@ -101,7 +136,7 @@ def _run_one(queue: JobQueue, ctx: Context, claim: Claim) -> None:
     )
     beat.start()
     try:
-        _settle(queue, ctx, claim)
+        _settle(queue, ctx, claim, stop)
     except StaleAttemptError:
         log.warning("job %s: attempt %d is stale; dropping its work", claim.job_id, claim.attempt)
     finally:
@@ -136,7 +171,7 @@ def run_worker(
             claim = queue.claim(name, block_ms=1000)
             if claim is not None:
                 log.info("job %s (%s) attempt %d", claim.job_id, claim.job.kind, claim.attempt)
-                _run_one(queue, ctx, claim)
+                _run_one(queue, ctx, claim, stop)
             backoff = REDIS_BACKOFF_MIN
         except redis.RedisError as exc:
             log.warning("Redis error (%s: %s); retrying in %g s", type(exc).__name__, exc, backoff)

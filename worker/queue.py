@@ -18,6 +18,7 @@ Design (docs/service-internals.md):
 from __future__ import annotations
 
 import json
+import logging
 import time
 import uuid
 from collections.abc import Callable
@@ -37,6 +38,8 @@ __all__ = [
     "JobTimeoutError",
     "StaleAttemptError",
 ]
+
+log = logging.getLogger("worker")
 
 EVENTS_MAXLEN = 1000
 PRUNE_BATCH = 100
@@ -58,7 +61,9 @@ class JobTimeoutError(RuntimeError):
 
 @dataclass(frozen=True)
 class JobRecord:
-    """A job's state as stored in its Redis hash."""
+    """A job's state as stored in its Redis hash. ``attempts`` counts the attempts
+    started; ``max_attempts`` is the allowance: the setting at submit plus one for each
+    attempt released without charge because Redis was unavailable during it."""
 
     id: str
     kind: JobKind
@@ -98,7 +103,7 @@ class JobRecord:
             progress=float(h.get("progress", 0.0)),
             phase=h.get("phase", ""),
             attempts=int(h.get("attempts", 0)),
-            max_attempts=int(h["max_attempts"]),
+            max_attempts=int(h["max_attempts"]) + int(h.get("released", 0)),
             error=h.get("error") or None,
             created=float(h["created"]),
             started=opt_float("started"),
@@ -145,6 +150,7 @@ class Claim:
     consumer: str
     deadline: float
     _last_progress: float = field(default=0.0, repr=False)
+    _progress_failing: bool = field(default=False, repr=False)
 
     @property
     def job_id(self) -> str:
@@ -227,6 +233,7 @@ if redis.call('HGET', KEYS[1], 'cancel') == '1' then
   return {'skip', 'canceled'}
 end
 local a = tonumber(redis.call('HGET', KEYS[1], 'attempts') or '0')
+    - tonumber(redis.call('HGET', KEYS[1], 'released') or '0')
 if a >= tonumber(ARGV[5]) then
   local err = redis.call('HGET', KEYS[1], 'error')
   if not err or err == '' then err = 'worker lost during the job' end
@@ -275,8 +282,10 @@ return 1
 
 # ARGV: now, attempt, group, message id, outcome, result JSON, report JSON, error,
 # max attempts, job id, retry flag ('1'/'0').
-# outcome 'succeeded' | 'canceled' | 'failed' | 'waiting' (parent handed over to shards).
-# Returns the status written, or '' when the attempt is stale.
+# outcome 'succeeded' | 'canceled' | 'failed' | 'waiting' (parent handed over to shards)
+# | 'released' (requeued without charging the attempt: Redis was unavailable during it).
+# Returns the status written, or '' when the attempt is stale. Writing 'succeeded' or
+# 'canceled' again for the same attempt returns the status (a reply lost in an outage).
 _FINISH = """
 if redis.call('HGET', KEYS[1], 'attempts') ~= ARGV[2] then return '' end
 local outcome = ARGV[5]
@@ -286,7 +295,10 @@ if outcome == 'waiting' and st ~= 'running' then
   ack(ARGV[3], ARGV[4])
   return st
 end
-if st ~= 'running' then return '' end
+if st ~= 'running' then
+  if st == outcome and (st == 'succeeded' or st == 'canceled') then return st end
+  return ''
+end
 if ARGV[7] ~= '' then redis.call('HSET', KEYS[1], 'report', ARGV[7]) end
 if outcome == 'succeeded' then
   redis.call('HSET', KEYS[1], 'result', ARGV[6], 'progress', '1', 'phase', 'done', 'error', '')
@@ -295,9 +307,15 @@ elseif outcome == 'canceled' then
   set_status('canceled')
 elseif outcome == 'waiting' then
   redis.call('HSET', KEYS[1], 'phase', 'scoring shards', 'updated', ARGV[1])
+elseif outcome == 'released' then
+  redis.call('HINCRBY', KEYS[1], 'released', 1)
+  redis.call('HSET', KEYS[1], 'error', ARGV[8])
+  set_status('queued')
+  redis.call('XADD', KEYS[2], '*', 'job', ARGV[10])
+  outcome = 'queued'
 else
   redis.call('HSET', KEYS[1], 'error', ARGV[8])
-  local a = tonumber(ARGV[2])
+  local a = tonumber(ARGV[2]) - tonumber(redis.call('HGET', KEYS[1], 'released') or '0')
   if ARGV[11] == '1' and a < tonumber(ARGV[9]) then
     set_status('queued')
     redis.call('XADD', KEYS[2], '*', 'job', ARGV[10])
@@ -650,7 +668,9 @@ class JobQueue:
     def progress_callback(self, claim: Claim, *, min_interval: float = 0.1) -> Callable:
         """A ``progress(fraction, phase)`` callback for the engine: records monotone progress
         (at most every ``min_interval`` s, always for fraction 1) and raises
-        JobCanceledError / StaleAttemptError / JobTimeoutError to abort the computation."""
+        JobCanceledError / StaleAttemptError / JobTimeoutError to abort the computation.
+        A Redis error skips that report (logged once per outage): progress is not worth
+        losing the computation for, and the next report tries again."""
 
         def progress(fraction: float, phase: str) -> None:
             now = time.time()
@@ -661,7 +681,14 @@ class JobQueue:
             if fraction < 1.0 and now - claim._last_progress < min_interval:
                 return
             claim._last_progress = now
-            self.report_progress(claim, fraction, phase)
+            try:
+                self.report_progress(claim, fraction, phase)
+            except redis.RedisError as exc:
+                if not claim._progress_failing:
+                    log.warning("job %s: progress not recorded (%s); going on", claim.job_id, exc)
+                claim._progress_failing = True
+            else:
+                claim._progress_failing = False
 
         return progress
 
@@ -728,6 +755,12 @@ class JobQueue:
     def finish_canceled(self, claim: Claim) -> None:
         """Mark a job whose worker saw the cancel flag as ``canceled``."""
         self._finish(claim, "canceled")
+
+    def release(self, claim: Claim, error: str) -> None:
+        """Queue the job again after its attempt was cut short by Redis being unavailable,
+        without charging that attempt against ``max_attempts`` (the job's allowance grows
+        by one); ``error`` is recorded as the job's last error."""
+        self._finish(claim, "released", error=error)
 
     def mark_sharded(self, claim: Claim, total: int, test_targets: list[Any]) -> None:
         """Record that the job is split into ``total`` score_shard jobs (before submitting

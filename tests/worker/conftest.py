@@ -1,11 +1,14 @@
 """Fixtures for the worker tests: the session's real Redis (``redis_url`` in
 tests/conftest.py), a unique key prefix per test (its keys deleted afterwards), the artifact
-store in a temporary directory, a tiny registered MLP and dataset, and worker runners
-(a thread, or ``python -m worker`` subprocesses)."""
+store in a temporary directory, a tiny registered MLP and dataset, worker runners (a
+thread, or ``python -m worker`` subprocesses) and a TCP relay to that Redis that a test
+can cut to stage an outage."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -13,6 +16,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from urllib.parse import quote
 
 import pytest
 import redis
@@ -192,3 +196,84 @@ def process_worker(settings: Settings) -> Iterator[Callable[[str], subprocess.Po
             proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+def _shutdown(sock: socket.socket) -> None:
+    with contextlib.suppress(OSError):  # already closed by the other side
+        sock.shutdown(socket.SHUT_RDWR)
+
+
+class RedisRelay:
+    """A TCP relay in front of the real Redis at ``target_url``: clients of ``url`` reach
+    it until :meth:`cut`, which drops every relayed connection and refuses new ones (a
+    Redis outage as a client sees it), until :meth:`restore`."""
+
+    def __init__(self, target_url: str) -> None:
+        self.target = redis.connection.parse_url(target_url)
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        auth = ""
+        if self.target.get("password"):
+            user = quote(self.target.get("username") or "", safe="")
+            auth = f"{user}:{quote(self.target['password'], safe='')}@"
+        port = self.listener.getsockname()[1]
+        self.url = f"redis://{auth}127.0.0.1:{port}/{self.target.get('db', 0)}"
+        self.down = threading.Event()
+        self.closed = threading.Event()
+        self.lock = threading.Lock()
+        self.sockets: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _upstream(self) -> socket.socket:
+        if "path" in self.target:
+            conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            conn.connect(self.target["path"])
+            return conn
+        return socket.create_connection((self.target["host"], self.target["port"]))
+
+    def _accept(self) -> None:
+        while not self.closed.is_set():
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            if self.down.is_set():
+                client.close()
+                continue
+            upstream = self._upstream()
+            with self.lock:
+                self.sockets += [client, upstream]
+            for src, dst in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
+
+    @staticmethod
+    def _pump(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        for sock in (src, dst):
+            _shutdown(sock)
+
+    def cut(self) -> None:
+        self.down.set()
+        with self.lock:
+            for sock in self.sockets:
+                _shutdown(sock)
+                sock.close()
+            self.sockets.clear()
+
+    def restore(self) -> None:
+        self.down.clear()
+
+    def close(self) -> None:
+        self.closed.set()
+        self.listener.close()
+        self.cut()
+
+
+@pytest.fixture
+def redis_relay(redis_url: str) -> Iterator[RedisRelay]:
+    relay = RedisRelay(redis_url)
+    yield relay
+    relay.close()

@@ -156,6 +156,55 @@ def test_job_whose_workers_keep_dying_is_dead_lettered(
     assert [d["job"] for d in queue.dead_letters()] == [job]
 
 
+def test_a_released_attempt_is_not_charged(client: redis.Redis, settings: Settings) -> None:
+    # max_attempts = 2: attempt 1 released (Redis was down during it), attempts 2 and 3
+    # fail and are charged; the job is dead-lettered after 2 charged attempts, not 3.
+    queue = short_lease(client, settings, max_attempts=2)
+    job = queue.submit(JobKind.SELF_INFLUENCE, PAYLOAD, tenant=TENANT)
+    first = queue.claim("w", block_ms=50)
+    queue.release(first, "Redis unavailable during attempt 1 (ConnectionError: refused)")
+    record = queue.get(job)
+    assert record.status == JobStatus.QUEUED and (record.attempts, record.max_attempts) == (1, 3)
+    assert record.error.startswith("Redis unavailable during attempt 1")
+    with pytest.raises(StaleAttemptError):  # the released attempt cannot write any more
+        queue.complete(first, {"late": True})
+    second = queue.claim("w", block_ms=50)
+    assert second.attempt == 2
+    assert queue.fail(second, "RuntimeError: boom 2", retry=True) == JobStatus.QUEUED
+    third = queue.claim("w", block_ms=50)
+    assert third.attempt == 3
+    assert queue.fail(third, "RuntimeError: boom 3", retry=True) == JobStatus.FAILED
+    (dead,) = queue.dead_letters()
+    assert dead["job"] == job and dead["attempts"] == 2
+    # a worker lost during a released job's last charged attempt: gave up at claim
+    lost = queue.submit(JobKind.SELF_INFLUENCE, PAYLOAD, tenant=TENANT)
+    queue.release(queue.claim("w", block_ms=50), "Redis unavailable")
+    for attempt in (2, 3):
+        assert queue.claim(f"dying-{attempt}", block_ms=100).attempt == attempt
+        time.sleep(0.4)
+    assert queue.claim("survivor", block_ms=100) is None
+    assert "gave up after 2 attempts" in queue.get(lost).error
+
+
+def test_an_outcome_written_twice_by_its_attempt_is_kept(queue: JobQueue) -> None:
+    # A reply lost in a Redis outage makes the worker write its outcome again.
+    job = queue.submit(JobKind.SELF_INFLUENCE, PAYLOAD, tenant=TENANT)
+    claim = queue.claim("w", block_ms=50)
+    queue.complete(claim, {"answer": 1})
+    queue.complete(claim, {"answer": 1})
+    record = queue.get(job)
+    assert record.status == JobStatus.SUCCEEDED and record.result == {"answer": 1}
+    assert queue.counts()["succeeded"] == 1
+    with pytest.raises(StaleAttemptError):  # but not a different outcome
+        queue.fail(claim, "RuntimeError: late", retry=True)
+    canceled = queue.submit(JobKind.SELF_INFLUENCE, PAYLOAD, tenant=TENANT)
+    claim = queue.claim("w", block_ms=50)
+    queue.finish_canceled(claim)
+    queue.finish_canceled(claim)
+    assert queue.get(canceled).status == JobStatus.CANCELED
+    assert queue.counts()["canceled"] == 1
+
+
 def test_cancel_queued_job_is_never_run(queue: JobQueue) -> None:
     job = queue.submit(JobKind.SELF_INFLUENCE, PAYLOAD, tenant=TENANT)
     assert queue.cancel(job, "someone-else") is None

@@ -1,6 +1,7 @@
 """The worker loop (worker.main) on a real Redis with stub handlers: a busy worker stays
 alive and keeps its lease through Redis errors, the claim loop survives any Redis error,
-and a worker whose device is unusable claims nothing."""
+a Redis outage during a job neither loses its result nor charges it an attempt, and a
+worker whose device is unusable claims nothing."""
 
 from __future__ import annotations
 
@@ -9,11 +10,12 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 
 import pytest
 import redis
 
-from tests.worker.conftest import REPO, TENANT, finished, wait_for
+from tests.worker.conftest import REPO, TENANT, RedisRelay, finished, wait_for
 from worker.contract import JobKind, JobStatus
 from worker.handlers import Outcome
 from worker.main import run_worker
@@ -109,6 +111,95 @@ def test_claim_loop_survives_any_redis_error(
         record = wait_for(queue, job, finished, timeout=15)
     assert record.status == JobStatus.SUCCEEDED
     assert type(error).__name__ in caplog.text and "retrying in 1 s" in caplog.text
+
+
+def reporting_job(seconds: float, outage: Callable[[], None] | None = None):
+    """A stand-in for ``run_job`` that reports progress every 50 ms for ``seconds``
+    (calling ``outage`` once, a third of the way in) and returns."""
+
+    def run(ctx, claim, progress) -> Outcome:
+        pending = [outage] if outage is not None else []
+        start = time.monotonic()
+        while (elapsed := time.monotonic() - start) < seconds:
+            if pending and elapsed > seconds / 3:
+                pending.pop()()
+            progress(elapsed / seconds, "working")
+            time.sleep(0.05)
+        return Outcome({"worked": seconds})
+
+    return run
+
+
+def outage_of(relay: RedisRelay, seconds: float) -> Callable[[], None]:
+    """Cut ``relay`` now and restore it ``seconds`` later (in the background)."""
+
+    def start() -> None:
+        relay.cut()
+        threading.Timer(seconds, relay.restore).start()
+
+    return start
+
+
+def test_a_redis_outage_during_a_job_costs_it_nothing(
+    queue: JobQueue,
+    redis_relay: RedisRelay,
+    thread_worker,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Redis is cut for 1.5 s in the middle of the computation: the progress reports
+    # in that window fail and are skipped, the job goes on and succeeds at attempt 1.
+    monkeypatch.setattr("worker.main.run_job", reporting_job(3.0, outage_of(redis_relay, 1.5)))
+    job = queue.submit(JobKind.SELF_INFLUENCE, PAYLOAD, tenant=TENANT)
+    with caplog.at_level("WARNING", logger="worker"):
+        thread_worker("relayed", redis_url=redis_relay.url, max_attempts=1)
+        record = wait_for(queue, job, finished, timeout=30)
+    assert record.status == JobStatus.SUCCEEDED, record.error
+    assert record.attempts == 1 and record.result == {"worked": 3.0}
+    assert "progress not recorded" in caplog.text
+
+
+def test_a_result_finished_during_a_redis_outage_is_recorded_when_it_returns(
+    queue: JobQueue,
+    redis_relay: RedisRelay,
+    thread_worker,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    def cut_before_returning(ctx, claim, progress) -> Outcome:
+        outage_of(redis_relay, 2.0)()
+        return Outcome({"done": True})
+
+    monkeypatch.setattr("worker.main.run_job", cut_before_returning)
+    job = queue.submit(JobKind.SELF_INFLUENCE, PAYLOAD, tenant=TENANT)
+    with caplog.at_level("WARNING", logger="worker"):
+        thread_worker("relayed", redis_url=redis_relay.url, max_attempts=1)
+        record = wait_for(queue, job, finished, timeout=30)
+    assert record.status == JobStatus.SUCCEEDED and record.result == {"done": True}
+    assert record.attempts == 1
+    assert "outcome not recorded" in caplog.text
+
+
+def test_a_job_cut_short_by_redis_runs_again_uncharged(
+    queue: JobQueue, thread_worker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The handler's own Redis read fails on the first attempt (say, loading the model's
+    # record): the attempt is released, so with max_attempts = 1 the job still runs again.
+    attempts = []
+
+    def reads_redis(ctx, claim, progress) -> Outcome:
+        attempts.append(claim.attempt)
+        if len(attempts) == 1:
+            raise redis.ConnectionError("Error 111 connecting to redis:6379. Connection refused.")
+        return Outcome({"attempt": claim.attempt})
+
+    monkeypatch.setattr("worker.main.run_job", reads_redis)
+    one_attempt = JobQueue(queue.redis, queue.settings.model_copy(update={"max_attempts": 1}))
+    job = one_attempt.submit(JobKind.SELF_INFLUENCE, PAYLOAD, tenant=TENANT)
+    thread_worker("a", max_attempts=1)
+    record = wait_for(queue, job, finished, timeout=15)
+    assert record.status == JobStatus.SUCCEEDED and record.result == {"attempt": 2}
+    assert attempts == [1, 2] and (record.attempts, record.max_attempts) == (2, 2)
 
 
 def test_worker_with_an_unusable_device_claims_nothing(queue: JobQueue, settings) -> None:
