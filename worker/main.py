@@ -18,6 +18,7 @@ from influence import SolverError
 from models.training import resolve_device
 from worker.handlers import Context, run_job
 from worker.queue import (
+    REDIS_OUTAGES,
     Claim,
     JobCanceledError,
     JobQueue,
@@ -78,16 +79,16 @@ def _heartbeat(queue: JobQueue, claim: Claim, done: threading.Event, period: flo
 
 
 def _until_written(write: Callable[[], object], claim: Claim, stop: threading.Event) -> None:
-    """Record a job's outcome, retrying through Redis errors (backoff doubling from
-    ``REDIS_BACKOFF_MIN`` to ``REDIS_BACKOFF_MAX`` s) so that an outage neither loses a
-    finished result nor charges the job an attempt; gives up once ``stop`` is set (the
-    lease then expires and the job runs again)."""
+    """Record a job's outcome, retrying through Redis outages (``REDIS_OUTAGES``; backoff
+    doubling from ``REDIS_BACKOFF_MIN`` to ``REDIS_BACKOFF_MAX`` s) so that an outage
+    neither loses a finished result nor charges the job an attempt; gives up once ``stop``
+    is set (the lease then expires and the job runs again)."""
     backoff = REDIS_BACKOFF_MIN
     while True:
         try:
             write()
             return
-        except redis.RedisError as exc:
+        except REDIS_OUTAGES as exc:
             if stop.is_set():
                 raise
             log.warning(
@@ -103,7 +104,8 @@ def _until_written(write: Callable[[], object], claim: Claim, stop: threading.Ev
 
 def _settle(queue: JobQueue, ctx: Context, claim: Claim, stop: threading.Event) -> None:
     """Run the job and record how it ended (StaleAttemptError propagates: nothing to
-    record). A job cut short by a Redis error is released: queued again, uncharged."""
+    record). A job cut short by a Redis outage is released: queued again, uncharged; any
+    other Redis error is an ordinary failure (retried while attempts last)."""
     write: Callable[[], object]
     try:
         outcome = run_job(ctx, claim, queue.progress_callback(claim))
@@ -111,7 +113,7 @@ def _settle(queue: JobQueue, ctx: Context, claim: Claim, stop: threading.Event) 
         raise
     except JobCanceledError:
         write = partial(queue.finish_canceled, claim)
-    except redis.RedisError as exc:
+    except REDIS_OUTAGES as exc:
         error = f"Redis unavailable during attempt {claim.attempt} ({type(exc).__name__}: {exc})"
         log.warning("job %s: %s; releasing it", claim.job_id, error)
         write = partial(queue.release, claim, error)

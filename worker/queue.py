@@ -31,6 +31,7 @@ from worker.contract import GROUP, JobKind, JobStatus, Keys, payload_model
 from worker.settings import Settings
 
 __all__ = [
+    "REDIS_OUTAGES",
     "Claim",
     "JobCanceledError",
     "JobQueue",
@@ -40,6 +41,15 @@ __all__ = [
 ]
 
 log = logging.getLogger("worker")
+
+REDIS_OUTAGES = (
+    redis.ConnectionError,  # also BusyLoadingError: a restarted Redis loading its data
+    redis.TimeoutError,
+    redis.exceptions.ReadOnlyError,  # a failover in progress: writes reach a replica
+    redis.exceptions.OutOfMemoryError,  # maxmemory reached: writes refused for now
+)
+"""Redis errors that pass with time (Redis unreachable or not taking writes), as opposed
+to errors that a retry would meet again (a wrong key type, a script error)."""
 
 EVENTS_MAXLEN = 1000
 PRUNE_BATCH = 100
@@ -669,8 +679,8 @@ class JobQueue:
         """A ``progress(fraction, phase)`` callback for the engine: records monotone progress
         (at most every ``min_interval`` s, always for fraction 1) and raises
         JobCanceledError / StaleAttemptError / JobTimeoutError to abort the computation.
-        A Redis error skips that report (logged once per outage): progress is not worth
-        losing the computation for, and the next report tries again."""
+        A Redis outage (``REDIS_OUTAGES``) skips that report (logged once per outage):
+        progress is not worth losing the computation for, and the next report tries again."""
 
         def progress(fraction: float, phase: str) -> None:
             now = time.time()
@@ -683,7 +693,7 @@ class JobQueue:
             claim._last_progress = now
             try:
                 self.report_progress(claim, fraction, phase)
-            except redis.RedisError as exc:
+            except REDIS_OUTAGES as exc:
                 if not claim._progress_failing:
                     log.warning("job %s: progress not recorded (%s); going on", claim.job_id, exc)
                 claim._progress_failing = True

@@ -202,6 +202,21 @@ def test_a_job_cut_short_by_redis_runs_again_uncharged(
     assert attempts == [1, 2] and (record.attempts, record.max_attempts) == (2, 2)
 
 
+def test_a_redis_error_that_is_no_outage_is_an_ordinary_failure(
+    queue: JobQueue, thread_worker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A retry would meet it again: charged like any failure, not released for ever.
+    def wrong_type(ctx, claim, progress) -> Outcome:
+        raise redis.ResponseError("WRONGTYPE Operation against a key holding the wrong kind")
+
+    monkeypatch.setattr("worker.main.run_job", wrong_type)
+    job = queue.submit(JobKind.SELF_INFLUENCE, PAYLOAD, tenant=TENANT)
+    thread_worker("a")
+    record = wait_for(queue, job, finished, timeout=15)
+    assert record.status == JobStatus.FAILED and "WRONGTYPE" in record.error
+    assert (record.attempts, record.max_attempts) == (3, 3)
+
+
 def test_worker_with_an_unusable_device_claims_nothing(queue: JobQueue, settings) -> None:
     job = queue.submit(JobKind.SELF_INFLUENCE, PAYLOAD, tenant=TENANT)
     stop = threading.Event()
