@@ -12,6 +12,7 @@ from typing import Any
 
 import httpx
 import pytest
+import redis
 import safetensors.torch
 import torch
 
@@ -19,6 +20,8 @@ import models
 from app.services import IN_FLIGHT_PENDING_TTL_S, Services
 from tests.app.conftest import LM_CONFIG, LiveServer, dataset_bytes
 from tests.app.conftest import finish_influence_job as _finish
+from worker.cache import result_key
+from worker.contract import JobKind
 from worker.queue import JobQueue
 from worker.settings import Settings
 from worker.store import ArtifactStore
@@ -269,6 +272,25 @@ def test_the_in_flight_link_lives_as_long_as_the_job_may(
     ttl = queue.redis.ttl(link)
     assert services.in_flight_ttl - 60 <= ttl <= services.in_flight_ttl, ttl
     assert ttl > 10 * IN_FLIGHT_PENDING_TTL_S
+
+
+def test_a_submit_that_fails_leaves_no_pending_link(
+    live: LiveServer, uploaded: dict[str, str], queue: JobQueue, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The pending placeholder of a submit that raised (here Redis refusing the write) is
+    removed at once, so the same query submitted again does not wait for it to expire."""
+    services: Services = live.server.config.app.state.services  # type: ignore[union-attr]
+    job = _post(live, "/influence", _query(uploaded)).json()["job"]
+    payload = {**queue.get(job, "alice").payload, "damping": 0.75}
+
+    def refused(*args: Any, **kwargs: Any) -> str:
+        raise redis.exceptions.ReadOnlyError("You can't write against a read only replica.")
+
+    monkeypatch.setattr(services.queue, "submit", refused)
+    with pytest.raises(redis.exceptions.ReadOnlyError):
+        services.submit_query("alice", JobKind.INFLUENCE, payload)
+    link = queue.keys.in_flight("alice", result_key(JobKind.INFLUENCE, payload))
+    assert queue.redis.get(link) is None
 
 
 def test_concurrent_identical_queries_start_one_job(
