@@ -243,8 +243,18 @@ class InfluenceEngine:
 
     def _check_targets(self, outputs: Tensor, targets: Tensor, what: str) -> None:
         """Class indices lie in ``[0, C)`` for cross-entropy (all of ``targets``, before any
-        loss is evaluated: on CUDA an out-of-range index is a device-side assert), and the
-        loss takes ``outputs`` and the first ``len(outputs)`` targets (one value each)."""
+        loss is evaluated: on CUDA an out-of-range index is a device-side assert), binary
+        cross-entropy targets in ``[0, 1]`` (outside it the loss is unbounded below), and
+        the loss takes ``outputs`` and the first ``len(outputs)`` targets (one value each)."""
+        if self.loss.name == "bce" and not targets.is_complex():
+            bad = (targets < 0) | (targets > 1)
+            if bool(bad.any()):
+                row = int(bad.reshape(len(bad), -1).any(dim=1).nonzero()[0, 0])
+                value = float(targets[row][bad[row]].reshape(-1)[0])
+                raise ValueError(
+                    f"bce targets must lie in [0, 1] (0/1 labels or probabilities): {what} "
+                    f"example {row} has {value:g} (for -1/+1 labels pass (t + 1) / 2)"
+                )
         integer = not (targets.is_floating_point() or targets.is_complex())
         if self.loss.name == "cross_entropy" and integer:  # float targets: the loss says so
             classes = outputs.shape[-1]

@@ -17,7 +17,8 @@ Conventions (stated because scores depend on them):
   position (divided by T for sequences).
 - ``mse``: ``L = ½ ‖y − t‖²`` summed over output dimensions, so ``H_y = I``.
 - ``bce``: sigmoid + binary cross-entropy on logits, summed over output dimensions;
-  ``H_y = diag(p (1 − p))`` with ``p = sigmoid(y)``.
+  ``H_y = diag(p (1 − p))`` with ``p = sigmoid(y)``. Targets belong in ``[0, 1]`` (outside
+  it the loss is unbounded below); ``InfluenceEngine`` checks that where the data enter.
 """
 
 from __future__ import annotations

@@ -117,6 +117,20 @@ def test_class_indices_outside_the_models_outputs_are_refused() -> None:
         InfluenceEngine(tiny_lm(), train=(tokens, next_tokens))
 
 
+def test_binary_cross_entropy_targets_outside_0_1_are_refused() -> None:
+    """Outside [0, 1] the bce loss is unbounded below (-1/+1 or 1/2 labels are the usual
+    slip); probabilities inside it are fine."""
+    inputs, targets = tiny_data("binary2", 12)
+    signed = targets * 2 - 1
+    with pytest.raises(ValueError, match=r"\[0, 1\].*training targets example \d+ has -1"):
+        InfluenceEngine(tiny_mlp(2), "bce", train=(inputs, signed))
+    engine = InfluenceEngine(tiny_mlp(2), "bce", train=(inputs, targets * 0.5 + 0.25))
+    over = targets[:2].clone()
+    over[1, 0] = 1.5
+    with pytest.raises(ValueError, match=r"\[0, 1\].*test targets example 1 has 1.5"):
+        engine.scores((inputs[:2], over), Exact())
+
+
 # ----------------------------------------------------------------------------- B3: advice
 
 
