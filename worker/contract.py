@@ -215,13 +215,38 @@ def _default(solver: type, name: str) -> Any:
     return next(f.default for f in dataclasses.fields(solver) if f.name == name)
 
 
+_SOLVER_FIELDS: dict[str, frozenset[str]] = {
+    "tol": frozenset({"cg", "lissa"}),
+    "max_iter": frozenset({"cg"}),
+    "preconditioner": frozenset({"cg"}),
+    "rank": frozenset({"cg"}),
+    "examples": frozenset({"cg"}),
+    "depth": frozenset({"lissa"}),
+    "repeats": frozenset({"lissa"}),
+    "batch_size": frozenset({"lissa"}),
+    "scale": frozenset({"lissa"}),
+    "seed": frozenset({"lissa"}),
+}
+"""The solvers (``SolverSpec.name``) each solver field applies to."""
+
+_SOLVER_CLASSES: dict[str, type] = {"cg": CG, "lissa": LiSSA}
+
+
 class SolverSpec(_Schema):
     """iHVP solver of ``(G + λI) x = v`` (influence.Exact / CG / LiSSA, appendix G); unset
-    fields take the defaults of ``influence.CG`` and ``influence.LiSSA``."""
+    fields take the defaults of ``influence.CG`` and ``influence.LiSSA``. A field that does
+    not apply to ``name`` must be left at its default (a ValueError names it), so one
+    computation has one payload, and so one cache key."""
 
     name: Literal["exact", "cg", "lissa"] = "cg"
-    tol: float = Field(
-        _default(CG, "tol"), gt=0, lt=1, description="CG relative-residual tolerance"
+    tol: float | None = Field(
+        None,
+        gt=0,
+        lt=1,
+        description="CG: stop at relative residual ‖r‖/‖v‖ ≤ tol (default "
+        f"{_default(CG, 'tol'):g}); LiSSA: stop once the averaged estimate changes by less "
+        f"than tol, relative, over one window (default {_default(LiSSA, 'tol'):g}). Omitted: "
+        "the named solver's default",
     )
     max_iter: int = Field(
         _default(CG, "max_iter"), ge=1, le=100_000, description="CG iteration cap"
@@ -261,13 +286,31 @@ class SolverSpec(_Schema):
         "None: all of them",
     )
 
+    @model_validator(mode="before")
+    @classmethod
+    def _named_solvers_tolerance(cls, data: Any) -> Any:
+        """An omitted ``tol`` becomes the named solver's own default."""
+        if isinstance(data, dict) and data.get("tol") is None:
+            solver = _SOLVER_CLASSES.get(data.get("name", "cg"))
+            if solver is not None:
+                data = {**data, "tol": _default(solver, "tol")}
+        return data
+
     @model_validator(mode="after")
-    def _preconditioner_with_cg(self) -> SolverSpec:
-        if self.preconditioner != "none" and self.name != "cg":
-            raise ValueError(
-                f"solver.preconditioner={self.preconditioner!r} needs solver.name='cg', "
-                f"got {self.name!r}"
-            )
+    def _fields_fit_the_solver(self) -> SolverSpec:
+        for name, solvers in _SOLVER_FIELDS.items():
+            applies = self.name in solvers
+            need = "solver.name " + " or ".join(repr(s) for s in sorted(solvers))
+            if name in ("rank", "examples"):
+                applies = applies and self.preconditioner == "nystrom"
+                need += " with solver.preconditioner='nystrom'"
+            # tol's default depends on the solver: set by _named_solvers_tolerance
+            default = None if name == "tol" else type(self).model_fields[name].default
+            if not applies and getattr(self, name) != default:
+                raise ValueError(
+                    f"solver.{name} applies only to {need} (got solver.name={self.name!r}, "
+                    f"solver.preconditioner={self.preconditioner!r}): leave it out"
+                )
         return self
 
     def build(self) -> Exact | CG | LiSSA:
@@ -280,6 +323,7 @@ class SolverSpec(_Schema):
                 recipe = NystromArguments(rank=self.rank, examples=self.examples)
             return CG(tol=self.tol, max_iter=self.max_iter, preconditioner=recipe)
         return LiSSA(
+            tol=self.tol,
             depth=self.depth,
             repeats=self.repeats,
             batch_size=self.batch_size,

@@ -63,6 +63,7 @@ function solverSettings() {
       batch_size: numberField(form, "lissa_batch_size"),
       scale: numberField(form, "scale"),
       seed: numberField(form, "seed"),
+      tol: numberField(form, "lissa_tol"),
     });
   }
   if (name === "cg") {

@@ -77,6 +77,9 @@ def test_keys_hash_the_canonical_json_and_solver_defaults_are_the_engines() -> N
     )
     assert (spec.tol, spec.max_iter) == (cg.tol, cg.max_iter)
     assert SolverSpec(name="lissa").build() == lissa
+    assert SolverSpec(name="lissa").tol == lissa.tol != cg.tol  # each solver's own default
+    assert SolverSpec(name="lissa", tol=1e-4).build() == LiSSA(tol=1e-4)
+    assert SolverSpec(name="exact").tol is None
     nystrom = SolverSpec(name="cg", preconditioner="nystrom", rank=50, examples=100)
     assert nystrom.build() == CG(preconditioner=NystromArguments(rank=50, examples=100))
     assert (spec.rank, spec.examples) == (NystromArguments().rank, NystromArguments().examples)
@@ -84,6 +87,36 @@ def test_keys_hash_the_canonical_json_and_solver_defaults_are_the_engines() -> N
         SolverSpec(name="lissa", preconditioner="nystrom")
     with pytest.raises(pydantic.ValidationError, match="hessian='gnh'"):
         SelfInfluencePayload(model="ab" * 32, train="cd" * 32, hessian="full", solver=nystrom)
+
+
+@pytest.mark.parametrize(
+    ("solver", "field"),
+    [
+        ({"name": "cg", "depth": 77}, "depth"),
+        ({"name": "cg", "seed": 3}, "seed"),
+        ({"name": "cg", "rank": 5}, "rank"),  # without preconditioner='nystrom'
+        ({"name": "lissa", "max_iter": 3}, "max_iter"),
+        ({"name": "lissa", "examples": 10}, "examples"),
+        ({"name": "exact", "tol": 1e-3}, "tol"),
+        ({"name": "exact", "batch_size": 8}, "batch_size"),
+    ],
+)
+def test_a_solver_field_that_does_not_apply_is_refused(solver: dict, field: str) -> None:
+    """Such a field would change nothing but the cache key (one computation, two keys)."""
+    with pytest.raises(pydantic.ValidationError, match=rf"solver\.{field} applies only to"):
+        SolverSpec(**solver)
+
+
+def test_equivalent_solver_settings_have_one_cache_key() -> None:
+    for name in ("cg", "lissa", "exact"):
+        spec = SolverSpec(name=name)
+        assert SolverSpec.model_validate(spec.model_dump()) == spec  # stored payloads load
+    for implicit, explicit in (
+        ({"name": "cg"}, {"name": "cg", "tol": CG().tol, "max_iter": CG().max_iter}),
+        ({"name": "lissa"}, {"name": "lissa", "tol": LiSSA().tol, "depth": LiSSA().depth}),
+    ):
+        keys = {result_key(JobKind.INFLUENCE, {**QUERY, "solver": s}) for s in (implicit, explicit)}
+        assert len(keys) == 1
 
 
 @pytest.mark.parametrize("value", [math.inf, -math.inf, math.nan])
