@@ -695,7 +695,7 @@ def verify(
     train_set, test_set = _as_dataset(train_set, "train_set"), _as_dataset(test_set, "test_set")
     recipe = Recipe(
         optimizer="lbfgs", lr=1.0, epochs=arguments.steps, weight_decay=weight_decay,
-        loss=get_loss(loss).name, lbfgs_tolerance_grad=1e-10,
+        loss=get_loss(loss).name, lbfgs_tolerance_grad=1e-10, lbfgs_tolerance_change=0.0,
     )  # fmt: skip
     response = ResponseArguments(
         epsilon=arguments.epsilon, damping=damping, epochs=arguments.steps,

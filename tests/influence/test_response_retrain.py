@@ -25,7 +25,15 @@ from influence.response import (
     verify,
 )
 from influence.solvers import CG, Exact
-from models import Dataset, Recipe, TrainingError, build, save_checkpoint, train
+from models import (
+    Dataset,
+    Recipe,
+    TrainingError,
+    build,
+    builtin_dataset,
+    save_checkpoint,
+    train,
+)
 from tests.conftest import RTOL_SOLVE
 from tests.influence.problems import dense_gnh, dense_hessian, reference_scores
 
@@ -315,6 +323,25 @@ def test_verify_predicted_is_the_dense_influence_score(hessian: str) -> None:
 
     torch.testing.assert_close(predicted(None), ref, rtol=1e-8, atol=0.0)
     torch.testing.assert_close(predicted(1e-3), ref * 1e-3 * 40, rtol=1e-8, atol=0.0)
+
+
+def test_verify_retrains_points_whose_removal_barely_changes_the_objective() -> None:
+    """Well-fit points of a converged logistic regression: removing one changes the PBRF
+    objective by ~1e-12, under L-BFGS's default tolerance_change (1e-9), which used to
+    stop the retraining at θˢ and report an actual change of exactly 0. Their leverage is
+    small, so the PBRF's change matches influence's prediction closely."""
+    data = builtin_dataset("breast_cancer").subset(torch.arange(60))
+    test = builtin_dataset("breast_cancer").subset(torch.arange(60, 63))
+    config = {"architecture": "logistic_regression", "in_features": 30, "num_classes": 2}
+    recipe = Recipe(
+        optimizer="lbfgs", epochs=10, weight_decay=0.01, loss="bce", lbfgs_max_iter=100,
+        lbfgs_tolerance_grad=1e-14, lbfgs_tolerance_change=0,
+    )  # fmt: skip
+    model = train(config, data, recipe, dtype=torch.float64).model()
+    well_fit = [2, 6, 9]  # training losses 5e-7 .. 1.2e-4
+    result = verify((model, config), data, test, well_fit, loss="bce", weight_decay=0.01)
+    assert result.predicted.abs().min() > 1e-11
+    torch.testing.assert_close(result.actual, result.predicted, rtol=0.03, atol=0.0)
 
 
 def test_decomposition_gaps_compare_the_documented_pairs() -> None:
