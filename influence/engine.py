@@ -203,6 +203,8 @@ class InfluenceEngine:
             self.fmodel, self.theta, self.loss, inputs, targets,
             kind=hessian, weight_decay=weight_decay, damping=damping, batch_size=batch_size,
         )  # fmt: skip
+        self._vocabulary = self._token_vocabulary(inputs)
+        self._check_tokens(inputs, "the training inputs")
         self._probe(inputs, targets)
         self.last_report: SolverReport | None = None
         self.compiled_scoring = (
@@ -285,6 +287,52 @@ class InfluenceEngine:
                 f"{list(values.shape)}, expected one value per example ({len(outputs)})"
             )
 
+    def _token_vocabulary(self, inputs: Tensor) -> int | None:
+        """Rows of the ``nn.Embedding`` that takes the model's integer inputs as they are
+        (a token embedding), found on a forward pass over one all-zero example shaped like
+        ``inputs`` (id 0 is in every vocabulary); None if none does, or if the model cannot
+        take such inputs at all (the construction probe then says why)."""
+        if inputs.is_floating_point():
+            return None
+        inputs = torch.zeros_like(inputs[:1])
+        rows: list[int] = []
+
+        def seen(module: nn.Embedding, args: tuple[Any, ...]) -> None:
+            if args and args[0] is inputs:
+                rows.append(module.num_embeddings)
+
+        hooks = [
+            m.register_forward_pre_hook(seen)
+            for m in self.model.modules()
+            if isinstance(m, nn.Embedding)
+        ]
+        try:
+            with torch.no_grad():
+                self.fmodel(self.theta, inputs)
+        except torch.OutOfMemoryError:
+            raise  # transient, not a model defect: the caller may retry
+        except _TORCH_ERRORS:
+            return None
+        finally:
+            for hook in hooks:
+                hook.remove()
+        return min(rows) if rows else None
+
+    def _check_tokens(self, inputs: Tensor, what: str) -> None:
+        """Token ids lie in ``[0, V)`` for every example (an id outside it is an IndexError
+        on the CPU but a device-side assert on CUDA, which breaks the whole process)."""
+        vocabulary = self._vocabulary
+        if vocabulary is None or inputs.is_floating_point():
+            return
+        bad = (inputs < 0) | (inputs >= vocabulary)
+        if bool(bad.any()):
+            row = int(bad.reshape(len(bad), -1).any(dim=1).nonzero()[0, 0])
+            value = int(inputs[row][bad[row]].reshape(-1)[0])
+            raise ValueError(
+                f"token ids must lie in [0, {vocabulary}) (the model's token embedding has "
+                f"{vocabulary} rows): {what} example {row} has {value}"
+            )
+
     def _probe(self, inputs: Tensor, targets: Tensor) -> None:
         """Run every transform the engine relies on, on the first ``_PROBE_EXAMPLES``
         training examples, so an unsupported model fails here with a ValueError naming the
@@ -332,6 +380,7 @@ class InfluenceEngine:
         noun = noun or f"the {name}"
         ranks = (self.operator.inputs.dim(), self.operator.targets.dim())
         x, t = _as_pair(data, name, self.dtype, self.device, ranks)
+        self._check_tokens(x, f"{noun} inputs")
         outputs = self._outputs(x[:_PROBE_EXAMPLES], f"{noun} inputs")
         self._check_targets(outputs, t, f"{noun} targets")
         return x, t

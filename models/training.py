@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from models.architectures import build
 from models.checkpoints import build_skeleton, check_state_dict, nonfinite
 from models.datasets import Dataset, validate_dataset
-from models.errors import CheckpointError, TrainingError
+from models.errors import CheckpointError, DatasetError, TrainingError
 from models.losses import LOSSES, get_loss
 from models.safetensors_io import read_file, write_file
 
@@ -318,6 +318,23 @@ def _make_optimizer(recipe: Recipe, params: list[nn.Parameter]) -> torch.optim.O
     )
 
 
+def _check_token_ids(config: Mapping[str, Any], dataset: Dataset) -> None:
+    """Token ids of a language model's inputs lie in ``[0, vocab_size)`` (outside it the
+    embedding raises an IndexError on the CPU, a device-side assert on CUDA)."""
+    vocabulary = config.get("vocab_size")
+    inputs = dataset.inputs
+    if not _is_int(vocabulary) or inputs.is_floating_point():
+        return
+    bad = (inputs < 0) | (inputs >= vocabulary)
+    if bool(bad.any()):
+        row = int(bad.reshape(len(bad), -1).any(dim=1).nonzero()[0, 0])
+        value = int(inputs[row][bad[row]].reshape(-1)[0])
+        raise DatasetError(
+            f"token ids must lie in [0, {vocabulary}) (vocab_size): inputs example {row} "
+            f"has {value}"
+        )
+
+
 def train(
     config: Mapping[str, Any],
     dataset: Dataset,
@@ -377,6 +394,7 @@ def train(
     if not isinstance(dataset, Dataset):
         raise TrainingError(f"dataset must be a models.Dataset, got {type(dataset).__name__}")
     validate_dataset(dataset, max_bytes=sys.maxsize)
+    _check_token_ids(config, dataset)
     n = len(dataset)
     total = recipe.epochs if epochs is None else epochs
     if not (_is_int(total) and total >= 0):

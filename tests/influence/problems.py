@@ -115,19 +115,21 @@ def tiny_cnn(seed: int = 0) -> nn.Module:
     return models.build(config).double()
 
 
+TINY_LM_CONFIG = {
+    "architecture": "transformer_lm",
+    "vocab_size": 3,
+    "context_length": 3,
+    "d_model": 2,
+    "n_layers": 1,
+    "n_heads": 2,
+    "d_ff": 4,
+}
+
+
 def tiny_lm(seed: int = 0) -> nn.Module:
     """A float64 one-block transformer LM (2 heads), vocabulary 3, context 3: 79 parameters."""
     torch.manual_seed(seed)
-    config = {
-        "architecture": "transformer_lm",
-        "vocab_size": 3,
-        "context_length": 3,
-        "d_model": 2,
-        "n_layers": 1,
-        "n_heads": 2,
-        "d_ff": 4,
-    }
-    return models.build(config).double()
+    return models.build(TINY_LM_CONFIG).double()
 
 
 def tiny_data(kind: str, n: int, seed: int = 0) -> tuple[Tensor, Tensor]:

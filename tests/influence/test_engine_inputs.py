@@ -11,10 +11,12 @@ import pytest
 import torch
 from torch import Tensor, nn
 
+import models
 from influence import CG, Exact, InfluenceEngine, NegativeCurvatureError
 from models.losses import get_loss
 from tests.conftest import RTOL_SOLVE, rel_error
 from tests.influence.problems import (
+    TINY_LM_CONFIG,
     dense_gnh,
     reference_scores,
     tiny_data,
@@ -129,6 +131,24 @@ def test_binary_cross_entropy_targets_outside_0_1_are_refused() -> None:
     over[1, 0] = 1.5
     with pytest.raises(ValueError, match=r"\[0, 1\].*test targets example 1 has 1.5"):
         engine.scores((inputs[:2], over), Exact())
+
+
+def test_token_ids_outside_the_vocabulary_are_refused_for_every_example() -> None:
+    """Checked over the whole set before any forward pass: on CUDA an out-of-range id is
+    a device-side assert that breaks the process, not an error naming the example."""
+    tokens, next_tokens = tiny_data("tokens3", 8)
+    bad = tokens.clone()
+    bad[6, 1] = 3  # past the probe's first examples
+    with pytest.raises(ValueError, match=r"\[0, 3\).*training inputs example 6 has 3"):
+        InfluenceEngine(tiny_lm(), train=(bad, next_tokens))
+    engine = InfluenceEngine(tiny_lm(), train=(tokens, next_tokens))
+    test = tokens[:3].clone()
+    test[2, 0] = -1
+    with pytest.raises(ValueError, match=r"\[0, 3\).*test inputs example 2 has -1"):
+        engine.scores((test, next_tokens[:3]), Exact())
+    data = models.Dataset(bad, next_tokens, {"task": "language_modeling"})
+    with pytest.raises(models.DatasetError, match=r"vocab_size.*inputs example 6 has 3"):
+        models.train(TINY_LM_CONFIG, data, models.Recipe(epochs=1))
 
 
 # ----------------------------------------------------------------------------- B3: advice
