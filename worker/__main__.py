@@ -9,12 +9,15 @@ import signal
 import threading
 
 from models.training import resolve_device
-from worker.main import run_worker
+from worker.main import DeviceFailure, run_worker
 from worker.settings import load_settings
 
 CONFIG_ERROR = 2
 """Exit status of a worker that cannot start as configured (like argparse's usage errors):
 ``influence-service serve`` does not restart such a worker."""
+
+DEVICE_FAILURE_EXIT = 3
+"""Exit status of a worker whose device failed (``worker.main.DeviceFailure``): restart it."""
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -37,7 +40,11 @@ def main(argv: list[str] | None = None) -> None:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    run_worker(settings, device=device, stop=stop, name=args.name)
+    try:
+        run_worker(settings, device=device, stop=stop, name=args.name)
+    except DeviceFailure as exc:
+        logging.getLogger("worker").error("device failed (%s); exiting for a restart", exc)
+        raise SystemExit(DEVICE_FAILURE_EXIT) from None
 
 
 if __name__ == "__main__":

@@ -98,6 +98,14 @@ class Context:
         self._datasets = _LRU(settings.model_cache_size)
         self._engines = _LRU(settings.model_cache_size)
 
+    def release_memory(self) -> None:
+        """Drop the warm engines (each holds its training set and any dense curvature on
+        the device) and return the cached device memory, so the retry of a job that ran out
+        of memory does not meet the same full device."""
+        self._engines = _LRU(self.settings.model_cache_size)
+        if self.device != "cpu" and torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
     def checkpoint(self, tenant: str, model_id: str) -> tuple[nn.Module, dict[str, Any]]:
         """The tenant's model and its config (access checked every call; loaded once per
         content id)."""

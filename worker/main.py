@@ -13,6 +13,7 @@ from collections.abc import Callable
 from functools import partial
 
 import redis
+import torch
 
 from influence import SolverError
 from models.training import resolve_device
@@ -28,7 +29,7 @@ from worker.queue import (
 from worker.settings import Settings
 from worker.store import ArtifactStore, Registry
 
-__all__ = ["connect", "run_worker"]
+__all__ = ["DeviceFailure", "connect", "run_worker"]
 
 log = logging.getLogger("worker")
 
@@ -36,6 +37,14 @@ log = logging.getLogger("worker")
 # inputs are checked in the handlers (ValueError naming the field); TypeError and
 # IndexError are what slips past such checks into torch, and are as deterministic.
 PERMANENT_ERRORS = (ValueError, KeyError, TypeError, IndexError, SolverError, JobTimeoutError)
+
+
+class DeviceFailure(RuntimeError):
+    """The worker's accelerator failed (a CUDA error such as a device-side assert). Such an
+    error leaves the process's device context unusable, so the worker records the job's
+    failure (retried elsewhere while attempts last) and stops; ``python -m worker`` then
+    exits with ``DEVICE_FAILURE_EXIT`` and its supervisor starts a fresh process."""
+
 
 REDIS_BACKOFF_MIN = 1.0
 REDIS_BACKOFF_MAX = 30.0
@@ -117,8 +126,17 @@ def _settle(queue: JobQueue, ctx: Context, claim: Claim, stop: threading.Event) 
         error = f"Redis unavailable during attempt {claim.attempt} ({type(exc).__name__}: {exc})"
         log.warning("job %s: %s; releasing it", claim.job_id, error)
         write = partial(queue.release, claim, error)
+    except torch.AcceleratorError as exc:
+        log.error("job %s: the device failed; stopping this worker:\n%s", claim.job_id,
+                  traceback.format_exc())  # fmt: skip
+        error = f"{type(exc).__name__}: {exc} (the worker's device failed; retried elsewhere)"
+        _until_written(partial(queue.fail, claim, error, retry=True), claim, stop)
+        raise DeviceFailure(str(exc)) from exc
     except PERMANENT_ERRORS as exc:
         write = partial(queue.fail, claim, f"{type(exc).__name__}: {exc}", retry=False)
+    except torch.OutOfMemoryError as exc:
+        ctx.release_memory()
+        write = partial(queue.fail, claim, f"{type(exc).__name__}: {exc}", retry=True)
     except Exception as exc:
         log.error("job %s failed:\n%s", claim.job_id, traceback.format_exc())
         write = partial(queue.fail, claim, f"{type(exc).__name__}: {exc}", retry=True)
@@ -156,7 +174,8 @@ def run_worker(
     """Serve jobs until ``stop`` is set. ``device`` defaults to ``settings.device``; it
     is checked before anything is claimed (ValueError naming the problem, e.g. no CUDA).
     Redis errors (unreachable, timeout, OOM, read-only replica…) are logged and retried
-    with a backoff doubling from 1 s to ``REDIS_BACKOFF_MAX`` s."""
+    with a backoff doubling from 1 s to ``REDIS_BACKOFF_MAX`` s. A failed device raises
+    :class:`DeviceFailure` after the job's failure is recorded."""
     device = device or settings.device
     resolve_device(device, "device", ValueError)
     stop = stop or threading.Event()

@@ -14,11 +14,14 @@ from collections.abc import Callable
 
 import pytest
 import redis
+import torch
 
 from tests.worker.conftest import REPO, TENANT, RedisRelay, finished, wait_for
+from worker.__main__ import CONFIG_ERROR, DEVICE_FAILURE_EXIT
+from worker.__main__ import main as worker_main
 from worker.contract import JobKind, JobStatus
 from worker.handlers import Outcome
-from worker.main import run_worker
+from worker.main import DeviceFailure, run_worker
 from worker.queue import JobQueue
 from worker.settings import Settings
 
@@ -215,6 +218,61 @@ def test_a_redis_error_that_is_no_outage_is_an_ordinary_failure(
     record = wait_for(queue, job, finished, timeout=15)
     assert record.status == JobStatus.FAILED and "WRONGTYPE" in record.error
     assert (record.attempts, record.max_attempts) == (3, 3)
+
+
+def test_a_failed_device_fails_the_job_for_a_retry_and_stops_the_worker(
+    queue: JobQueue, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A CUDA error (device-side assert, ECC error...) leaves the process's device context
+    # unusable: claiming more jobs there would fail them all.
+    def device_assert(ctx, claim, progress) -> Outcome:
+        raise torch.AcceleratorError("CUDA error: device-side assert triggered")
+
+    monkeypatch.setattr("worker.main.run_job", device_assert)
+    first = queue.submit(JobKind.SELF_INFLUENCE, PAYLOAD, tenant=TENANT)
+    second = queue.submit(JobKind.SELF_INFLUENCE, PAYLOAD, tenant=TENANT)
+    stop = threading.Event()
+    threading.Timer(10.0, stop.set).start()  # a worker that went on would stop here
+    with pytest.raises(DeviceFailure, match="device-side assert"):
+        run_worker(settings, name="gpu-0", stop=stop)
+    stop.set()
+    record = queue.get(first)
+    assert record.status == JobStatus.QUEUED and record.attempts == 1
+    assert "AcceleratorError" in record.error and "retried elsewhere" in record.error
+    assert queue.get(second).attempts == 0  # not claimed by the broken worker
+
+
+def test_worker_process_exits_for_a_restart_when_its_device_failed(
+    monkeypatch: pytest.MonkeyPatch, settings: Settings
+) -> None:
+    def failed(*args, **kwargs) -> None:
+        raise DeviceFailure("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr("worker.__main__.run_worker", failed)
+    monkeypatch.setenv("REDIS_URL", str(settings.redis_url))
+    with pytest.raises(SystemExit) as exit_:
+        worker_main([])
+    assert exit_.value.code == DEVICE_FAILURE_EXIT not in (0, CONFIG_ERROR)
+
+
+def test_out_of_memory_drops_the_warm_engines_before_the_retry(
+    queue: JobQueue, thread_worker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    engines = []
+
+    def runs_out(ctx, claim, progress) -> Outcome:
+        engines.append(ctx._engines)
+        if claim.attempt == 1:
+            ctx._engines.get("warm", lambda: "an engine holding device memory")
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return Outcome({"cached": len(ctx._engines._items)})
+
+    monkeypatch.setattr("worker.main.run_job", runs_out)
+    job = queue.submit(JobKind.SELF_INFLUENCE, PAYLOAD, tenant=TENANT)
+    thread_worker("a")
+    record = wait_for(queue, job, finished, timeout=15)
+    assert record.status == JobStatus.SUCCEEDED and record.attempts == 2
+    assert record.result == {"cached": 0} and engines[0] is not engines[1]
 
 
 def test_worker_with_an_unusable_device_claims_nothing(queue: JobQueue, settings) -> None:
