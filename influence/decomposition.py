@@ -28,6 +28,7 @@ from torch.func import jvp
 from influence.operators import DampedCurvature
 from influence.response import Responder, output_distance
 from models import Progress
+from models.precision import ieee_float32
 
 __all__ = [
     "GAPS",
@@ -94,6 +95,7 @@ def sample_removed(n: int, arguments: DecompositionArguments) -> list[list[int]]
     ]
 
 
+@ieee_float32()
 def first_order_proximity(
     responder: Responder, removed_sets: Sequence[Sequence[int]]
 ) -> list[float]:
@@ -129,6 +131,7 @@ def first_order_proximity(
     return gaps
 
 
+@ieee_float32()
 def compute_responses(
     responder: Responder,
     removed_sets: Sequence[Sequence[int]],
@@ -205,6 +208,7 @@ class DecompositionResult:
         return "\n".join(lines) + "\n"
 
 
+@ieee_float32()
 def decompose(
     responder: Responder,
     arguments: DecompositionArguments | None = None,

@@ -45,6 +45,7 @@ from influence.solvers import (
 )
 from models.datasets import Dataset
 from models.losses import Loss, TargetError, get_loss
+from models.precision import ieee_float32
 from models.training import Progress, resolve_device
 
 __all__ = ["InfluenceEngine"]
@@ -168,6 +169,7 @@ class InfluenceEngine:
             ``compile_seconds``) when ``compile_scoring``, else None.
     """
 
+    @ieee_float32()
     def __init__(
         self,
         model: nn.Module,
@@ -393,10 +395,12 @@ class InfluenceEngine:
             ]
         )
 
+    @ieee_float32()
     def gradients(self, inputs: Tensor, targets: Tensor) -> Tensor:
         """Per-example loss gradients ``∇_θ L(f(θˢ, x_j), t_j)``, shape ``[k, d]``."""
         return self._gradients(*self._pair((inputs, targets), "gradients", "the gradients()"))
 
+    @ieee_float32()
     def s_test(
         self, test: Any, solver: Solver, progress: Progress | None = None
     ) -> tuple[Tensor, SolverReport]:
@@ -408,6 +412,7 @@ class InfluenceEngine:
         self.last_report = report
         return solution.T.contiguous(), report
 
+    @ieee_float32()
     def scores_from_s_test(
         self,
         s_test: Tensor,
@@ -435,6 +440,7 @@ class InfluenceEngine:
             compiled=self.compiled_scoring,
         )  # fmt: skip
 
+    @ieee_float32()
     def scores(
         self,
         test: Any,
@@ -453,6 +459,7 @@ class InfluenceEngine:
         )
         return ScoreResult(scores=scores, s_test=s_test, report=report)
 
+    @ieee_float32()
     def self_influence(self, solver: Solver, progress: Progress | None = None) -> Tensor:
         """``(1/N) ∇L_iᵀ (G + λI)⁻¹ ∇L_i`` for every training point, shape ``[N]``.
 
@@ -518,6 +525,7 @@ class InfluenceEngine:
             )
         return out / self.num_train
 
+    @ieee_float32()
     def group_influence(
         self, indices: Sequence[int] | Tensor, test: Any, solver: Solver
     ) -> tuple[Tensor, SolverReport]:

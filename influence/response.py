@@ -61,6 +61,7 @@ from models import (
 )
 from models.checkpoints import check_state_dict
 from models.losses import Loss, get_loss
+from models.precision import ieee_float32
 from models.training import resolve_device
 
 __all__ = [
@@ -487,6 +488,7 @@ class Responder:
     def _state(self, theta: Tensor) -> dict[str, Tensor]:
         return {k: v.detach().clone() for k, v in self.fmodel.unflatten(theta).items()}
 
+    @ieee_float32()
     def retrain(self, method: str, removed: Sequence[int] | Tensor) -> Tensor:
         """θ of one retraining response (``cold``, ``warm``, ``proximal``, ``pbrf``,
         ``linearized`` or ``two_stage``) for removing ``removed``; flat, at the end."""
@@ -520,6 +522,7 @@ class Responder:
             return self.theta_s + (warm - self._warm_full)
         raise ValueError(f"unknown retraining method {method!r}; valid: {RETRAIN_METHODS}")
 
+    @ieee_float32()
     def influence(
         self, removed_sets: Sequence[Sequence[int] | Tensor], progress: Progress | None = None
     ) -> tuple[Tensor, SolverReport]:
@@ -533,6 +536,7 @@ class Responder:
         deltas = solution.T * scale[:, None]
         return self.theta_s + deltas.to(self.theta_s.dtype), report
 
+    @ieee_float32()
     def removal_leverage(
         self, removed_sets: Sequence[Sequence[int] | Tensor], influence: Tensor | None = None
     ) -> Tensor:
@@ -558,6 +562,7 @@ class Responder:
             rho.append(problem.epsilon * (u @ own) / (u @ self.engine.operator.matvec(u)))
         return torch.stack(rho).detach()
 
+    @ieee_float32()
     def outputs(self, theta: Tensor, inputs: Tensor | None = None) -> Tensor:
         """Raw outputs ``f(θ, x)`` on ``inputs`` (default: the training set)."""
         with torch.no_grad():
@@ -573,6 +578,7 @@ class Responder:
         base = self.losses(self.theta_s, inputs, targets)
         return torch.stack([self.losses(theta, inputs, targets) - base for theta in thetas])
 
+    @ieee_float32()
     def losses(self, theta: Tensor, inputs: Tensor, targets: Tensor) -> Tensor:
         """Per-example losses ``L(f(θ, x), t)``."""
         return self.loss.per_example(self.outputs(theta, inputs), self._cast(targets))
@@ -640,6 +646,7 @@ class VerifyResult:
         }
 
 
+@ieee_float32()
 def verify(
     source: str | Path | tuple[nn.Module, Mapping[str, Any]],
     train_set: TrainingData,

@@ -35,6 +35,7 @@ from models.checkpoints import build_skeleton, check_state_dict, nonfinite
 from models.datasets import Dataset, validate_dataset
 from models.errors import CheckpointError, DatasetError, TrainingError
 from models.losses import LOSSES, get_loss
+from models.precision import ieee_float32
 from models.safetensors_io import read_file, write_file
 
 __all__ = ["Objective", "Progress", "Recipe", "TrainRun", "resolve_device", "train"]
@@ -335,6 +336,7 @@ def _check_token_ids(config: Mapping[str, Any], dataset: Dataset) -> None:
         )
 
 
+@ieee_float32()
 def train(
     config: Mapping[str, Any],
     dataset: Dataset,

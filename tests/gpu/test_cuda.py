@@ -11,10 +11,11 @@ import pytest
 import torch
 from torch import nn
 
+import models
 from influence import CG, Exact, InfluenceEngine, Lanczos
 from influence.kfac import KFAC
 from tests.conftest import RTOL_F32, RTOL_SOLVE
-from tests.influence.problems import dense_gnh, reference_scores
+from tests.influence.problems import dense_gnh, reference_scores, tiny_data, tiny_lm
 
 pytestmark = [
     pytest.mark.gpu,
@@ -70,3 +71,30 @@ def test_cuda_lanczos_self_influence_matches_cpu() -> None:
     cpu, cuda = (on[d].self_influence(solver) for d in ("cpu", "cuda"))
     assert cuda.device.type == "cuda"
     torch.testing.assert_close(cuda.cpu(), cpu, rtol=1e-6, atol=0)
+
+
+def test_cuda_float32_convolutions_are_computed_without_tf32() -> None:
+    """cuDNN computes float32 convolutions in TF32 by default (10-bit mantissa); the engine
+    turns that off, so a float32 conv model on CUDA scores like the float64 CPU answer."""
+    torch.manual_seed(0)
+    model = models.build({"architecture": "lenet", "num_classes": 3, "width": 0.25})
+    x, t = torch.randn(24, 1, 28, 28), torch.randint(0, 3, (24,))
+    test = (x[:2], t[:2])
+    expected = InfluenceEngine(model, train=(x, t), damping=0.1, dtype=torch.float64)
+    reference = expected.scores(test, Exact()).scores
+    engine = InfluenceEngine(model, train=(x, t), damping=0.1, device="cuda")
+    assert engine.dtype == torch.float32
+    got = engine.scores(test, Exact()).scores.cpu().double()
+    torch.testing.assert_close(got, reference, rtol=1e-4, atol=1e-4 * float(reference.abs().max()))
+    assert torch.backends.cudnn.allow_tf32  # the caller's (torch's default) setting is back
+
+
+def test_cuda_bad_token_ids_are_refused_before_any_forward_pass() -> None:
+    """An id outside the vocabulary is a device-side assert on CUDA, which would leave the
+    process unusable: it must be a ValueError before the model sees the batch, and the
+    device must still work afterwards."""
+    tokens, next_tokens = tiny_data("tokens3", 8)
+    tokens[5, 0] = 7
+    with pytest.raises(ValueError, match=r"\[0, 3\).*training inputs example 5 has 7"):
+        InfluenceEngine(tiny_lm(), train=(tokens, next_tokens), device="cuda")
+    assert float(torch.ones(2, device="cuda").sum()) == 2.0
