@@ -1,4 +1,5 @@
-"""The two reference problems of ``shared/BENCHMARKS.md``, built with the project's own code.
+"""The two reference problems of the benchmarks (docs/benchmarks.md), built with the
+project's own code.
 
 Digits (pixel / 16, stratified 80/20, ``random_state=0`` -> 1,437 train / 360 test),
 queries = the first 10 test points, cross-entropy, damped GNH with λ = 1e-3.

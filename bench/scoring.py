@@ -1,4 +1,4 @@
-"""Benchmark on the reference problems of ``shared/BENCHMARKS.md`` (not run in CI).
+"""Benchmark on the reference problems of docs/benchmarks.md (not run in CI).
 
     .venv/bin/python -m bench.scoring [--problems A B] [--parts scoring k-sweep solvers]
         [--no-peers] [--slow-peers-on-b] [--threads 2] [--repeats 3] [--pairs 15]

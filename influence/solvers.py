@@ -286,10 +286,15 @@ class Exact:
         """Build and factor the dense matrix; refuse above ``max_dim`` with the memory needed."""
         d = operator.size
         if d > self.max_dim:
-            gib = d * d * 8 / 2**30
+            size = d * d * 8
+            unit, scale = next(
+                (u, b)
+                for u, b in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10), ("bytes", 1))
+                if size >= b
+            )
             raise ValueError(
                 f"Exact solver: d = {d} parameters exceeds max_dim = {self.max_dim}; the dense "
-                f"float64 matrix would need {gib:.1f} GiB; use CG or LiSSA instead"
+                f"float64 matrix would need {size / scale:.1f} {unit}; use CG or LiSSA instead"
             )
         matrix = operator.dense(progress).to(torch.float64)
         _check_finite(matrix, "curvature matrix G + λI")

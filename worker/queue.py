@@ -256,7 +256,8 @@ if a >= tonumber(ARGV[5]) then
   return {'dead', a}
 end
 a = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
-redis.call('HSET', KEYS[1], 'started', ARGV[1], 'worker', ARGV[4], 'message', ARGV[2])
+redis.call('HSET', KEYS[1], 'started', ARGV[1], 'worker', ARGV[4], 'message', ARGV[2],
+  'phase', 'starting')
 set_status('running')
 event()
 return {'run', a}
@@ -319,7 +320,7 @@ elseif outcome == 'waiting' then
   redis.call('HSET', KEYS[1], 'phase', 'scoring shards', 'updated', ARGV[1])
 elseif outcome == 'released' then
   redis.call('HINCRBY', KEYS[1], 'released', 1)
-  redis.call('HSET', KEYS[1], 'error', ARGV[8])
+  redis.call('HSET', KEYS[1], 'error', ARGV[8], 'phase', 'queued')
   set_status('queued')
   redis.call('XADD', KEYS[2], '*', 'job', ARGV[10])
   outcome = 'queued'
@@ -327,6 +328,7 @@ else
   redis.call('HSET', KEYS[1], 'error', ARGV[8])
   local a = tonumber(ARGV[2]) - tonumber(redis.call('HGET', KEYS[1], 'released') or '0')
   if ARGV[11] == '1' and a < tonumber(ARGV[9]) then
+    redis.call('HSET', KEYS[1], 'phase', 'queued')
     set_status('queued')
     redis.call('XADD', KEYS[2], '*', 'job', ARGV[10])
     outcome = 'queued'

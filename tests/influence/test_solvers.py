@@ -118,7 +118,8 @@ def test_solver_arguments_validate_and_name_the_field(make, field: str) -> None:
 
 def test_exact_refuses_a_large_model_and_states_the_memory() -> None:
     engine = _tiny_engine()
-    with pytest.raises(ValueError, match=r"d = 57 parameters exceeds max_dim = 10.*would need"):
+    message = r"d = 57 parameters exceeds max_dim = 10.*would need 25.4 KiB;"  # 57² × 8 bytes
+    with pytest.raises(ValueError, match=message):
         Exact(max_dim=10).solve(engine.operator, torch.ones(57, dtype=torch.float64))
 
 

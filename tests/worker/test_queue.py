@@ -44,7 +44,7 @@ def test_submit_claim_complete_round_trip(queue: JobQueue) -> None:
 
     claim = queue.claim("w1", block_ms=100)
     assert claim is not None and claim.job_id == job and claim.attempt == 1
-    assert queue.get(job).status == JobStatus.RUNNING
+    assert (queue.get(job).status, queue.get(job).phase) == (JobStatus.RUNNING, "starting")
     queue.complete(claim, {"answer": 42}, {"iterations": 3})
 
     record = queue.get(job, TENANT)
@@ -165,12 +165,15 @@ def test_a_released_attempt_is_not_charged(client: redis.Redis, settings: Settin
     queue.release(first, "Redis unavailable during attempt 1 (ConnectionError: refused)")
     record = queue.get(job)
     assert record.status == JobStatus.QUEUED and (record.attempts, record.max_attempts) == (1, 3)
+    assert record.phase == "queued"
     assert record.error.startswith("Redis unavailable during attempt 1")
     with pytest.raises(StaleAttemptError):  # the released attempt cannot write any more
         queue.complete(first, {"late": True})
     second = queue.claim("w", block_ms=50)
     assert second.attempt == 2
+    queue.report_progress(second, 0.5, "scoring")
     assert queue.fail(second, "RuntimeError: boom 2", retry=True) == JobStatus.QUEUED
+    assert queue.get(job).phase == "queued"  # not the failed attempt's last phase
     third = queue.claim("w", block_ms=50)
     assert third.attempt == 3
     assert queue.fail(third, "RuntimeError: boom 3", retry=True) == JobStatus.FAILED
