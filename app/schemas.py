@@ -86,6 +86,9 @@ MAX_RETRAIN_WORK = 100_000
 DECOMPOSITION_RETRAININGS = 4
 """Retrainings per removed set of a checkpoint's decomposition: warm, proximal, PBRF and
 linearized PBRF (no cold start without a recorded run)."""
+CHECKPOINT_CORRELATION_METHODS = tuple(m for m in CorrelationArguments().methods if m != "cold")
+"""``correlation.methods`` when a request leaves it out: the library's default methods
+that a checkpoint can run (no cold start without a recorded run)."""
 
 Damping = Annotated[
     float, Field(gt=0, le=1e6, description="λ of the damped curvature G + λI (must be > 0)")
@@ -270,16 +273,19 @@ class DecompositionRequest(DecompositionPayload):
         cls, value: dict[str, Any] | None, info: ValidationInfo
     ) -> dict[str, Any] | None:
         """Valid ``CorrelationArguments`` within bounds, no cold start (a checkpoint has no
-        recorded run), and at most as many test points drawn as ``test`` gives."""
+        recorded run; left out, ``methods`` is CHECKPOINT_CORRELATION_METHODS), and at most
+        as many test points drawn as ``test`` gives."""
         if value is None:
             return None
+        if "methods" not in value:
+            value = {**value, "methods": list(CHECKPOINT_CORRELATION_METHODS)}
         correlation = _validated(
             lambda v: CorrelationArguments(**v), value, "correlation arguments"
         )
         _at_most(correlation.num_points, MAX_REMOVED_SETS, "correlation.num_points")
         _at_most(correlation.num_test, MAX_TEST_POINTS, "correlation.num_test")
         _seed(correlation.seed, "correlation.seed")
-        if "cold" in correlation.methods:  # also the default methods
+        if "cold" in correlation.methods:
             raise ValueError(
                 "correlation.methods: 'cold' needs the recorded training run (θ⁰ and "
                 "batch orders), which a checkpoint does not have; choose from warm, "

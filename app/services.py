@@ -403,7 +403,8 @@ class Services:
         set, whose layout comes from its registry record (the data are not loaded). Values
         that the cast would silently change are a 422 naming the row: non-integer or
         out-of-vocabulary token ids, class indices outside the classes, targets of the
-        wrong width."""
+        wrong width. Errors are under ``test.inline``, like the schema's for inline points."""
+        loc = ("body", "test", "inline")
         layout = self.layout(train_record)
         in_shape = layout["inputs"]["shape"]
         in_dtype = getattr(torch, layout["inputs"]["dtype"])
@@ -414,7 +415,7 @@ class Services:
         for row, values in enumerate(test.inputs):
             if len(values) != width:
                 raise UnprocessableError(
-                    ("body", "test", "inputs", row),
+                    (*loc, "inputs", row),
                     f"has {len(values)} values; the training inputs have {width} "
                     f"(shape {in_shape})",
                 )
@@ -425,7 +426,7 @@ class Services:
             if row is not None:
                 bound = vocab if vocab else "∞"
                 raise UnprocessableError(
-                    ("body", "test", "inputs", row),
+                    (*loc, "inputs", row),
                     f"must hold integer token ids in [0, {bound})",
                 )
         out_width = math.prod(out_shape)
@@ -433,7 +434,7 @@ class Services:
             count = len(value) if isinstance(value, list) else 1
             if count != out_width:
                 raise UnprocessableError(
-                    ("body", "test", "targets", row),
+                    (*loc, "targets", row),
                     f"has {count} value(s); the training targets have {out_width} per example "
                     f"(shape {out_shape})",
                 )
@@ -446,7 +447,7 @@ class Services:
             row = _first_bad_row((targets != targets.round()) | (targets < 0) | (targets >= limit))
             if row is not None:
                 raise UnprocessableError(
-                    ("body", "test", "targets", row),
+                    (*loc, "targets", row),
                     f"must be a class index in [0, {classes or '∞'})",
                 )
         inputs = inputs.to(in_dtype).reshape(-1, *in_shape)
@@ -454,18 +455,24 @@ class Services:
         return TestSpec(artifact=self.store.put_tensors({"inputs": inputs, "targets": targets}))
 
     def dataset_test(
-        self, tenant: str, test: DatasetTest, train_record: dict[str, Any] | None = None
+        self,
+        tenant: str,
+        test: DatasetTest,
+        train_record: dict[str, Any] | None = None,
+        *,
+        loc: Sequence[str | int] = ("body", "test"),
     ) -> TestSpec:
         """Rows of one of the caller's datasets: 404 if not theirs, 422 naming
-        ``test.indices`` out of range, and with ``train_record`` 422 naming
-        ``test.dataset`` unless its examples are shaped and typed like the training set's
-        (the worker refuses anything else)."""
+        ``indices`` out of range, and with ``train_record`` 422 naming ``dataset`` unless
+        its examples are shaped and typed like the training set's (the worker refuses
+        anything else). ``loc`` is where the request's schema reports ``test``'s fields:
+        ``("body", "test", "dataset")`` where ``test`` may also be inline points."""
         record = self.owned_dataset(tenant, test.dataset)
         size = record["size"]
         bad = [i for i in test.indices if i >= size]
         if bad:
             raise UnprocessableError(
-                ("body", "test", "indices"),
+                (*loc, "indices"),
                 f"{bad[:5]} out of range for dataset {test.dataset} of size {size}",
             )
         if train_record is not None and test.dataset != train_record["id"]:
@@ -476,7 +483,7 @@ class Services:
                     want["dtype"]
                 ):
                     raise UnprocessableError(
-                        ("body", "test", "dataset"),
+                        (*loc, "dataset"),
                         f"dataset {test.dataset} has {name} of per-example shape "
                         f"{list(got['shape'])} ({got['dtype']}); the training set "
                         f"{train_record['id']} has {list(want['shape'])} ({want['dtype']})",

@@ -61,20 +61,21 @@ def _answer(submission: Submission, kind: JobKind) -> JSONResponse:
 @router.post("/influence", status_code=202, responses=_QUEUED_OR_CACHED)
 def post_influence(services: Svc, caller: Caller, request: InfluenceRequest) -> JSONResponse:
     """Scores of every training point for each test point (one job for all of them)."""
-    count = len(
-        request.test.targets if isinstance(request.test, InlineTest) else request.test.indices
-    )
+    inline = isinstance(request.test, InlineTest)
+    count = len(request.test.targets if inline else request.test.indices)
     if count > services.settings.max_test_points:
-        raise UnprocessableError(
-            ("body", "test"),
+        raise UnprocessableError(  # under the shape meant, as the schema's errors are
+            ("body", "test", "inline") if inline else ("body", "test", "dataset", "indices"),
             f"{count} test points; this deployment allows at most "
             f"{services.settings.max_test_points} per request",
         )
     model, train = services.engine_inputs(caller.tenant, request.model, request.train, request.loss)
-    if isinstance(request.test, InlineTest):
+    if inline:
         test = services.inline_test(model, train, request.test)
     else:
-        test = services.dataset_test(caller.tenant, request.test, train)
+        test = services.dataset_test(
+            caller.tenant, request.test, train, loc=("body", "test", "dataset")
+        )
     payload = request.model_dump(mode="json", exclude={"test"})
     payload["test"] = test.model_dump(mode="json", exclude_none=True)
     submission = services.submit_query(caller.tenant, JobKind.INFLUENCE, payload)

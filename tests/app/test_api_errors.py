@@ -57,6 +57,37 @@ def test_test_point_errors_name_only_the_meant_shape(
     assert "function-after" not in text and "InlineTest" not in text and "DatasetTest" not in text
 
 
+@pytest.mark.parametrize(
+    ("path", "test", "loc", "fragment"),
+    [
+        ("/influence", {"indices": [999]}, ["body", "test", "dataset", "indices"],
+         "[999] out of range"),
+        ("/influence", {"inputs": [[0.0]], "targets": [0]},
+         ["body", "test", "inline", "inputs", 0], "has 1 values"),
+        ("/influence", {"inputs": [[0.0] * 64], "targets": [12]},
+         ["body", "test", "inline", "targets", 0], "class index in [0, 10)"),
+        # a decomposition's test points are dataset rows only: no shape in its locs
+        ("/decompositions", {"indices": [999]}, ["body", "test", "indices"], "[999] out of range"),
+    ],
+)  # fmt: skip
+def test_submit_time_test_point_errors_name_the_meant_shape_too(
+    live: LiveServer,
+    uploaded: dict[str, str],
+    path: str,
+    test: dict[str, Any],
+    loc: list[Any],
+    fragment: str,
+) -> None:
+    """The checks against the stored data report under the same loc as the schema's."""
+    if "indices" in test:
+        test = {"dataset": uploaded["test"], **test}
+    body = {"model": uploaded["model"], "train": uploaded["train"], "test": test}
+    if path == "/decompositions":
+        body.update(recipe=RECIPE, **SMALL)
+    (error,) = _errors(_post(live, path, body))
+    assert error["loc"] == loc and fragment in error["msg"], error
+
+
 @pytest.mark.parametrize("field", ["model", "train"])
 def test_a_name_for_an_id_says_what_an_id_is(live: LiveServer, field: str) -> None:
     body = {**FAKE, field: "demo-digits-mlp", "test": {"dataset": "c" * 64, "indices": [0]}}
@@ -74,7 +105,8 @@ def test_a_name_for_an_id_says_what_an_id_is(live: LiveServer, field: str) -> No
     [
         ({"correlation": {"num_points": 2, "num_test": 2, "methods": ["warm"]}},
          "needs test points"),
-        ({"test": {"dataset": "c" * 64, "indices": [0, 1]}, "correlation": {}}, "'cold'"),
+        ({"test": {"dataset": "c" * 64, "indices": [0, 1]},
+          "correlation": {"num_test": 2, "methods": ["warm", "cold"]}}, "'cold'"),
         ({"test": {"dataset": "c" * 64, "indices": [0, 1]},
           "correlation": {"num_test": 3, "methods": ["warm"]}}, "correlation.num_test = 3"),
     ],
@@ -84,6 +116,26 @@ def test_correlation_errors_are_under_correlation(
 ) -> None:
     (error,) = _errors(_post(live, "/decompositions", {**FAKE, "recipe": RECIPE, **extra}))
     assert error["loc"] == ["body", "correlation"] and fragment in error["msg"], error
+
+
+def test_correlation_methods_default_to_those_a_checkpoint_can_run(
+    live: LiveServer, uploaded: dict[str, str]
+) -> None:
+    """Left out, correlation.methods is the library's default without 'cold' (no recorded
+    training run), not a 422 about a method the request never named."""
+    body = {
+        "model": uploaded["model"],
+        "train": uploaded["train"],
+        "recipe": RECIPE,
+        **SMALL,
+        "arguments": {"num_points": 2},
+        "test": {"dataset": uploaded["test"], "indices": [0, 1]},
+        "correlation": {"num_points": 2, "num_test": 2},
+    }
+    response = _post(live, "/decompositions", body)
+    assert response.status_code == 202, response.text
+    job = httpx.get(f"{live.url}/jobs/{response.json()['job']}", headers=ALICE).json()
+    assert job["payload"]["correlation"]["methods"] == ["warm", "pbrf", "two_stage"], job
 
 
 @pytest.fixture

@@ -9,10 +9,12 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import httpx
 from fastapi.testclient import TestClient
 
 from app.main import create_app
 from app.services import ByteLRU
+from tests.app.conftest import API_KEYS, LiveServer
 from worker.settings import Settings
 
 
@@ -34,6 +36,26 @@ def test_metrics_report_queue_state_and_request_latency(
         in text
     )
     assert 'route="/influence",status="422"' in text
+
+
+def test_metrics_are_open_with_keys_set_and_name_no_tenant_data(
+    live: LiveServer, uploaded: dict[str, str]
+) -> None:
+    """Scrapers have no key: /metrics answers without one, and shows aggregates only."""
+    alice = {"Authorization": "Bearer key-alice"}
+    test = {"dataset": uploaded["test"], "indices": [0]}
+    body = {"model": uploaded["model"], "train": uploaded["train"], "test": test}
+    job = httpx.post(f"{live.url}/influence", headers=alice, json=body).json()["job"]
+    assert httpx.get(f"{live.url}/jobs/{job}", headers=alice).status_code == 200
+    assert httpx.get(f"{live.url}/jobs/{job}").status_code == 401  # keys are enforced
+
+    response = httpx.get(f"{live.url}/metrics")
+    assert response.status_code == 200
+    text = response.text
+    assert 'influence_jobs{status="queued"} 1.0' in text
+    assert 'route="/jobs/{job_id}",status="200"' in text  # route templates, not paths
+    for secret in (job, *uploaded.values(), "alice", "bob", *API_KEYS):
+        assert secret not in text, secret
 
 
 def test_health_without_workers_is_degraded(settings_factory: Callable[..., Settings]) -> None:

@@ -109,7 +109,7 @@ def test_test_rows_unlike_the_training_set_are_422(
     response = _post(live, "/influence", body)
     assert response.status_code == 422, response.text
     (error,) = response.json()["detail"]
-    assert error["loc"] == ["body", "test", "dataset"] and "[30]" in error["msg"], error
+    assert error["loc"] == ["body", "test", "dataset", "dataset"] and "[30]" in error["msg"], error
 
 
 def test_compatible_losses_are_accepted(live: LiveServer, tmp_path: Path) -> None:

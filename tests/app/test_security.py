@@ -132,7 +132,7 @@ def test_deployment_cap_on_test_points_is_422(small_caps: LiveServer) -> None:
     }
     response = httpx.post(small_caps.url + "/influence", headers=ALICE, json=body)
     assert response.status_code == 422
-    assert response.json()["detail"][0]["loc"] == ["body", "test"]
+    assert response.json()["detail"][0]["loc"] == ["body", "test", "dataset", "indices"]
     assert "at most 2" in response.json()["detail"][0]["msg"]
 
 
@@ -199,12 +199,21 @@ def _query(uploaded: dict[str, str], **changes: object) -> dict[str, object]:
         ({"solver": {"name": "cg", "tol": 2.0}}, ["body", "solver", "tol"]),
         ({"test": {"dataset": "ab" * 32, "indices": list(range(257))}}, ["body", "test"]),
         ({"test": {"dataset": "ab" * 32, "indices": [-1]}}, ["body", "test"]),
-        ({"test": {"inputs": [[0.0] * 63], "targets": [1]}}, ["body", "test", "inputs", 0]),
-        ({"test": {"inputs": [[0.0] * 64], "targets": [10]}}, ["body", "test", "targets", 0]),
-        ({"test": {"inputs": [[0.0] * 64], "targets": [1.5]}}, ["body", "test", "targets", 0]),
+        (
+            {"test": {"inputs": [[0.0] * 63], "targets": [1]}},
+            ["body", "test", "inline", "inputs", 0],
+        ),
+        (
+            {"test": {"inputs": [[0.0] * 64], "targets": [10]}},
+            ["body", "test", "inline", "targets", 0],
+        ),
+        (
+            {"test": {"inputs": [[0.0] * 64], "targets": [1.5]}},
+            ["body", "test", "inline", "targets", 0],
+        ),
         (
             {"test": {"inputs": [[0.0] * 64] * 2, "targets": [1, [1, 2]]}},
-            ["body", "test", "targets", 1],
+            ["body", "test", "inline", "targets", 1],
         ),
         ({"loss": "hinge"}, ["body", "loss"]),
     ],
@@ -392,7 +401,7 @@ def test_inline_token_points_are_checked_before_the_cast(
     response = httpx.post(live.url + "/influence", headers=ALICE, json=body)
     assert response.status_code == 422, response.text
     (error,) = response.json()["detail"]
-    assert error["loc"] == ["body", "test", *loc] and fragment in error["msg"], error
+    assert error["loc"] == ["body", "test", "inline", *loc] and fragment in error["msg"], error
 
 
 def test_valid_inline_token_points_are_queued(

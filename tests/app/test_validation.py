@@ -109,3 +109,32 @@ def test_malformed_query_json_is_422(live: LiveServer) -> None:
     response = _post(live, "/influence", b'{"model": "' + b"a" * 64)
     assert response.status_code == 422, response.text
     assert response.json()["detail"][0]["type"] == "json_invalid"
+
+
+def test_solver_fields_must_apply_to_the_named_solver(
+    live: LiveServer, uploaded: dict[str, str]
+) -> None:
+    """A field another solver reads is refused (one computation, one payload); ``tol``
+    is read by both CG and LiSSA, so LiSSA keeps the value given."""
+    query = {
+        "model": uploaded["model"],
+        "train": uploaded["train"],
+        "test": {"dataset": uploaded["test"], "indices": [0]},
+    }
+    response = _post(
+        live, "/influence", json.dumps({**query, "solver": {"name": "cg", "depth": 77}})
+    )
+    assert response.status_code == 422, response.text
+    errors = response.json()["detail"]
+    assert any(
+        error["loc"][:2] == ["body", "solver"]
+        and ("depth" in error["loc"] or "solver.depth" in error["msg"])
+        for error in errors
+    ), errors
+
+    lissa = {**query, "solver": {"name": "lissa", "tol": 1e-3}}
+    response = _post(live, "/influence", json.dumps(lissa))
+    assert response.status_code == 202, response.text
+    job = httpx.get(f"{live.url}/jobs/{response.json()['job']}", headers=ALICE).json()
+    assert job["payload"]["solver"]["name"] == "lissa", job
+    assert job["payload"]["solver"]["tol"] == 1e-3, job
