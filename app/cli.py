@@ -365,7 +365,7 @@ def worker(args: argparse.Namespace) -> None:
 
     if args.parent_pid is not None:
         _stop_with_parent(args.parent_pid)
-    worker_main(["--device", args.device] if args.device else [])
+    worker_main(["--device", args.device] if args.device else [], prog="influence-service worker")
 
 
 def _client(args: argparse.Namespace) -> InfluenceClient:

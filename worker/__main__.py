@@ -20,8 +20,9 @@ DEVICE_FAILURE_EXIT = 3
 """Exit status of a worker whose device failed (``worker.main.DeviceFailure``): restart it."""
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m worker", description=__doc__)
+def main(argv: list[str] | None = None, prog: str = "python -m worker") -> None:
+    """Run one worker; ``prog`` names the command in usage and error messages."""
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__)
     parser.add_argument("--device", help="torch device (default: INFLUENCE_DEVICE or cpu)")
     parser.add_argument("--name", help="consumer name (default: host-pid-random)")
     args = parser.parse_args(argv)

@@ -52,7 +52,8 @@ def upload_model(
     try:
         record = services.registry.put_model(caller.tenant, _parse_config(config), data, name)
     except (models.CheckpointError, models.ConfigError) as exc:
-        raise HTTPException(400, f"invalid checkpoint: {exc}") from None
+        reason = str(exc).removeprefix("checkpoint: ")  # the library's own prefix
+        raise HTTPException(400, f"invalid checkpoint: {reason}") from None
     return _public(record)
 
 

@@ -60,5 +60,6 @@ def test_malformed_model_config_is_400_naming_the_problem(
         )
         assert response.status_code == 400, (embedded, form, response.text)
         assert fragment in response.json()["detail"], (embedded, form)
+        assert "checkpoint: checkpoint" not in response.json()["detail"]
     assert httpx.get(live.url + "/models", headers=ALICE).json() == []
     assert _artifacts(settings) == []

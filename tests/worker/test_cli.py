@@ -28,7 +28,7 @@ from app.cli import WorkerSupervisor, main
 from app.client import ApiError
 from app.routes import influence as influence_routes
 from app.schemas import Item, JobAccepted, JobView, Ranking
-from worker.__main__ import CONFIG_ERROR
+from worker.__main__ import CONFIG_ERROR, DEVICE_FAILURE_EXIT
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -47,8 +47,8 @@ def _until(condition, timeout: float = 10.0) -> None:
 def test_supervisor_restarts_a_crashed_worker_with_backoff_until_stopped(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    supervisor = WorkerSupervisor(
-        _exits(3), None, 1, poll_s=0.02, backoff_min=0.05, backoff_max=0.2
+    supervisor = WorkerSupervisor(  # e.g. a worker whose device failed
+        _exits(DEVICE_FAILURE_EXIT), None, 1, poll_s=0.02, backoff_min=0.05, backoff_max=0.2
     )
     with caplog.at_level("WARNING", logger="influence-service"):
         supervisor.start()
@@ -62,6 +62,16 @@ def test_supervisor_restarts_a_crashed_worker_with_backoff_until_stopped(
     time.sleep(0.4)
     assert supervisor.restarts == restarts  # no restarts after stop
     assert all(p.poll() is not None for p in supervisor.processes if p is not None)
+
+
+def test_the_worker_command_names_itself_in_its_errors(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.delenv("REDIS_URL", raising=False)
+    with pytest.raises(SystemExit) as exit_:
+        main(["worker"])
+    assert exit_.value.code == CONFIG_ERROR
+    assert "influence-service worker: error: REDIS_URL is not set" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("status", [0, CONFIG_ERROR])
