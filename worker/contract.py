@@ -296,22 +296,31 @@ class SolverSpec(_Schema):
                 data = {**data, "tol": _default(solver, "tol")}
         return data
 
-    @model_validator(mode="after")
-    def _fields_fit_the_solver(self) -> SolverSpec:
-        for name, solvers in _SOLVER_FIELDS.items():
-            applies = self.name in solvers
-            need = "solver.name " + " or ".join(repr(s) for s in sorted(solvers))
-            if name in ("rank", "examples"):
-                applies = applies and self.preconditioner == "nystrom"
-                need += " with solver.preconditioner='nystrom'"
-            # tol's default depends on the solver: set by _named_solvers_tolerance
-            default = None if name == "tol" else type(self).model_fields[name].default
-            if not applies and getattr(self, name) != default:
-                raise ValueError(
-                    f"solver.{name} applies only to {need} (got solver.name={self.name!r}, "
-                    f"solver.preconditioner={self.preconditioner!r}): leave it out"
+    @field_validator(*_SOLVER_FIELDS, mode="after")
+    @classmethod
+    def _field_fits_the_solver(cls, value: Any, info: ValidationInfo) -> Any:
+        """A field given for a solver it does not apply to must hold its default (fields
+        are validated in order, so ``name`` and ``preconditioner`` are known here)."""
+        field, name = info.field_name, info.data.get("name")
+        solvers = _SOLVER_FIELDS[field]
+        applies = name in solvers
+        need = "solver.name " + " or ".join(repr(s) for s in sorted(solvers))
+        if field in ("rank", "examples"):
+            applies = applies and info.data.get("preconditioner") == "nystrom"
+            need += " with solver.preconditioner='nystrom'"
+        # tol's default depends on the solver: set by _named_solvers_tolerance
+        default = None if field == "tol" else cls.model_fields[field].default
+        if name is not None and not applies and value != default:
+            raise ValueError(
+                f"applies only to {need} (got solver.name={name!r}"
+                + (
+                    f", solver.preconditioner={info.data.get('preconditioner')!r}"
+                    if field in ("rank", "examples")
+                    else ""
                 )
-        return self
+                + "): leave it out"
+            )
+        return value
 
     def build(self) -> Exact | CG | LiSSA:
         """The engine solver these settings describe."""

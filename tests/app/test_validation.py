@@ -126,11 +126,9 @@ def test_solver_fields_must_apply_to_the_named_solver(
     )
     assert response.status_code == 422, response.text
     errors = response.json()["detail"]
-    assert any(
-        error["loc"][:2] == ["body", "solver"]
-        and ("depth" in error["loc"] or "solver.depth" in error["msg"])
-        for error in errors
-    ), errors
+    assert [(e["loc"], "applies only to solver.name 'lissa'" in e["msg"]) for e in errors] == [
+        (["body", "solver", "depth"], True)
+    ], errors
 
     lissa = {**query, "solver": {"name": "lissa", "tol": 1e-3}}
     response = _post(live, "/influence", json.dumps(lissa))
