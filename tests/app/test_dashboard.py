@@ -9,6 +9,7 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from app.dashboard import MEDIA_TYPES, STATIC_DIR, router
+from worker.contract import SolverSpec
 
 
 @pytest.fixture(scope="module")
@@ -66,3 +67,19 @@ def test_every_reference_resolves_to_a_local_asset() -> None:
         text = path.read_text()
         assert not re.search(r"""(?:src|href)=["']?(?:https?:)?//""", text), path.name
         assert not re.search(r"""(?:import|fetch)\s*\(?\s*["'](?:https?:)?//""", text), path.name
+
+
+def test_the_solver_forms_defaults_are_the_engines() -> None:
+    """The query form shows each solver's defaults: what a request that leaves the field
+    out would get (the form sends every field, so a drift would change the answers)."""
+    html = (STATIC_DIR / "index.html").read_text()
+    shown = dict(re.findall(r'<input name="([a-z_]+)"[^>]*value="([^"]*)"', html))
+    cg, lissa = SolverSpec(name="cg"), SolverSpec(name="lissa")
+    assert float(shown["tol"]) == cg.tol and int(shown["max_iter"]) == cg.max_iter
+    assert float(shown["lissa_tol"]) == lissa.tol
+    assert (int(shown["depth"]), int(shown["repeats"]), int(shown["lissa_batch_size"])) == (
+        lissa.depth,
+        lissa.repeats,
+        lissa.batch_size,
+    )
+    assert int(shown["seed"]) == lissa.seed and "scale" not in shown  # empty: estimated
