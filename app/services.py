@@ -589,6 +589,8 @@ class Services:
         cache, else read and sorted in the thread pool (and cached)."""
         key = ("ranked", scores_artifact, row, descending)
         hit = self._cache.get(key)
+        if hit is not None and not self.store.exists(scores_artifact):
+            hit = None  # its file was removed since: answer as for an uncached row (410)
         if hit is None:
             hit = await run_in_threadpool(self._rank, scores_artifact, row, descending)
             self._cache.put(key, hit, _nbytes(*hit))

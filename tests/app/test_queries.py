@@ -359,8 +359,14 @@ def test_a_result_whose_artifact_is_missing_is_410_and_recomputed(
     body = _query(uploaded)
     job = _post(live, "/influence", body).json()["job"]
     artifact = _finish(queue, settings, job, len(demo[1]))
+    page = f"{live.url}/influence/{job}/ranking?test=0"
+    assert httpx.get(page, headers=ALICE).status_code == 200  # now held in the API's cache
     ArtifactStore.for_settings(settings).delete(artifact)
-    for path in (f"/influence/{job}/scores", f"/influence/{job}/ranking?test=1"):
+    for path in (
+        f"/influence/{job}/scores",
+        f"/influence/{job}/ranking?test=1",
+        page[len(live.url) :],
+    ):
         response = httpx.get(live.url + path, headers=ALICE)
         assert response.status_code == 410, (path, response.text)
         assert "missing from the artifact store" in response.json()["detail"]
