@@ -43,7 +43,7 @@ from influence.solvers import (
     phase_progress,
     relative_residuals,
 )
-from models.datasets import Dataset
+from models.datasets import Dataset, first_outside
 from models.losses import Loss, TargetError, get_loss
 from models.precision import ieee_float32
 from models.training import Progress, resolve_device
@@ -251,24 +251,20 @@ class InfluenceEngine:
         cross-entropy targets in ``[0, 1]`` (outside it the loss is unbounded below), and
         the loss takes ``outputs`` and the first ``len(outputs)`` targets (one value each)."""
         if self.loss.name == "bce" and not targets.is_complex():
-            bad = (targets < 0) | (targets > 1)
-            if bool(bad.any()):
-                row = int(bad.reshape(len(bad), -1).any(dim=1).nonzero()[0, 0])
-                value = float(targets[row][bad[row]].reshape(-1)[0])
+            found = first_outside(targets, 0, 1, closed=True)
+            if found is not None:
                 raise ValueError(
                     f"bce targets must lie in [0, 1] (0/1 labels or probabilities): {what} "
-                    f"example {row} has {value:g} (for -1/+1 labels pass (t + 1) / 2)"
+                    f"example {found[0]} has {found[1]:g} (for -1/+1 labels pass (t + 1) / 2)"
                 )
         integer = not (targets.is_floating_point() or targets.is_complex())
         if self.loss.name == "cross_entropy" and integer:  # float targets: the loss says so
             classes = outputs.shape[-1]
-            bad = (targets < 0) | (targets >= classes)
-            if bool(bad.any()):
-                row = int(bad.reshape(len(bad), -1).any(dim=1).nonzero()[0, 0])
-                value = int(targets[row][bad[row]].reshape(-1)[0])
+            found = first_outside(targets, 0, classes)
+            if found is not None:
                 raise ValueError(
                     f"cross_entropy targets must be integer class indices [0, {classes}) (the "
-                    f"model gives {classes} logits): {what} example {row} has {value}"
+                    f"model gives {classes} logits): {what} example {found[0]} has {found[1]}"
                 )
         try:
             with torch.no_grad():
@@ -326,13 +322,11 @@ class InfluenceEngine:
         vocabulary = self._vocabulary
         if vocabulary is None or inputs.is_floating_point():
             return
-        bad = (inputs < 0) | (inputs >= vocabulary)
-        if bool(bad.any()):
-            row = int(bad.reshape(len(bad), -1).any(dim=1).nonzero()[0, 0])
-            value = int(inputs[row][bad[row]].reshape(-1)[0])
+        found = first_outside(inputs, 0, vocabulary)
+        if found is not None:
             raise ValueError(
                 f"token ids must lie in [0, {vocabulary}) (the model's token embedding has "
-                f"{vocabulary} rows): {what} example {row} has {value}"
+                f"{vocabulary} rows): {what} example {found[0]} has {found[1]}"
             )
 
     def _probe(self, inputs: Tensor, targets: Tensor) -> None:

@@ -129,6 +129,18 @@ def validate_dataset(
     return ds
 
 
+def first_outside(
+    values: Tensor, low: float, high: float, *, closed: bool = False
+) -> tuple[int, float] | None:
+    """``(example, value)`` of the first value outside ``[low, high)`` (``[low, high]``
+    when ``closed``), examples along the first dimension in order; None if all lie inside."""
+    bad = (values < low) | ((values > high) if closed else (values >= high))
+    if not bool(bad.any()):
+        return None
+    row = int(bad.reshape(len(bad), -1).any(dim=1).nonzero()[0, 0])
+    return row, values[row][bad[row]].reshape(-1)[0].item()
+
+
 def _validate_metadata(ds: Dataset, what: str) -> None:
     meta = ds.metadata
     if not isinstance(meta, dict):

@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from models.architectures import build
 from models.checkpoints import build_skeleton, check_state_dict, nonfinite
-from models.datasets import Dataset, validate_dataset
+from models.datasets import Dataset, first_outside, validate_dataset
 from models.errors import CheckpointError, DatasetError, TrainingError
 from models.losses import LOSSES, get_loss
 from models.precision import ieee_float32
@@ -326,13 +326,11 @@ def _check_token_ids(config: Mapping[str, Any], dataset: Dataset) -> None:
     inputs = dataset.inputs
     if not _is_int(vocabulary) or inputs.is_floating_point():
         return
-    bad = (inputs < 0) | (inputs >= vocabulary)
-    if bool(bad.any()):
-        row = int(bad.reshape(len(bad), -1).any(dim=1).nonzero()[0, 0])
-        value = int(inputs[row][bad[row]].reshape(-1)[0])
+    found = first_outside(inputs, 0, vocabulary)
+    if found is not None:
         raise DatasetError(
-            f"token ids must lie in [0, {vocabulary}) (vocab_size): inputs example {row} "
-            f"has {value}"
+            f"token ids must lie in [0, {vocabulary}) (vocab_size): inputs example {found[0]} "
+            f"has {found[1]}"
         )
 
 
