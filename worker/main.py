@@ -3,6 +3,7 @@ store the outcome; repeat until stopped (SIGTERM/SIGINT finish the current job f
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -127,10 +128,11 @@ def _settle(queue: JobQueue, ctx: Context, claim: Claim, stop: threading.Event) 
         log.warning("job %s: %s; releasing it", claim.job_id, error)
         write = partial(queue.release, claim, error)
     except torch.AcceleratorError as exc:
-        log.error("job %s: the device failed; stopping this worker:\n%s", claim.job_id,
-                  traceback.format_exc())  # fmt: skip
+        log.error("job %s: the device failed; stopping this worker", claim.job_id, exc_info=True)
         error = f"{type(exc).__name__}: {exc} (the worker's device failed; retried elsewhere)"
-        _until_written(partial(queue.fail, claim, error, retry=True), claim, stop)
+        # a stale attempt has nothing to record, but the worker stops all the same
+        with contextlib.suppress(StaleAttemptError):
+            _until_written(partial(queue.fail, claim, error, retry=True), claim, stop)
         raise DeviceFailure(str(exc)) from exc
     except PERMANENT_ERRORS as exc:
         write = partial(queue.fail, claim, f"{type(exc).__name__}: {exc}", retry=False)
