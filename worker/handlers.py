@@ -8,6 +8,7 @@ the claim's callback, which raises to abort (cancel, stale attempt, time limit).
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ from influence.experiments.mislabel import detect_mislabels_on
 from influence.response import Responder, ResponseArguments, VerifyArguments, verify
 from influence.solvers import phase_progress
 from models import Progress
+from models.datasets import first_outside
 from worker.cache import STestCache, s_test_key
 from worker.contract import (
     DecompositionPayload,
@@ -208,11 +210,10 @@ def check_test_points(test: models.Dataset, train: models.Dataset, config: dict[
 
 
 def _check_indices(values: Tensor, bound: int | None, name: str, what: str) -> None:
-    bad = values < 0 if bound is None else (values < 0) | (values >= bound)
-    if bool(bad.any()):
-        point = int(bad.nonzero()[0, 0])
+    found = first_outside(values, 0, math.inf if bound is None else bound)
+    if found is not None:
         limit = "∞" if bound is None else str(bound)
-        raise ValueError(f"test {name} of point {point}: {what} must lie in [0, {limit})")
+        raise ValueError(f"test {name} of point {found[0]}: {what} must lie in [0, {limit})")
 
 
 def _s_test(
