@@ -1,6 +1,6 @@
 """The API's documentation: the interactive pages work offline (every asset from this
 server, under a Content-Security-Policy), and the decomposition example of
-docs/service.md is accepted and runs as written."""
+docs/service.md is accepted and (a slow test) runs as written."""
 
 from __future__ import annotations
 
@@ -64,22 +64,38 @@ def _documented_decomposition() -> str:
     return found.group(1)
 
 
-def test_the_documented_decomposition_is_accepted_and_runs(
-    live: LiveServer, workers: WorkerThreads, settings: Settings, uploaded: dict[str, str]
-) -> None:
+def _documented_body(uploaded: dict[str, str]) -> dict:
     template = _documented_decomposition()
-    body = json.loads(
+    return json.loads(
         template.replace("$MODEL", uploaded["model"])
         .replace("$TRAIN", uploaded["train"])
         .replace("$TEST", uploaded["test"])
     )
+
+
+def _submit(live: LiveServer, body: dict) -> str:
     response = httpx.post(live.url + "/decompositions", headers=ALICE, json=body, timeout=30)
     assert response.status_code == 202, response.text
     accepted = response.json()
     assert accepted["status"] == "queued" and accepted["meaning"] is None
+    return accepted["job"]
+
+
+def test_the_documented_decomposition_is_accepted(
+    live: LiveServer, uploaded: dict[str, str]
+) -> None:
+    _submit(live, _documented_body(uploaded))
+
+
+@pytest.mark.slow  # about 80 s on 2 cores: the example's 30 L-BFGS retrainings
+def test_the_documented_decomposition_runs(
+    live: LiveServer, workers: WorkerThreads, settings: Settings, uploaded: dict[str, str]
+) -> None:
+    body = _documented_body(uploaded)
+    job = _submit(live, body)
     workers.start(settings)
     with live.client() as client:
-        final = client.wait(accepted["job"], timeout=300)
+        final = client.wait(job, timeout=300)
     assert final.status == "succeeded", final.error
     result = final.result or {}
     assert {"summary", "gaps", "correlation"} <= set(result), sorted(result)
