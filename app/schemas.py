@@ -80,9 +80,17 @@ MAX_REMOVED_SETS = 200
 """Most removed points (each one a set of retrainings) a decomposition job may sample."""
 MAX_RETRAIN_EPOCHS = 10_000
 MAX_LBFGS_STEPS = 1_000
-MAX_RETRAIN_WORK = 100_000
-"""Bound on the total retraining of a decomposition job: removed sets × retrainings per set
-× epochs (or L-BFGS steps) per retraining, over the decomposition and its correlations."""
+MAX_LBFGS_ITER = 1_000
+"""Bound on ``recipe.lbfgs_max_iter`` (iterations per L-BFGS step; torch's default is 20)."""
+MAX_LBFGS_HISTORY = 1_000
+"""Bound on ``recipe.lbfgs_history`` (L-BFGS keeps 2 × history vectors of the model's size)."""
+MAX_MILESTONES = 100
+MAX_SOLVER_ITER = 100_000
+"""Bound on CG iterations and on LiSSA's depth, as for the influence queries' solver."""
+MAX_RETRAIN_WORK = 1_000_000
+"""Bound on the total retraining of a decomposition job, in passes over the training set
+(an epoch, or one L-BFGS iteration): removed sets × retrainings per set × passes per
+retraining, over the decomposition, its correlations and a mislabel run."""
 DECOMPOSITION_RETRAININGS = 4
 """Retrainings per removed set of a checkpoint's decomposition: warm, proximal, PBRF and
 linearized PBRF (no cold start without a recorded run)."""
@@ -242,6 +250,9 @@ class DecompositionRequest(DecompositionPayload):
     def _recipe(cls, value: dict[str, Any]) -> dict[str, Any]:
         recipe = _validated(models.Recipe.from_dict, value, "training recipe")
         _at_most(recipe.epochs, MAX_RETRAIN_EPOCHS, "recipe.epochs")
+        _at_most(recipe.lbfgs_max_iter, MAX_LBFGS_ITER, "recipe.lbfgs_max_iter")
+        _at_most(recipe.lbfgs_history, MAX_LBFGS_HISTORY, "recipe.lbfgs_history")
+        _at_most(len(recipe.milestones), MAX_MILESTONES, "the number of recipe.milestones")
         _seed(recipe.seed, "recipe.seed")
         return value
 
@@ -255,6 +266,13 @@ class DecompositionRequest(DecompositionPayload):
         response = _validated(lambda v: ResponseArguments(**v), value, "response arguments")
         _at_most(response.epochs, MAX_RETRAIN_EPOCHS, "response.epochs")
         _at_most(response.lbfgs_steps, MAX_LBFGS_STEPS, "response.lbfgs_steps")
+        _at_most(response.cg_max_iter, MAX_SOLVER_ITER, "response.cg_max_iter")
+        _at_most(response.lissa_depth, MAX_SOLVER_ITER, "response.lissa_depth")
+        _at_most(
+            response.lissa_depth * response.lissa_repeats,
+            MAX_LISSA_WORK,
+            "response.lissa_depth × response.lissa_repeats",
+        )
         return value
 
     @field_validator("arguments")
@@ -313,7 +331,8 @@ class DecompositionRequest(DecompositionPayload):
 
     @model_validator(mode="after")
     def _bounded_retraining(self) -> DecompositionRequest:
-        """Total retraining = removed sets × retrainings × epochs per retraining, at most
+        """Total retraining = removed sets × retrainings × passes over the training set per
+        retraining (epochs, or L-BFGS steps × iterations per step), at most
         MAX_RETRAIN_WORK (each field may be within its own bound and the product not)."""
         recipe = models.Recipe.from_dict(self.recipe)
         response = ResponseArguments(**{**self.response, "damping": self.damping})
@@ -323,6 +342,12 @@ class DecompositionRequest(DecompositionPayload):
             epochs, per = response.epochs, "response.epochs"
         else:
             epochs, per = max(1, recipe.epochs // 2), "recipe.epochs / 2"
+        per = f"{per} ({epochs})"
+        # an L-BFGS step (the recipe's, or the response's, which keeps the recipe's
+        # lbfgs_max_iter) is up to lbfgs_max_iter iterations, each about one pass
+        lbfgs = f" × recipe.lbfgs_max_iter ({recipe.lbfgs_max_iter})"
+        if response.optimizer == "lbfgs" or recipe.optimizer == "lbfgs":
+            epochs, per = epochs * recipe.lbfgs_max_iter, per + lbfgs
         points = DecompositionArguments(**self.arguments).num_points
         retrainings = points * DECOMPOSITION_RETRAININGS
         terms = f"arguments.num_points ({points}) × {DECOMPOSITION_RETRAININGS} responses"
@@ -337,19 +362,21 @@ class DecompositionRequest(DecompositionPayload):
                 "retrainings of correlation.methods" + (" + 1" if extra else "")
             )
         work = retrainings * epochs
-        terms = f"({terms}) × {per} ({epochs})"
+        terms = f"({terms}) × {per}"
         if self.mislabel is not None:
             # one training from scratch on the corrupted labels, one PBRF retraining per
             # mislabel.pbrf_points
             pbrf_points = MislabelArguments(**self.mislabel).pbrf_points
-            work += recipe.epochs + pbrf_points * epochs
+            scratch = recipe.epochs * (recipe.lbfgs_max_iter if recipe.optimizer == "lbfgs" else 1)
+            work += scratch + pbrf_points * epochs
             terms += f" + mislabel retraining: recipe.epochs ({recipe.epochs})"
+            terms += lbfgs if recipe.optimizer == "lbfgs" else ""
             if pbrf_points:
-                terms += f" + mislabel.pbrf_points ({pbrf_points}) × {per} ({epochs})"
+                terms += f" + mislabel.pbrf_points ({pbrf_points}) × {per}"
         if work > MAX_RETRAIN_WORK:
             raise ValueError(
-                f"retraining work {terms} = {work} exceeds "
-                f"{MAX_RETRAIN_WORK}; lower the number of points or the epochs"
+                f"retraining work in passes over the training set, {terms} = {work}, "
+                f"exceeds {MAX_RETRAIN_WORK}; lower the number of points or the epochs"
             )
         return self
 

@@ -27,6 +27,7 @@ from torch.func import jvp
 
 from influence.operators import DampedCurvature
 from influence.response import Responder, output_distance
+from influence.solvers import phase_progress
 from models import Progress
 from models.precision import ieee_float32
 
@@ -149,7 +150,9 @@ def compute_responses(
     total = max(1, len(removed_sets) * len(retrain))
     for j, removed in enumerate(removed_sets):
         for k, method in enumerate(retrain):
-            found[method].append(responder.retrain(method, removed))
+            done = j * len(retrain) + k
+            step = phase_progress(progress, done / total, (done + 1) / total, f"retrain:{method}")
+            found[method].append(responder.retrain(method, removed, step))
             if progress is not None:
                 progress((j * len(retrain) + k + 1) / total, f"retrain:{method}")
     thetas.update({m: torch.stack(v) for m, v in found.items()})

@@ -45,7 +45,7 @@ from torch.func import grad, jvp
 
 from influence.engine import InfluenceEngine
 from influence.functional import FlatModel
-from influence.solvers import CG, Exact, LiSSA, Solver, SolverReport
+from influence.solvers import CG, Exact, LiSSA, Solver, SolverReport, phase_progress
 from models import (
     ARCHITECTURES,
     ConfigError,
@@ -455,6 +455,7 @@ class Responder:
         lr_factor: float = 1.0,
         batch_order: Sequence[Tensor] | None = None,
         schedule_epochs: int | None = None,
+        progress: Progress | None = None,
     ) -> Tensor:
         recipe = replace(self.recipe, weight_decay=0.0, lr=self.recipe.lr * lr_factor)
         if self.arguments.optimizer == "lbfgs" and batch_order is None:  # not a cold replay
@@ -467,7 +468,7 @@ class Responder:
             run = train(
                 self.config, self.dataset, recipe, init=init, batch_order=batch_order,
                 epochs=epochs, schedule_epochs=schedule_epochs, dtype=self.dtype,
-                device=self.device,
+                device=self.device, progress=progress,
                 objective=lambda m, _x, _t, idx: objective(live_parameters(m), idx),
             )  # fmt: skip
         except TrainingError as exc:
@@ -489,9 +490,13 @@ class Responder:
         return {k: v.detach().clone() for k, v in self.fmodel.unflatten(theta).items()}
 
     @ieee_float32()
-    def retrain(self, method: str, removed: Sequence[int] | Tensor) -> Tensor:
+    def retrain(
+        self, method: str, removed: Sequence[int] | Tensor, progress: Progress | None = None
+    ) -> Tensor:
         """θ of one retraining response (``cold``, ``warm``, ``proximal``, ``pbrf``,
-        ``linearized`` or ``two_stage``) for removing ``removed``; flat, at the end."""
+        ``linearized`` or ``two_stage``) for removing ``removed``; flat, at the end.
+        ``progress(fraction, "train")`` follows the training (``models.train``); it may
+        raise to abort it."""
         problem = self.problem(removed)
         k2, start = self.retrain_epochs, self._state(self.theta_s)
         if method == "cold":
@@ -500,25 +505,33 @@ class Responder:
             return self._train(
                 problem.downweighted, init=self.theta0, epochs=self.recipe.epochs + k2,
                 batch_order=self.batch_order, schedule_epochs=max(1, self.recipe.epochs),
+                progress=progress,
             )  # fmt: skip
         if method == "warm":
-            return self._train(problem.downweighted, init=start, epochs=k2)
+            return self._train(problem.downweighted, init=start, epochs=k2, progress=progress)
         if method == "proximal":
-            return self._train(problem.proximal, init=start, epochs=k2)
+            return self._train(problem.proximal, init=start, epochs=k2, progress=progress)
         if method == "pbrf":
             return self._train(
-                problem.pbrf, init=start, epochs=k2, lr_factor=self.arguments.pbrf_lr_factor
-            )
+                problem.pbrf, init=start, epochs=k2, lr_factor=self.arguments.pbrf_lr_factor,
+                progress=progress,
+            )  # fmt: skip
         if method == "linearized":
             return self._train(
                 problem.linearized_pbrf, init=start, epochs=k2,
-                lr_factor=self.arguments.pbrf_lr_factor,
+                lr_factor=self.arguments.pbrf_lr_factor, progress=progress,
             )  # fmt: skip
         if method == "two_stage":
             if self._warm_full is None:
                 full = self.problem(removed, epsilon=0.0)
-                self._warm_full = self._train(full.downweighted, init=start, epochs=k2)
-            warm = self._train(problem.downweighted, init=start, epochs=k2)
+                self._warm_full = self._train(
+                    full.downweighted, init=start, epochs=k2,
+                    progress=phase_progress(progress, 0.0, 0.5),
+                )  # fmt: skip
+            warm = self._train(
+                problem.downweighted, init=start, epochs=k2,
+                progress=phase_progress(progress, 0.5, 1.0),
+            )  # fmt: skip
             return self.theta_s + (warm - self._warm_full)
         raise ValueError(f"unknown retraining method {method!r}; valid: {RETRAIN_METHODS}")
 
@@ -714,7 +727,10 @@ def verify(
     predicted = responder.predicted_changes(influence, test_set.inputs, test_set.targets)
     retrained = []
     for k, z in enumerate(removed):
-        retrained.append(responder.retrain(method, z))
+        step = phase_progress(
+            progress, k / len(removed), (k + 1) / len(removed), f"retrain:{method}"
+        )
+        retrained.append(responder.retrain(method, z, step))
         if progress is not None:
             progress((k + 1) / len(removed), f"retrain:{method}")
     actual = responder.actual_changes(torch.stack(retrained), test_set.inputs, test_set.targets)

@@ -650,11 +650,14 @@ class LiSSA:
         return final, self.depth, False
 
 
-def phase_progress(progress: Progress | None, low: float, high: float) -> Progress | None:
-    """Map a sub-task's progress fraction onto [low, high] of the whole task."""
+def phase_progress(
+    progress: Progress | None, low: float, high: float, phase: str | None = None
+) -> Progress | None:
+    """Map a sub-task's progress fraction onto [low, high] of the whole task (reported
+    under ``phase`` when given, else under the sub-task's own phase)."""
     if progress is None:
         return None
-    return lambda fraction, phase: progress(low + (high - low) * fraction, phase)
+    return lambda fraction, own: progress(low + (high - low) * fraction, phase or own)
 
 
 def _rayleigh(operator: DampedCurvature, u: Tensor) -> float:

@@ -383,8 +383,10 @@ def train(
       on the CPU whatever the device (θ⁰, θˢ and the orders), so runs save and compare
       alike; ``device="cpu"`` is bit-identical to None. An unknown device, or CUDA where
       torch sees none, raises :class:`TrainingError`.
-    - ``progress(fraction, "train")`` is called at the start and after every epoch; it
-      may raise to abort training.
+    - ``progress(fraction, "train")`` is called at the start and after every epoch, and
+      for L-BFGS also at every objective evaluation within an epoch (one epoch = one
+      optimizer step of up to ``lbfgs_max_iter`` iterations); it may raise to abort
+      training.
 
     Raises :class:`TrainingError` for bad arguments or a non-finite objective and
     :class:`DatasetError` for an invalid dataset.
@@ -453,6 +455,8 @@ def train(
         return value
 
     optimizer = _make_optimizer(recipe, params)
+    full_batch_lbfgs = isinstance(optimizer, torch.optim.LBFGS)
+    max_evaluations = max(1, optimizer.defaults["max_eval"]) if full_batch_lbfgs else 1
     batch = recipe.batch_size or n
     shuffle = batch < n
     generator = torch.Generator().manual_seed(recipe.seed)
@@ -468,10 +472,14 @@ def train(
         for group in optimizer.param_groups:
             group["lr"] = recipe.lr_at(epoch, horizon)
         epoch_loss = 0.0
+        evaluations = [0]
         for step, start in enumerate(range(0, n, batch)):
             idx = order[start : start + batch].to(target)
 
-            def closure(idx: Tensor = idx) -> Tensor:
+            def closure(idx: Tensor = idx, epoch: int = epoch, count: list = evaluations) -> Tensor:
+                if progress and full_batch_lbfgs:  # an L-BFGS step can run long: report inside
+                    count[0] += 1
+                    progress((epoch + min(1.0, count[0] / max_evaluations)) / total, "train")
                 optimizer.zero_grad(set_to_none=True)
                 value = cost(idx)
                 value.backward()

@@ -176,7 +176,10 @@ def pbrf_self_influence(
     x, t = responder.inputs, responder.targets
     gains = []
     for k, i in enumerate(indices.tolist()):
-        theta = responder.retrain("pbrf", [i])
+        step = phase_progress(
+            progress, k / len(indices), (k + 1) / len(indices), "pbrf_self_influence"
+        )
+        theta = responder.retrain("pbrf", [i], step)
         gains.append(float(responder.actual_changes(theta[None], x[[i]], t[[i]])[0, 0]))
         if progress is not None:
             progress((k + 1) / len(indices), "pbrf_self_influence")

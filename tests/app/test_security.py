@@ -299,20 +299,49 @@ def test_client_raises_api_error_with_detail(live: LiveServer) -> None:
         ({"correlation": {"num_test": 5}}, ["body", "correlation"], "needs test points"),
         ({"damping": 0.0}, ["body", "damping"], "greater than 0"),
         (
-            {"arguments": {"num_points": 200}, "response": {"epochs": 200}},
+            {"arguments": {"num_points": 200}, "response": {"epochs": 2000}},
             ["body"],
-            "retraining work (arguments.num_points (200) × 4 responses) × response.epochs",
+            "(arguments.num_points (200) × 4 responses) × response.epochs (2000) = 1600000",
+        ),
+        (  # an L-BFGS step is lbfgs_max_iter passes: 1 × 4 × 500 × 1000
+            {
+                "recipe": {"optimizer": "lbfgs", "epochs": 1000, "lbfgs_max_iter": 1000},
+                "arguments": {"num_points": 1},
+            },
+            ["body"],
+            "× recipe.epochs / 2 (500) × recipe.lbfgs_max_iter (1000) = 2000000",
+        ),
+        (
+            {"recipe": {"optimizer": "lbfgs", "lbfgs_max_iter": 10**12}},
+            ["body", "recipe"],
+            "recipe.lbfgs_max_iter = 1000000000000 exceeds 1000",
+        ),
+        (
+            {"recipe": {"optimizer": "lbfgs", "lbfgs_history": 10**9}},
+            ["body", "recipe"],
+            "recipe.lbfgs_history = 1000000000 exceeds 1000",
+        ),
+        (
+            {"recipe": {"schedule": "step", "milestones": list(range(101))}},
+            ["body", "recipe"],
+            "the number of recipe.milestones = 101 exceeds 100",
+        ),
+        ({"response": {"cg_max_iter": 10**9}}, ["body", "response"], "response.cg_max_iter"),
+        (
+            {"response": {"solver": "lissa", "lissa_depth": 10**5, "lissa_repeats": 100}},
+            ["body", "response"],
+            "response.lissa_depth × response.lissa_repeats = 10000000 exceeds 1000000",
         ),
         ({"mislabel": {"fraction": 2}}, ["body", "mislabel"], "fraction must be in (0, 1)"),
         ({"mislabel": {"bogus": 1}}, ["body", "mislabel"], "unknown key(s) ['bogus']"),
         (
             {
                 "arguments": {"num_points": 1},
-                "response": {"epochs": 500},
+                "response": {"epochs": 5000},
                 "mislabel": {"pbrf_points": 200},
             },
             ["body"],
-            "mislabel.pbrf_points (200) × response.epochs (500)",
+            "mislabel.pbrf_points (200) × response.epochs (5000)",
         ),
         (
             {"test": {"dataset": "c" * 64, "indices": [0]}, "correlation": {"methods": ["cold"]}},

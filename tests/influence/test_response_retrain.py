@@ -13,6 +13,7 @@ import influence.decomposition
 import influence.response
 from influence.decomposition import (
     DecompositionArguments,
+    compute_responses,
     decompose,
     first_order_proximity,
     sample_removed,
@@ -383,3 +384,23 @@ def test_unbounded_pbrf_is_reported_clearly() -> None:
     with pytest.raises(TrainingError, match=r"pbrf response diverged.*raise damping"):
         verify((model, config), data, test, [5], damping=1e-2, method="pbrf",
                arguments=VerifyArguments(epsilon=0.5, steps=20, solver="exact"))  # fmt: skip
+
+
+def test_retraining_reports_progress_within_each_response(logreg: Responder) -> None:
+    """Progress runs through every L-BFGS evaluation of each retraining (so a job can be
+    stopped inside one), monotone, under the phase of the response being trained."""
+    calls: list[tuple[float, str]] = []
+    methods = ["warm", "pbrf", "two_stage"]
+    compute_responses(logreg, [[0], [5]], methods, lambda f, p: calls.append((f, p)))
+    fractions = [f for f, _ in calls]
+    assert fractions == sorted(fractions) and fractions[-1] == pytest.approx(1.0)
+    assert {p for _, p in calls} == {f"retrain:{m}" for m in methods}
+    first = [f for f, p in calls if 0 < f < 1 / 6]  # inside the first of six retrainings
+    assert len(first) >= 5 and {p for f, p in calls if f < 1 / 6} == {"retrain:warm"}
+
+    def stop(fraction: float, phase: str) -> None:
+        if fraction > 0:
+            raise KeyboardInterrupt(phase)
+
+    with pytest.raises(KeyboardInterrupt, match="retrain:warm"):
+        compute_responses(logreg, [[0]], ["warm"], stop)

@@ -307,6 +307,31 @@ def test_progress_is_reported_and_can_abort(data: Dataset) -> None:
         models.train(CONFIG, data, Recipe(epochs=4), progress=abort)
 
 
+def test_an_lbfgs_step_reports_progress_inside_and_can_be_stopped_there(data: Dataset) -> None:
+    """One L-BFGS epoch is up to lbfgs_max_iter iterations: progress (and so a job's cancel
+    or time limit) is checked at each objective evaluation, not only after the step."""
+    recipe = Recipe(
+        optimizer="lbfgs", lr=1.0, epochs=2, lbfgs_max_iter=40,
+        lbfgs_tolerance_grad=0.0, lbfgs_tolerance_change=0.0,
+    )  # fmt: skip
+    calls: list[float] = []
+    models.train(CONFIG, data, recipe, progress=lambda f, p: calls.append(f))
+    first_step = [f for f in calls if 0.0 < f < 0.5]
+    assert len(first_step) >= 10, calls  # every evaluation within the first step
+    assert calls == sorted(calls) and calls[0] == 0.0 and calls[-1] == 1.0
+    evaluations = 0
+
+    def stop(fraction: float, phase: str) -> None:
+        nonlocal evaluations
+        evaluations += fraction > 0
+        if evaluations == 5:
+            raise KeyboardInterrupt("cancelled")
+
+    with pytest.raises(KeyboardInterrupt, match="cancelled"):
+        models.train(CONFIG, data, recipe, progress=stop)
+    assert evaluations == 5  # stopped within the first step
+
+
 def test_divergence_is_reported(data: Dataset) -> None:
     regression = Dataset(data.inputs, data.inputs * 1e3, {"task": "regression"})
     config = {"architecture": "mlp", "in_features": 3, "hidden": [4], "out_features": 3}
