@@ -13,7 +13,7 @@ import torch
 
 from influence.decomposition import DecompositionArguments
 from influence.response import RETRAIN_METHODS, ResponseArguments
-from models import Dataset, Recipe, TrainRun, builtin_dataset, train
+from models import Dataset, Progress, Recipe, TrainRun, builtin_dataset, train
 
 __all__ = [
     "CorrelationArguments",
@@ -108,13 +108,18 @@ class SweepArguments:
 
 
 def train_base(
-    model_config: dict[str, Any], train_set: Dataset, recipe: Recipe, response: ResponseArguments
+    model_config: dict[str, Any],
+    train_set: Dataset,
+    recipe: Recipe,
+    response: ResponseArguments,
+    progress: Progress | None = None,
 ) -> TrainRun:
     """A base run (θ⁰ → θˢ, K epochs, from the recipe's seed) in the response dtype, trained
-    on the response device (the run itself is recorded on the CPU)."""
+    on the response device (the run itself is recorded on the CPU); ``progress`` as for
+    ``models.train``."""
     return train(
         model_config, train_set, recipe, dtype=getattr(torch, response.dtype),
-        device=response.device,
+        device=response.device, progress=progress,
     )  # fmt: skip
 
 

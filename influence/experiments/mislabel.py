@@ -129,12 +129,12 @@ def detect_mislabels_on(
     scratch with ``recipe`` (its seed) on the corrupted set, and score every ranking
     (self-influence, training loss, random; optionally PBRF). Classification data only."""
     corrupted_set, corrupted = corrupt_labels(train_set, arguments.fraction, arguments.seed)
-    run = train_base(model_config, corrupted_set, recipe, response)
-    if progress is not None:
-        progress(0.3, "train")
+    training = phase_progress(progress, 0.0, 0.3, "train")
+    run = train_base(model_config, corrupted_set, recipe, response, training)
     responder = Responder.from_run(run, corrupted_set, response)
     solver = Exact() if arguments.solver == "exact" else Lanczos()
-    self_influence = responder.engine.self_influence(solver)
+    scoring = phase_progress(progress, 0.3, 0.8, "self_influence")
+    self_influence = responder.engine.self_influence(solver, scoring)
     if progress is not None:
         progress(0.8, "self_influence")
     losses = responder.losses(responder.theta_s, responder.inputs, responder.targets)
