@@ -41,7 +41,7 @@ import models
 from app.auth import ApiKeys
 from app.limits import RateLimiter
 from app.schemas import DatasetTest, InlineTest
-from models.architectures import ARCHITECTURES, example_input
+from models.architectures import ARCHITECTURES, input_shape
 from models.checkpoints import canonical_json
 from worker.cache import result_key
 from worker.contract import JobKind, JobStatus, TestSpec
@@ -198,7 +198,7 @@ def compatibility_problem(
     if tokens == _is_real(in_dtype):
         wanted = "int64 token ids" if tokens else "real-valued inputs"
         return "inputs", f"{what} takes {wanted}; dataset {data_id} has {in_dtype} inputs"
-    expected = list(example_input(config, batch_size=1).shape[1:])
+    expected = list(input_shape(config))
     if tokens:
         context = expected[0]
         if len(in_shape) != 1 or in_shape[0] > context:

@@ -3,7 +3,14 @@
 The bottom layer of influence-service: pure PyTorch, no web or queue code.
 """
 
-from models.architectures import ARCHITECTURES, Architecture, build, example_input, register
+from models.architectures import (
+    ARCHITECTURES,
+    Architecture,
+    build,
+    example_input,
+    input_shape,
+    register,
+)
 from models.checkpoints import (
     checkpoint_id,
     load_checkpoint,
@@ -43,6 +50,7 @@ __all__ = [
     "demo_checkpoint",
     "demo_run",
     "example_input",
+    "input_shape",
     "load_checkpoint",
     "load_checkpoint_bytes",
     "load_dataset",

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from models.errors import ConfigError
 
-__all__ = ["ARCHITECTURES", "Architecture", "build", "example_input", "register"]
+__all__ = ["ARCHITECTURES", "Architecture", "build", "example_input", "input_shape", "register"]
 
 InputKind = Literal["flat", "image", "tokens"]
 MAX_SIZE = 2**31 - 1  # largest integer argument (and scaled channel count) accepted
@@ -173,20 +173,31 @@ def build(config: Mapping[str, Any]) -> nn.Module:
     return arch.factory(**kwargs)
 
 
+def _arguments(config: Mapping[str, Any]) -> tuple[Architecture, dict[str, Any]]:
+    arch, kwargs = _resolve(config)
+    return arch, {**arch.defaults, **kwargs}
+
+
+def input_shape(config: Mapping[str, Any]) -> tuple[int, ...]:
+    """The per-example input shape the architecture is built for (nothing is allocated):
+    ``(features,)``, ``(in_channels, image_size, image_size)`` or ``(context_length,)``."""
+    arch, args = _arguments(config)
+    if arch.input_kind == "tokens":
+        return (args["context_length"],)
+    if arch.input_kind == "image":
+        return (args["in_channels"], args["image_size"], args["image_size"])
+    return (args["widths"][0] if "widths" in args else args["in_features"],)
+
+
 def example_input(
     config: Mapping[str, Any], batch_size: int = 2, generator: torch.Generator | None = None
 ) -> Tensor:
-    """A random input batch of the shape and dtype the architecture expects."""
-    arch, kwargs = _resolve(config)
-    args = {**arch.defaults, **kwargs}
+    """A random input batch of the shape (:func:`input_shape`) and dtype the architecture
+    expects."""
+    arch, args = _arguments(config)
+    shape = (batch_size, *input_shape(config))
     if arch.input_kind == "tokens":
-        shape = (batch_size, args["context_length"])
         return torch.randint(0, args["vocab_size"], shape, generator=generator)
-    if arch.input_kind == "image":
-        size = args["image_size"]
-        shape = (batch_size, args["in_channels"], size, size)
-    else:
-        shape = (batch_size, args["widths"][0] if "widths" in args else args["in_features"])
     return torch.rand(shape, generator=generator)
 
 

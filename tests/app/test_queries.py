@@ -99,6 +99,26 @@ def test_a_model_that_cannot_take_the_training_inputs_is_422(
     assert "per-example shape [64]" in error["msg"] and "built for [30]" in error["msg"]
 
 
+def test_a_huge_declared_input_size_is_checked_without_allocating_it(
+    live: LiveServer, uploaded: dict[str, str], tmp_path: Path
+) -> None:
+    """resnet20's weights do not depend on image_size: a small checkpoint can declare
+    2³¹−1-pixel images. The submit check reads the shape from the config (an input of
+    that size cannot even be allocated: this was a 500)."""
+    config = {"architecture": "resnet20", "image_size": 2**31 - 1, "width": 0.01}
+    path = tmp_path / "huge.safetensors"
+    models.save_checkpoint(path, models.build(config), config)
+    with live.client() as client:
+        huge = client.upload_model(path).id
+    body = _query(uploaded, model=huge)
+    del body["test"]
+    response = _post(live, "/self-influence", body)
+    assert response.status_code == 422, response.text
+    (error,) = response.json()["detail"]
+    assert error["loc"] == ["body", "train"], error
+    assert f"built for [3, {2**31 - 1}, {2**31 - 1}]" in error["msg"], error
+
+
 def test_test_rows_unlike_the_training_set_are_422(
     live: LiveServer, uploaded: dict[str, str], tmp_path: Path
 ) -> None:
