@@ -20,7 +20,13 @@ from torch import Tensor, nn
 
 from models.architectures import build
 from models.errors import CheckpointError, ConfigError
-from models.safetensors_io import DEFAULT_MAX_BYTES, read_bytes, read_file, write_file
+from models.safetensors_io import (
+    DEFAULT_MAX_BYTES,
+    parse_json,
+    read_bytes,
+    read_file,
+    write_file,
+)
 
 __all__ = [
     "build_skeleton",
@@ -142,8 +148,8 @@ def _from_tensors(
     embedded = None
     if "config" in metadata:
         try:
-            embedded = json.loads(metadata["config"])
-        except json.JSONDecodeError as exc:
+            embedded = parse_json(metadata["config"])
+        except ValueError as exc:
             raise CheckpointError(f"{what}: metadata 'config' is not valid JSON ({exc})") from None
         if not isinstance(embedded, dict):
             raise CheckpointError(

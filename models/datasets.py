@@ -9,7 +9,6 @@ safetensors metadata ``{"format": "influence-service/dataset", "version": "1",
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import os
 from collections.abc import Callable
@@ -23,7 +22,7 @@ from torch import Tensor
 
 from models.checkpoints import canonical_json, nonfinite, tensor_digest
 from models.errors import DatasetError
-from models.safetensors_io import read_bytes, read_file, write_file
+from models.safetensors_io import parse_json, read_bytes, read_file, write_file
 
 __all__ = [
     "BUILTIN_DATASETS",
@@ -220,8 +219,8 @@ def _from_tensors(
     if extra:
         raise DatasetError(f"{what}: unexpected tensor(s) {extra}; only 'inputs' and 'targets'")
     try:
-        metadata = json.loads(meta.get("metadata", "{}"))
-    except json.JSONDecodeError as exc:
+        metadata = parse_json(meta.get("metadata", "{}"))
+    except ValueError as exc:
         raise DatasetError(f"{what}: metadata is not valid JSON ({exc})") from None
     ds = Dataset(tensors["inputs"], tensors["targets"], metadata)
     return validate_dataset(ds, max_bytes=max_bytes, what=what)

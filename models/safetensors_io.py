@@ -15,6 +15,7 @@ import os
 import struct
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import safetensors.torch
 from torch import Tensor
@@ -22,6 +23,7 @@ from torch import Tensor
 __all__ = [
     "DEFAULT_MAX_BYTES",
     "MAX_HEADER_BYTES",
+    "parse_json",
     "read_bytes",
     "read_file",
     "write_file",
@@ -29,6 +31,21 @@ __all__ = [
 
 MAX_HEADER_BYTES = 16 * 2**20
 DEFAULT_MAX_BYTES = 2 * 2**30
+
+
+def parse_json(text: str | bytes) -> Any:
+    """``json.loads`` of untrusted text; every way it can be malformed (bad syntax, bytes
+    that are not UTF-8, nesting deeper than the parser's recursion limit, integers over
+    Python's 4300-digit conversion limit) is a ``ValueError`` with a short reason."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{exc.msg} at char {exc.pos}") from None
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+    except ValueError as exc:  # UnicodeDecodeError, or an integer too long to convert
+        raise ValueError(str(exc).split(";")[0]) from None
+
 
 _DTYPE_BYTES = {
     "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1,
@@ -66,8 +83,8 @@ def _parse_header(data: bytes, what: str, error: type[ValueError]) -> dict:
             f"{len(data) - 8} follow"
         )
     try:
-        header = json.loads(data[8 : 8 + header_len].decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        header = parse_json(data[8 : 8 + header_len])
+    except ValueError as exc:
         raise error(f"{what}: header is not valid JSON ({exc})") from None
     if not isinstance(header, dict):
         raise error(f"{what}: header must be a JSON object, got {type(header).__name__}")

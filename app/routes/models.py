@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from typing import Annotated, Any
 
 from fastapi import APIRouter, File, Form, HTTPException, Response, UploadFile
@@ -10,6 +9,7 @@ from fastapi import APIRouter, File, Form, HTTPException, Response, UploadFile
 import models
 from app.deps import Caller, Svc, model_record
 from app.schemas import ModelRecord
+from models.safetensors_io import parse_json
 
 router = APIRouter(prefix="/models", tags=["models"])
 
@@ -24,9 +24,9 @@ def _parse_config(text: str | None) -> dict[str, Any] | None:
     if text is None or not text.strip():
         return None
     try:
-        config = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise HTTPException(400, f"config: not valid JSON ({exc.msg} at char {exc.pos})") from None
+        config = parse_json(text)
+    except ValueError as exc:
+        raise HTTPException(400, f"config: not valid JSON ({exc})") from None
     if not isinstance(config, dict):
         raise HTTPException(400, "config: must be a JSON object")
     return config

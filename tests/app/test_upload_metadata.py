@@ -47,6 +47,10 @@ def test_malformed_model_config_is_400_naming_the_problem(
         (json.dumps({**CONFIG, "architecture": ["mlp"]}), None, "must be a string, got list"),
         (None, json.dumps({**CONFIG, "architecture": ["mlp"]}), "must be a string, got list"),
         (None, json.dumps({**CONFIG, "hidden": [2**40]}), "'hidden' of mlp is over the limit"),
+        # what json.loads raises besides JSONDecodeError (these were 500s)
+        ("[" * 20_000, None, "metadata 'config' is not valid JSON (nested too deeply)"),
+        (None, "[" * 20_000, "config: not valid JSON (nested too deeply)"),
+        (None, "9" * 5_000, "config: not valid JSON (Exceeds the limit (4300 digits)"),
     ]
     for embedded, form, fragment in cases:
         data = (

@@ -92,6 +92,14 @@ CORPUS: dict[str, tuple[Callable[[], bytes], list[str]]] = {
         ["header is not valid JSON"],
     ),
     "header_not_object": (lambda: _raw([1, 2]), ["header must be a JSON object, got list"]),
+    "header_nested_too_deeply": (
+        lambda: struct.pack("<Q", 20_000) + b"[" * 20_000,
+        ["header is not valid JSON (nested too deeply)"],
+    ),
+    "header_integer_too_long": (
+        lambda: struct.pack("<Q", 5_000) + b"1" * 5_000,
+        ["header is not valid JSON (Exceeds the limit (4300 digits)"],
+    ),
     "entry_missing_fields": (
         lambda: _raw({"w": {"dtype": "F32", "shape": [1]}}),
         ["entry for tensor 'w' must have exactly 'dtype', 'shape' and 'data_offsets'"],
@@ -158,6 +166,14 @@ CORPUS: dict[str, tuple[Callable[[], bytes], list[str]]] = {
     "config_not_json": (
         lambda: safetensors.torch.save(_state(), metadata={"config": "{oops"}),
         ["metadata 'config' is not valid JSON"],
+    ),
+    "config_nested_too_deeply": (
+        lambda: safetensors.torch.save(_state(), metadata={"config": "[" * 20_000}),
+        ["metadata 'config' is not valid JSON (nested too deeply)"],
+    ),
+    "config_integer_too_long": (
+        lambda: safetensors.torch.save(_state(), metadata={"config": "9" * 5_000}),
+        ["metadata 'config' is not valid JSON (Exceeds the limit (4300 digits)"],
     ),
     "no_config": (lambda: _safetensors(_state(), None), ["no config given and none in"]),
     # a config that is valid JSON but not an object, or not a string architecture

@@ -152,6 +152,12 @@ CORPUS = {
         lambda: safetensors.torch.save({"inputs": X, "targets": Y}, metadata={"metadata": "{"}),
         ["metadata is not valid JSON"],
     ),
+    "metadata_nested_too_deeply": (
+        lambda: safetensors.torch.save(
+            {"inputs": X, "targets": Y}, metadata={"metadata": "[" * 20_000}
+        ),
+        ["metadata is not valid JSON (nested too deeply)"],
+    ),
     "not_safetensors": (lambda: b"inputs,targets\n1,2\n", ["header length"]),
     "truncated": (lambda: _file({"inputs": X, "targets": Y})[:-1], ["truncated data"]),
     "pickle": (
