@@ -117,6 +117,11 @@ def validate_dataset(
         )
     if ds.inputs.shape[0] == 0:
         raise DatasetError(f"{what}: no examples")
+    for name, tensor in (("inputs", ds.inputs), ("targets", ds.targets)):
+        if tensor[0].numel() == 0:
+            raise DatasetError(
+                f"{what}: {name} of shape {list(tensor.shape)} hold no values per example"
+            )
     size = sum(t.numel() * t.element_size() for t in (ds.inputs, ds.targets))
     if size > max_bytes:
         raise DatasetError(f"{what}: {size} bytes of tensor data, over the cap of {max_bytes}")

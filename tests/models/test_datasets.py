@@ -158,6 +158,14 @@ CORPUS = {
         ),
         ["metadata is not valid JSON (nested too deeply)"],
     ),
+    "empty_targets": (
+        lambda: _file({"inputs": X, "targets": torch.zeros(len(X), 0, dtype=torch.int64)}),
+        ["targets of shape [6, 0] hold no values per example"],
+    ),
+    "empty_inputs": (
+        lambda: _file({"inputs": torch.zeros(len(X), 0), "targets": Y}),
+        ["inputs of shape [6, 0] hold no values per example"],
+    ),
     "not_safetensors": (lambda: b"inputs,targets\n1,2\n", ["header length"]),
     "truncated": (lambda: _file({"inputs": X, "targets": Y})[:-1], ["truncated data"]),
     "pickle": (
