@@ -7,6 +7,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Header, HTTPException, Query
 from fastapi.responses import StreamingResponse
+from pydantic import AfterValidator
 
 from app.deps import Caller, Svc
 from app.schemas import JobList, JobView, meaning_of
@@ -87,6 +88,13 @@ def _frame(event: str, event_id: str, view: JobView) -> str:
     return f"id: {event_id}\nevent: {event}\ndata: {view.model_dump_json()}\n\n"
 
 
+def _stream_id(value: str | None) -> str | None:
+    """A Redis stream id ``<ms>-<seq>`` has two 64-bit unsigned parts."""
+    if value is not None and any(int(part) >= 2**64 for part in value.split("-")):
+        raise ValueError("a stream id's two parts must each be below 2**64")
+    return value
+
+
 @router.get(
     "/{job_id}/events",
     response_class=StreamingResponse,
@@ -96,7 +104,9 @@ def job_events(
     services: Svc,
     caller: Caller,
     job_id: str,
-    last_event_id: Annotated[str | None, Header(pattern=r"^\d+-\d+$")] = None,
+    last_event_id: Annotated[
+        str | None, Header(pattern=r"^\d{1,20}-\d{1,20}$"), AfterValidator(_stream_id)
+    ] = None,
 ) -> StreamingResponse:
     """Server-Sent Events: ``event: progress`` frames whose ``data`` is the job as
     ``GET /jobs/{id}`` shows it, then one ``event: done`` frame when it is finished (at

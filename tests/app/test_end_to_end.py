@@ -269,3 +269,26 @@ def test_event_stream_resumed_after_the_last_event_ends_at_once(
     resumed = httpx.get(url, headers={**headers, "Last-Event-ID": last_id}, timeout=5)
     assert "event: done" in resumed.text and '"status":"canceled"' in resumed.text
     assert f"id: {last_id}" in resumed.text
+
+
+@pytest.mark.parametrize(
+    "last_id", ["99999999999999999999999-0", "0-18446744073709551616", "1-2-3", "abc"]
+)
+def test_an_event_stream_id_redis_cannot_take_is_422(
+    live: LiveServer, uploaded: dict[str, str], last_id: str
+) -> None:
+    """Each part of a stream id is a 64-bit unsigned integer: a longer one passed the
+    header's pattern and broke the stream mid-response (Redis: Invalid stream ID)."""
+    query = {
+        "model": uploaded["model"],
+        "train": uploaded["train"],
+        "test": {"dataset": uploaded["test"], "indices": [6]},
+    }
+    with live.client() as client:
+        job = client.influence(query)  # no worker: it stays queued
+    url = f"{live.url}/jobs/{job.job}/events"
+    headers = {"Authorization": "Bearer key-alice", "Last-Event-ID": last_id}
+    response = httpx.get(url, headers=headers, timeout=5)
+    assert response.status_code == 422, response.text
+    (error,) = response.json()["detail"]
+    assert error["loc"] == ["header", "last-event-id"], error
