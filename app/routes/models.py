@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Any
 
-from fastapi import APIRouter, File, Form, HTTPException, Response, UploadFile
+from fastapi import APIRouter, HTTPException, Request, Response
+from starlette.concurrency import run_in_threadpool
 
 import models
 from app.deps import Caller, Svc, model_record
@@ -32,25 +33,52 @@ def _parse_config(text: str | None) -> dict[str, Any] | None:
     return config
 
 
-@router.post("", status_code=201, response_model=ModelRecord)
-def upload_model(
-    services: Svc,
-    caller: Caller,
-    weights: Annotated[UploadFile, File(description="safetensors checkpoint")],
-    config: Annotated[
-        str | None,
-        Form(
-            description='JSON config, e.g. {"architecture": "mlp", ...}; optional when the '
-            "file embeds it"
-        ),
-    ] = None,
-    name: Annotated[str | None, Form(max_length=100, description="label for listings")] = None,
-) -> ModelRecord:
+_UPLOAD_BODY = {
+    "required": True,
+    "content": {
+        "multipart/form-data": {
+            "schema": {
+                "type": "object",
+                "required": ["weights"],
+                "properties": {
+                    "weights": {
+                        "type": "string",
+                        "format": "binary",
+                        "description": "safetensors checkpoint",
+                    },
+                    "config": {
+                        "type": "string",
+                        "description": 'JSON config, e.g. {"architecture": "mlp", ...}; '
+                        "optional when the file embeds it",
+                    },
+                    "name": {"type": "string", "maxLength": 100, "description": "label"},
+                },
+            }
+        }
+    },
+}
+
+
+@router.post(
+    "", status_code=201, response_model=ModelRecord, openapi_extra={"requestBody": _UPLOAD_BODY}
+)
+async def upload_model(services: Svc, caller: Caller, request: Request) -> ModelRecord:
     """Register a checkpoint. It is validated (structure, keys, shapes, dtypes, finite
-    values) before a byte is stored; it is stored under its content id."""
-    data = weights.file.read()
+    values) before a byte is stored; it is stored under its content id. The body is read
+    only once the API key is accepted."""
+    if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+        raise HTTPException(415, "POST /models takes multipart/form-data (field 'weights')")
+    async with request.form(max_files=1, max_fields=3) as form:
+        upload, config, name = form.get("weights"), form.get("config"), form.get("name")
+        if upload is None or isinstance(upload, str):
+            raise HTTPException(422, "weights: a safetensors file upload is required")
+        if name is not None and (not isinstance(name, str) or len(name) > 100):
+            raise HTTPException(422, "name: must be text of at most 100 characters")
+        data = await upload.read()  # the one file allowed: config and name are text
     try:
-        record = services.registry.put_model(caller.tenant, _parse_config(config), data, name)
+        record = await run_in_threadpool(
+            services.registry.put_model, caller.tenant, _parse_config(config), data, name
+        )
     except (models.CheckpointError, models.ConfigError) as exc:
         reason = str(exc).removeprefix("checkpoint: ")  # the library's own prefix
         raise HTTPException(400, f"invalid checkpoint: {reason}") from None

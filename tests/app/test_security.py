@@ -3,6 +3,7 @@ hostile checkpoints and file names."""
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -444,3 +445,44 @@ def test_valid_inline_token_points_are_queued(
     stored = ArtifactStore.for_settings(settings).get_tensors(artifact)
     assert stored["inputs"].dtype == torch.int64 and stored["inputs"].tolist() == [[1, 2, 3, 4]]
     assert stored["targets"].tolist() == [[2, 3, 4, 5]]
+
+
+@pytest.mark.parametrize("path", ["/models", "/datasets"])
+def test_uploads_without_a_valid_key_are_refused_before_the_body_is_read(
+    live: LiveServer, path: str
+) -> None:
+    """The key is checked first: a client that announces 60 MiB and sends 1 KiB of it
+    gets its 401 at once (the model route used to read the whole form first)."""
+    host, port = live.url.removeprefix("http://").split(":")
+    head = (
+        f"POST {path} HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer wrong-key\r\n"
+        "Content-Type: multipart/form-data; boundary=b\r\n"
+        f"Content-Length: {60 * 2**20}\r\n\r\n"
+    )
+    with socket.create_connection((host, int(port)), timeout=10) as conn:
+        conn.sendall(head.encode() + b"--b\r\n" + b"x" * 1024)  # and nothing more
+        try:
+            reply = conn.recv(4096).decode(errors="replace")
+        except TimeoutError:
+            reply = "no answer within 10 s: the server is waiting for the body"
+    assert reply.startswith("HTTP/1.1 401"), reply
+
+
+@pytest.mark.parametrize(
+    ("path", "request_args", "status", "fragment"),
+    [
+        ("/models", {"files": {"name": (None, "x")}}, 422, "weights: a safetensors file upload"),
+        ("/models", {"files": {"weights": (None, "text")}}, 422, "weights: a safetensors file"),
+        ("/models", {"json": {"weights": "x"}}, 415, "multipart/form-data (field 'weights')"),
+        ("/models", {"files": {"weights": ("w", b"x")}, "data": {"name": "n" * 101}}, 422, "name"),
+        ("/datasets", {"files": {"name": (None, "x")}}, 422, "file: a safetensors file upload"),
+        ("/datasets", {"content": b"x"}, 415, "multipart/form-data (field 'file')"),
+    ],
+)
+def test_malformed_upload_forms_name_the_field(
+    live: LiveServer, settings: Settings, path: str, request_args: dict, status: int, fragment: str
+) -> None:
+    response = httpx.post(live.url + path, headers=ALICE, **request_args)
+    assert response.status_code == status, response.text
+    assert fragment in response.json()["detail"]
+    assert httpx.get(live.url + path, headers=ALICE).json() == []
