@@ -263,13 +263,22 @@ def _influence(ctx: Context, claim: Claim, progress: Progress) -> Outcome | None
     )
     progress(S_TEST_SHARE, "scoring")
     n = len(ctx.dataset(tenant, payload.train))
-    shard = ctx.settings.shard_size
-    if n > shard:
-        bounds = [(lo, min(n, lo + shard)) for lo in range(0, n, shard)]
-        ctx.queue.mark_sharded(claim, len(bounds), test.targets.tolist())
-        for index, (lo, hi) in enumerate(bounds):
+    # an earlier attempt's split stands (its shards may still run), whatever this worker's
+    # shard_size: shards of both attempts then record the same slices
+    shard = ctx.queue.recorded_shard_size(claim.job_id)
+    if shard is not None or n > ctx.settings.shard_size:
+        shard = ctx.queue.mark_sharded(
+            claim, shard or ctx.settings.shard_size, n, test.targets.tolist()
+        )
+        finished = ctx.queue.shard_results(claim.job_id)
+        for index, lo in enumerate(range(0, n, shard)):
+            if index in finished:  # scored by an earlier attempt's shard
+                continue
             body = payload.model_dump(mode="json", exclude={"test"})
-            body.update(parent=claim.job_id, index=index, start=lo, stop=hi, s_test=s_artifact)
+            body.update(
+                parent=claim.job_id, index=index, start=lo, stop=min(n, lo + shard),
+                s_test=s_artifact,
+            )  # fmt: skip
             ctx.queue.submit(JobKind.SCORE_SHARD, body, tenant=tenant, parent=claim.job_id)
         ctx.queue.hand_over_to_shards(claim, report)
         return None
@@ -310,6 +319,12 @@ def _assemble(ctx: Context, parent_id: str, s_test: str, total: int) -> None:
         return
     parts = [ctx.store.get_tensors(shards[i])["scores"] for i in sorted(shards)]
     scores = torch.cat(parts, dim=1)
+    expected = ctx.queue.shard_num_train(parent_id)
+    if expected is not None and scores.shape[1] != expected:  # never with one recorded split
+        ctx.queue.fail_parent(
+            parent_id, f"its shards hold {scores.shape[1]} scores for {expected} training points"
+        )
+        return
     test_targets = ctx.queue.shard_test_targets(parent_id)
     if test_targets is None:  # handed over by a worker that did not record them
         payload = InfluencePayload.model_validate(parent.payload)

@@ -175,26 +175,36 @@ class Claim:
 # hash is deleted (nothing reads it once the job is finished: its result was assembled,
 # or it failed or was canceled, and SHARD_DONE writes only while the job runs).
 _PRELUDE = """
-local function set_status(new)
-  local old = redis.call('HGET', KEYS[1], 'status')
+local function set_status(new, job, events, shards)
+  job, events, shards = job or KEYS[1], events or KEYS[3], shards or KEYS[6]
+  local old = redis.call('HGET', job, 'status')
   if old then redis.call('HINCRBY', KEYS[5], 'status:' .. old, -1) end
   redis.call('HINCRBY', KEYS[5], 'status:' .. new, 1)
-  redis.call('HSET', KEYS[1], 'status', new, 'updated', ARGV[1])
+  redis.call('HSET', job, 'status', new, 'updated', ARGV[1])
   if new == 'succeeded' or new == 'failed' or new == 'canceled' then
-    redis.call('HSET', KEYS[1], 'finished', ARGV[1])
-    redis.call('DEL', KEYS[6])
-    local ttl = tonumber(redis.call('HGET', KEYS[1], 'ttl') or '0')
+    redis.call('HSET', job, 'finished', ARGV[1])
+    redis.call('DEL', shards)
+    local ttl = tonumber(redis.call('HGET', job, 'ttl') or '0')
     if ttl > 0 then
-      redis.call('EXPIRE', KEYS[1], ttl)
-      redis.call('EXPIRE', KEYS[3], ttl)
+      redis.call('EXPIRE', job, ttl)
+      redis.call('EXPIRE', events, ttl)
     end
   end
 end
-local function event()
-  local h = redis.call('HMGET', KEYS[1], 'status', 'progress', 'phase', 'attempts')
+local function event(job, events)
+  job, events = job or KEYS[1], events or KEYS[3]
+  local h = redis.call('HMGET', job, 'status', 'progress', 'phase', 'attempts')
   local data = cjson.encode({status = h[1], progress = tonumber(h[2] or '0'),
     phase = h[3] or '', attempt = tonumber(h[4] or '0'), time = tonumber(ARGV[1])})
-  redis.call('XADD', KEYS[3], 'MAXLEN', '~', EVENTS_MAXLEN, '*', 'data', data)
+  redis.call('XADD', events, 'MAXLEN', '~', EVENTS_MAXLEN, '*', 'data', data)
+end
+-- A shard job that failed for good fails its parent in the same script (KEYS[7] the
+-- parent's hash, KEYS[8] its events, KEYS[9] its shards hash; given for shard jobs only).
+local function fail_parent(shard, err)
+  if not KEYS[9] or redis.call('HGET', KEYS[7], 'status') ~= 'running' then return end
+  redis.call('HSET', KEYS[7], 'error', 'shard job ' .. shard .. ' failed: ' .. err)
+  set_status('failed', KEYS[7], KEYS[8], KEYS[9])
+  event(KEYS[7], KEYS[8])
 end
 local function ack(group, id)
   redis.call('XACK', KEYS[2], group, id)
@@ -224,7 +234,7 @@ redis.call('XADD', KEYS[2], '*', 'job', ARGV[3])
 return 1
 """
 
-# ARGV: now, message id, group, consumer, max attempts, job id.
+# ARGV: now, message id, group, consumer, max attempts, job id; KEYS[7..9]: see fail_parent.
 # Returns {'run', attempt} | {'skip', status} | {'dead', attempts} | {'missing'}.
 _CLAIM = """
 local st = redis.call('HGET', KEYS[1], 'status')
@@ -252,6 +262,7 @@ if a >= tonumber(ARGV[5]) then
   set_status('failed')
   event()
   dead_letter(ARGV[6], err, a)
+  fail_parent(ARGV[6], err)
   ack(ARGV[3], ARGV[2])
   return {'dead', a}
 end
@@ -295,8 +306,9 @@ return 1
 # max attempts, job id, retry flag ('1'/'0').
 # outcome 'succeeded' | 'canceled' | 'failed' | 'waiting' (parent handed over to shards)
 # | 'released' (requeued without charging the attempt: Redis was unavailable during it).
-# Returns the status written, or '' when the attempt is stale. Writing 'succeeded' or
-# 'canceled' again for the same attempt returns the status (a reply lost in an outage).
+# KEYS[7..9]: see fail_parent. Returns the status written, or '' when the attempt is
+# stale. Writing 'succeeded', 'canceled' or 'failed' again for the same attempt returns
+# the status (a reply lost in an outage). A success clears a cancel request it beat.
 _FINISH = """
 if redis.call('HGET', KEYS[1], 'attempts') ~= ARGV[2] then return '' end
 local outcome = ARGV[5]
@@ -307,12 +319,15 @@ if outcome == 'waiting' and st ~= 'running' then
   return st
 end
 if st ~= 'running' then
-  if st == outcome and (st == 'succeeded' or st == 'canceled') then return st end
+  if st == outcome and (st == 'succeeded' or st == 'canceled' or st == 'failed') then
+    return st
+  end
   return ''
 end
 if ARGV[7] ~= '' then redis.call('HSET', KEYS[1], 'report', ARGV[7]) end
 if outcome == 'succeeded' then
   redis.call('HSET', KEYS[1], 'result', ARGV[6], 'progress', '1', 'phase', 'done', 'error', '')
+  redis.call('HDEL', KEYS[1], 'cancel')
   set_status('succeeded')
 elseif outcome == 'canceled' then
   set_status('canceled')
@@ -335,6 +350,7 @@ else
   else
     set_status('failed')
     if ARGV[11] == '1' then dead_letter(ARGV[10], ARGV[8], a) end
+    fail_parent(ARGV[10], ARGV[8])
   end
 end
 event()
@@ -359,16 +375,24 @@ end
 return st
 """
 
-# ARGV: now, attempt, shards total, test targets JSON. Marks the current attempt's job as
-# split into that many score_shard jobs (fenced) and keeps the test targets its assembled
-# result will carry. 1 = recorded, 0 = stale.
+# ARGV: now, attempt, shard size, number of training points, test targets JSON. Marks the
+# current attempt's job as split into score_shard jobs of that size (fenced), with the
+# number of training points and the test targets its assembled result will carry. An
+# earlier attempt's split is kept (its shards may still run or have finished).
+# Returns the shard size in force, 0 = stale attempt, -2 = cancel requested.
 _MARK_SHARDED = """
 if redis.call('HGET', KEYS[1], 'attempts') ~= ARGV[2]
     or redis.call('HGET', KEYS[1], 'status') ~= 'running' then
   return 0
 end
-redis.call('HSET', KEYS[1], 'shards_total', ARGV[3], 'test_targets', ARGV[4])
-return 1
+if redis.call('HGET', KEYS[1], 'cancel') == '1' then return -2 end
+local size = redis.call('HGET', KEYS[1], 'shard_size')
+if size then return tonumber(size) end
+local n = tonumber(ARGV[4])
+local total = math.floor((n + tonumber(ARGV[3]) - 1) / tonumber(ARGV[3]))
+redis.call('HSET', KEYS[1], 'shard_size', ARGV[3], 'shards_total', total, 'num_train', ARGV[4],
+  'test_targets', ARGV[5])
+return tonumber(ARGV[3])
 """
 
 # Parent bookkeeping for sharded jobs (KEYS[6]: its shards hash).
@@ -649,11 +673,13 @@ class JobQueue:
                 self.redis.xack(self.keys.stream, GROUP, message_id)
                 continue
             job_id = fields["job"]
+            parent = self.redis.hget(self.keys.job(job_id), "parent")  # fixed at submit
             outcome = self._run(
-                "claim", job_id, [message_id, GROUP, consumer, self.settings.max_attempts, job_id]
+                "claim",
+                job_id,
+                [message_id, GROUP, consumer, self.settings.max_attempts, job_id],
+                self._parent_keys(parent),
             )
-            if outcome[0] == "dead":
-                self._fail_parent(job_id)
             if outcome[0] != "run":
                 continue
             record = self.get(job_id)
@@ -741,6 +767,7 @@ class JobQueue:
                 claim.job_id,
                 "1" if retry else "0",
             ],
+            self._parent_keys(claim.job.parent),
         )
         if not written:
             raise StaleAttemptError(f"job {claim.job_id}: attempt {claim.attempt} is stale")
@@ -758,11 +785,9 @@ class JobQueue:
     def fail(self, claim: Claim, error: str, *, retry: bool) -> JobStatus:
         """Record a failed attempt. With ``retry`` and attempts left the job is queued again;
         with ``retry`` and none left it goes to the dead-letter list; without ``retry``
-        (bad input, time limit) it fails at once. Returns the new status."""
-        status = JobStatus(self._finish(claim, "failed", error=error, retry=retry))
-        if status == JobStatus.FAILED:
-            self._fail_parent(claim.job_id)
-        return status
+        (bad input, time limit) it fails at once; a shard job that fails for good fails its
+        parent too (in the same Redis script). Returns the new status."""
+        return JobStatus(self._finish(claim, "failed", error=error, retry=retry))
 
     def finish_canceled(self, claim: Claim) -> None:
         """Mark a job whose worker saw the cancel flag as ``canceled``."""
@@ -774,13 +799,27 @@ class JobQueue:
         by one); ``error`` is recorded as the job's last error."""
         self._finish(claim, "released", error=error)
 
-    def mark_sharded(self, claim: Claim, total: int, test_targets: list[Any]) -> None:
-        """Record that the job is split into ``total`` score_shard jobs (before submitting
-        them, so a fast shard finds the total), with the ``test_targets`` that the assembled
-        result carries (so assembling needs no test set). Raises StaleAttemptError."""
-        args = [claim.attempt, total, json.dumps(test_targets)]
-        if not self._run("mark_sharded", claim.job_id, args):
+    def mark_sharded(
+        self, claim: Claim, shard_size: int, num_train: int, test_targets: list[Any]
+    ) -> int:
+        """Record that the job's ``num_train`` training points are scored in score_shard
+        jobs of ``shard_size`` (before submitting them, so a fast shard finds the total),
+        with the ``test_targets`` that the assembled result carries (so assembling needs no
+        test set). An earlier attempt's split is kept, so shards of both attempts agree:
+        returns the shard size in force. Raises StaleAttemptError, or JobCanceledError when
+        a cancel was requested (a running job without shards only gets the flag)."""
+        args = [claim.attempt, shard_size, num_train, json.dumps(test_targets)]
+        size = int(self._run("mark_sharded", claim.job_id, args))
+        if size == -2:
+            raise JobCanceledError(f"job {claim.job_id} was canceled")
+        if size == 0:
             raise StaleAttemptError(f"job {claim.job_id}: attempt {claim.attempt} is stale")
+        return size
+
+    def recorded_shard_size(self, job_id: str) -> int | None:
+        """The shard size an earlier attempt of ``job_id`` split it with (None: none did)."""
+        raw = self.redis.hget(self.keys.job(job_id), "shard_size")
+        return int(raw) if raw else None
 
     def shard_test_targets(self, parent: str) -> list[Any] | None:
         """The test targets recorded by ``mark_sharded`` (None: not recorded, e.g. a job
@@ -807,12 +846,20 @@ class JobQueue:
             )
         )
 
-    def _fail_parent(self, shard_id: str) -> None:
-        """A shard that failed for good fails its parent with the shard's error."""
-        shard = self.get(shard_id)
-        if shard is not None and shard.parent:
-            error = f"shard job {shard_id} failed: {shard.error}"
-            self._run("parent_fail", shard.parent, [error])
+    def _parent_keys(self, parent: str | None) -> tuple[str, ...]:
+        """A shard job's parent keys for the scripts' ``fail_parent`` (none without one)."""
+        if not parent:
+            return ()
+        return self.keys.job(parent), self.keys.events(parent), self.keys.shards_done(parent)
+
+    def fail_parent(self, parent: str, error: str) -> bool:
+        """Fail a sharded parent that cannot be assembled (False when it no longer runs)."""
+        return bool(self._run("parent_fail", parent, [error]))
+
+    def shard_num_train(self, parent: str) -> int | None:
+        """The number of training points recorded by ``mark_sharded`` (None: not recorded)."""
+        raw = self.redis.hget(self.keys.job(parent), "num_train")
+        return int(raw) if raw else None
 
     def shards_total(self, parent: str) -> int:
         """Number of shard jobs ``parent`` was split into (0: not sharded)."""

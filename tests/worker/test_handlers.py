@@ -3,6 +3,8 @@ engine's on the same inputs, sharded scoring, caches, failures, cancellation."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
@@ -21,7 +23,7 @@ from tests.worker.conftest import (
 )
 from worker.cache import STestCache, result_key, s_test_key
 from worker.contract import JobKind, JobStatus
-from worker.handlers import Context, _assemble, _score_shard
+from worker.handlers import Context, _assemble, _influence, _score_shard
 from worker.queue import Claim, JobQueue
 from worker.store import ArtifactStore
 
@@ -417,13 +419,15 @@ def test_warm_engines_are_kept_apart_by_weight_decay_and_hessian(
         assert not torch.allclose(got[0], other, rtol=1e-3, atol=1e-6)
 
 
-def _handed_over_parent(queue: JobQueue, tiny: dict, shards: int) -> tuple[str, Claim]:
-    """An influence job split into ``shards`` (as ``_influence`` does), its own shard jobs
-    not yet submitted."""
+def _handed_over_parent(
+    queue: JobQueue, tiny: dict, size: int, num_train: int
+) -> tuple[str, Claim]:
+    """An influence job split into shards of ``size`` of its ``num_train`` points (as
+    ``_influence`` does), its own shard jobs not yet submitted."""
     parent = queue.submit(JobKind.INFLUENCE, influence_payload(tiny), tenant=TENANT)
     claim = queue.claim("w", block_ms=100)
     assert claim is not None and claim.job_id == parent
-    queue.mark_sharded(claim, shards, tiny["test"][1].tolist())
+    assert queue.mark_sharded(claim, size, num_train, tiny["test"][1].tolist()) == size
     return parent, claim
 
 
@@ -431,7 +435,7 @@ def test_assemble_waits_for_every_shard_and_orders_them_by_index(
     queue: JobQueue, registry, store: ArtifactStore, tiny: dict, settings
 ) -> None:
     ctx = Context(queue, registry, settings, "cpu")
-    parent, claim = _handed_over_parent(queue, tiny, 3)
+    parent, claim = _handed_over_parent(queue, tiny, 3, 9)  # 3 shards, 9 scores in all
     queue.hand_over_to_shards(claim, {"method": "exact"})
     s_test = store.put_tensors({"s_test": torch.zeros(3, 5)})
     parts = [torch.full((3, width), float(i)) for i, width in enumerate((2, 3, 4))]
@@ -467,7 +471,7 @@ def test_only_the_shard_that_completes_the_set_assembles(
     engine = engine_for(tiny)
     s_test, _ = engine.s_test(tiny["test"], Exact())
     s_artifact = store.put_tensors({"s_test": s_test})
-    parent, claim = _handed_over_parent(queue, tiny, 3)
+    parent, claim = _handed_over_parent(queue, tiny, 16, 40)
     body = {k: v for k, v in influence_payload(tiny).items() if k != "test"}
     for index, (lo, hi) in enumerate([(0, 16), (16, 32), (32, 40)]):
         shard = {**body, "parent": parent, "index": index, "start": lo, "stop": hi,
@@ -509,3 +513,48 @@ def test_lost_s_test_artifact_is_solved_again(
     expected = engine_for(tiny).scores(tiny["test"], Exact()).scores
     torch.testing.assert_close(scores_of(store, second), expected, rtol=RTOL_F32, atol=1e-9)
     assert store.exists(second.result["s_test"])
+
+
+def test_a_retried_sharded_job_keeps_its_first_split_on_a_worker_with_another_shard_size(
+    client, settings, registry, store: ArtifactStore, tiny: dict
+) -> None:
+    """The first attempt split 40 points into shards of 16, scored shard 0 and died before
+    its hand-over. The retry runs on a worker whose shard_size is 1000: it keeps the split,
+    submits only the two shards not yet scored, and the result holds all 40 scores."""
+    short = settings.model_copy(update={"lease_seconds": 0.3, "heartbeat_seconds": 0.1})
+    queue = JobQueue(client, short)
+    job = queue.submit(JobKind.INFLUENCE, influence_payload(tiny), tenant=TENANT)
+    first = queue.claim("dies", block_ms=100)
+    queue.mark_sharded(first, 16, 40, tiny["test"][1].tolist())
+    expected = engine_for(tiny).scores(tiny["test"], Exact()).scores
+    queue.shard_done(job, 0, store.put_tensors({"scores": expected[:, :16]}), base=0.5, share=0.5)
+    time.sleep(0.4)  # its lease runs out
+    second = queue.claim("retry", block_ms=100)
+    assert second is not None and second.job_id == job and second.attempt == 2
+    wide = Context(queue, registry, short.model_copy(update={"shard_size": 1000}), "cpu")
+    assert _influence(wide, second, queue.progress_callback(second)) is None  # handed over
+    shards = [queue.claim("w", block_ms=100) for _ in range(2)]
+    assert sorted(c.job.payload["index"] for c in shards) == [1, 2]
+    assert queue.claim("w", block_ms=0) is None  # shard 0 was not submitted again
+    for claim in shards:
+        _score_shard(wide, claim, queue.progress_callback(claim))
+    record = queue.get(job)
+    assert record.status == JobStatus.SUCCEEDED, record.error
+    assert record.result["num_train"] == 40
+    scale = float(expected.abs().max())
+    torch.testing.assert_close(scores_of(store, record), expected, rtol=RTOL_F32, atol=1e-5 * scale)
+
+
+def test_shards_that_do_not_cover_the_training_set_fail_the_parent(
+    queue: JobQueue, registry, store: ArtifactStore, tiny: dict, settings
+) -> None:
+    ctx = Context(queue, registry, settings, "cpu")
+    parent, claim = _handed_over_parent(queue, tiny, 3, 10)  # 10 points recorded
+    queue.hand_over_to_shards(claim, {"method": "exact"})
+    for i, width in enumerate((2, 3, 4)):  # 9 scores: slices of another split
+        artifact = store.put_tensors({"scores": torch.zeros(3, width)})
+        queue.shard_done(parent, i, artifact, base=0.5, share=0.5)
+    _assemble(ctx, parent, store.put_tensors({"s_test": torch.zeros(3, 5)}), 3)
+    record = queue.get(parent)
+    assert record.status == JobStatus.FAILED and record.result is None
+    assert "9 scores for 10 training points" in record.error

@@ -206,6 +206,11 @@ def test_an_outcome_written_twice_by_its_attempt_is_kept(queue: JobQueue) -> Non
     queue.finish_canceled(claim)
     assert queue.get(canceled).status == JobStatus.CANCELED
     assert queue.counts()["canceled"] == 1
+    failed = queue.submit(JobKind.SELF_INFLUENCE, PAYLOAD, tenant=TENANT)
+    claim = queue.claim("w", block_ms=50)
+    assert queue.fail(claim, "ValueError: bad", retry=False) == JobStatus.FAILED
+    assert queue.fail(claim, "ValueError: bad", retry=False) == JobStatus.FAILED
+    assert queue.get(failed).status == JobStatus.FAILED and queue.counts()["failed"] == 1
 
 
 def test_cancel_queued_job_is_never_run(queue: JobQueue) -> None:
@@ -324,7 +329,7 @@ def sharded_parent(queue: JobQueue, shards: int) -> tuple[str, list[str]]:
     """A parent job handed over to ``shards`` score_shard jobs (as the influence handler does)."""
     parent = queue.submit(JobKind.SELF_INFLUENCE, PAYLOAD, tenant=TENANT)
     claim = queue.claim("w", block_ms=50)
-    queue.mark_sharded(claim, shards, [1, 2])
+    assert queue.mark_sharded(claim, 1, shards, [1, 2]) == 1  # one training point per shard
     shard_payload = {**PAYLOAD, "parent": parent, "start": 0, "stop": 1, "s_test": "ef" * 32}
     children = [
         queue.submit(
@@ -364,6 +369,54 @@ def test_a_failed_shard_fails_its_parent(queue: JobQueue) -> None:
     assert record.status == JobStatus.FAILED and "bad rows" in record.error
     assert children[0] in record.error
     assert not queue.redis.exists(queue.keys.shards_done(parent))
+
+
+def test_a_shard_failure_whose_reply_was_lost_has_failed_the_parent_already(
+    queue: JobQueue,
+) -> None:
+    """The shard's failure and its parent's are one script: a worker whose reply was lost
+    (or that died right after) cannot leave the parent running for ever; its retry of
+    the write is accepted."""
+    parent, children = sharded_parent(queue, 2)
+    claim = queue.claim("w", block_ms=50)
+    assert claim.job_id == children[0]
+    queue._finish(claim, "failed", error="ValueError: bad rows")  # written; the reply lost
+    record = queue.get(parent)
+    assert record.status == JobStatus.FAILED and "bad rows" in record.error
+    assert queue.fail(claim, "ValueError: bad rows", retry=False) == JobStatus.FAILED
+    assert queue.counts()["failed"] == 2  # the shard and its parent, once each
+
+
+def test_a_cancel_requested_before_the_hand_over_cancels_the_job(queue: JobQueue) -> None:
+    """A cancel that arrives after the parent's last progress report and before it records
+    its shards only sets the flag (no shards yet): recording them then refuses, so the
+    worker finishes the job canceled instead of handing it to shards that all cancel."""
+    job = queue.submit(JobKind.SELF_INFLUENCE, PAYLOAD, tenant=TENANT)
+    claim = queue.claim("w", block_ms=50)
+    assert queue.cancel(job, TENANT).cancel_requested
+    with pytest.raises(JobCanceledError):
+        queue.mark_sharded(claim, 1, 2, [1])
+    assert queue.shards_total(job) == 0
+    queue.finish_canceled(claim)
+    assert queue.get(job).status == JobStatus.CANCELED
+
+
+def test_a_retried_parent_keeps_the_split_of_its_first_attempt(
+    client: redis.Redis, settings: Settings
+) -> None:
+    """Shards of an attempt that died may still run or have finished: a retry on a worker
+    with another shard_size must split the same way, or the slices would not fit."""
+    queue = short_lease(client, settings)
+    job = queue.submit(JobKind.SELF_INFLUENCE, PAYLOAD, tenant=TENANT)
+    first = queue.claim("dies", block_ms=100)
+    assert queue.mark_sharded(first, 400, 1437, [1]) == 400
+    assert (queue.shards_total(job), queue.shard_num_train(job)) == (4, 1437)
+    time.sleep(0.4)
+    second = queue.claim("other", block_ms=100)
+    assert second is not None and second.attempt == 2
+    assert queue.recorded_shard_size(job) == 400
+    assert queue.mark_sharded(second, 1000, 1437, [1]) == 400
+    assert queue.shards_total(job) == 4
 
 
 def test_a_canceled_parents_shards_hash_is_deleted(queue: JobQueue) -> None:
