@@ -518,3 +518,14 @@ def test_a_shard_failing_after_its_parent_ended_leaves_the_parent_alone(
     after = queue.get(parent)
     assert (after.status, after.result, after.error) == (before.status, before.result, before.error)
     assert after.status == (JobStatus.SUCCEEDED if end == "completed" else JobStatus.CANCELED)
+
+
+def test_a_job_that_succeeds_before_its_cancel_is_seen_is_not_canceling(queue: JobQueue) -> None:
+    """Cancel lost the race: the job is succeeded, and neither shown as canceling nor
+    treated as canceled by the API's in-flight de-duplication (it reads the flag)."""
+    job = queue.submit(JobKind.SELF_INFLUENCE, PAYLOAD, tenant=TENANT)
+    claim = queue.claim("w", block_ms=50)
+    assert queue.cancel(job, TENANT).cancel_requested
+    queue.complete(claim, {"answer": 1})
+    record = queue.get(job)
+    assert record.status == JobStatus.SUCCEEDED and not record.cancel_requested
