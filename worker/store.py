@@ -35,6 +35,8 @@ __all__ = [
 ]
 
 _ID = re.compile(r"^[0-9a-f]{64}$")
+MAX_NAME_LENGTH = 100
+"""Longest model or dataset name (a listing's label)."""
 _SAFETENSORS_DTYPES = {
     "F16": "float16",
     "BF16": "bfloat16",
@@ -252,8 +254,13 @@ class Registry:
                 f"dataset has {len(dataset)} examples, over the cap of {self.max_dataset_size} "
                 "(INFLUENCE_MAX_DATASET_SIZE)"
             )
-        artifact, _ = self._put_via_file(lambda path: models.save_dataset(path, dataset))
         meta = dataset.metadata
+        if name is None and len(meta.get("name") or "") > MAX_NAME_LENGTH:
+            raise models.DatasetError(
+                f"metadata 'name' has {len(meta['name'])} characters, over the "
+                f"{MAX_NAME_LENGTH} a listing shows; give a shorter name with the upload"
+            )
+        artifact, _ = self._put_via_file(lambda path: models.save_dataset(path, dataset))
         record = {
             "id": dataset.id,
             "size": len(dataset),

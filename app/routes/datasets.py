@@ -14,6 +14,7 @@ from app.deps import Caller, Svc, dataset_record
 from app.schemas import BuiltinDatasetRequest
 from app.thumbnails import NotAnImageError, render_png
 from app.views import DatasetItem, DatasetRecord
+from worker.store import MAX_NAME_LENGTH
 
 router = APIRouter(prefix="/datasets", tags=["datasets"])
 
@@ -30,7 +31,7 @@ _UPLOAD_BODY = {
                         "format": "binary",
                         "description": "safetensors with tensors 'inputs' and 'targets'",
                     },
-                    "name": {"type": "string", "maxLength": 100},
+                    "name": {"type": "string", "maxLength": MAX_NAME_LENGTH},
                 },
             }
         },
@@ -67,8 +68,8 @@ async def _register(services: Svc, tenant: str, request: Request) -> dict[str, A
         upload, name = form.get("file"), form.get("name")
         if upload is None or isinstance(upload, str):
             raise HTTPException(422, "file: a safetensors file upload is required")
-        if name is not None and (not isinstance(name, str) or len(name) > 100):
-            raise HTTPException(422, "name: must be text of at most 100 characters")
+        if name is not None and (not isinstance(name, str) or len(name) > MAX_NAME_LENGTH):
+            raise HTTPException(422, f"name: must be text of at most {MAX_NAME_LENGTH} characters")
         data = await upload.read()
     return await run_in_threadpool(services.registry.put_dataset, tenant, data, name)
 

@@ -11,6 +11,7 @@ import models
 from app.deps import Caller, Svc, model_record
 from app.schemas import ModelRecord
 from models.safetensors_io import parse_json
+from worker.store import MAX_NAME_LENGTH
 
 router = APIRouter(prefix="/models", tags=["models"])
 
@@ -51,7 +52,11 @@ _UPLOAD_BODY = {
                         "description": 'JSON config, e.g. {"architecture": "mlp", ...}; '
                         "optional when the file embeds it",
                     },
-                    "name": {"type": "string", "maxLength": 100, "description": "label"},
+                    "name": {
+                        "type": "string",
+                        "maxLength": MAX_NAME_LENGTH,
+                        "description": "label",
+                    },
                 },
             }
         }
@@ -72,8 +77,8 @@ async def upload_model(services: Svc, caller: Caller, request: Request) -> Model
         upload, config, name = form.get("weights"), form.get("config"), form.get("name")
         if upload is None or isinstance(upload, str):
             raise HTTPException(422, "weights: a safetensors file upload is required")
-        if name is not None and (not isinstance(name, str) or len(name) > 100):
-            raise HTTPException(422, "name: must be text of at most 100 characters")
+        if name is not None and (not isinstance(name, str) or len(name) > MAX_NAME_LENGTH):
+            raise HTTPException(422, f"name: must be text of at most {MAX_NAME_LENGTH} characters")
         data = await upload.read()  # the one file allowed: config and name are text
     try:
         record = await run_in_threadpool(

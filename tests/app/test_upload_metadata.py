@@ -8,8 +8,10 @@ from pathlib import Path
 
 import httpx
 import safetensors.torch
+import torch
 
-from tests.app.conftest import LiveServer
+import models
+from tests.app.conftest import LiveServer, dataset_bytes
 from tests.models.test_checkpoints import CONFIG, _state
 from tests.models.test_datasets import CORPUS as DATASET_CORPUS
 from worker.settings import Settings
@@ -67,3 +69,19 @@ def test_malformed_model_config_is_400_naming_the_problem(
         assert "checkpoint: checkpoint" not in response.json()["detail"]
     assert httpx.get(live.url + "/models", headers=ALICE).json() == []
     assert _artifacts(settings) == []
+
+
+def test_a_dataset_name_from_metadata_is_bounded_like_the_form_field(
+    live: LiveServer, tmp_path: Path
+) -> None:
+    """A listing shows every name: one taken from the file's metadata is held to the
+    form field's 100 characters (it could be megabytes, in every GET /datasets)."""
+    x, y = torch.zeros(4, 3), torch.tensor([0, 1, 0, 1])
+    long = models.Dataset(x, y, {"task": "classification", "num_classes": 2, "name": "n" * 101})
+    data = dataset_bytes(long, tmp_path)
+    files = {"file": ("data.safetensors", data)}
+    response = httpx.post(live.url + "/datasets", headers=ALICE, files=files)
+    assert response.status_code == 400, response.text
+    assert "metadata 'name' has 101 characters" in response.json()["detail"]
+    named = httpx.post(live.url + "/datasets", headers=ALICE, files=files, data={"name": "short"})
+    assert named.status_code == 201 and named.json()["name"] == "short"
