@@ -476,7 +476,9 @@ def train(
         for step, start in enumerate(range(0, n, batch)):
             idx = order[start : start + batch].to(target)
 
-            def closure(idx: Tensor = idx, epoch: int = epoch, count: list = evaluations) -> Tensor:
+            def closure(
+                idx: Tensor = idx, epoch: int = epoch, count: list[int] = evaluations
+            ) -> Tensor:
                 if progress and full_batch_lbfgs:  # an L-BFGS step can run long: report inside
                     count[0] += 1
                     progress((epoch + min(1.0, count[0] / max_evaluations)) / total, "train")
