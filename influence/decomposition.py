@@ -73,10 +73,14 @@ class DecompositionArguments:
     )
 
     def __post_init__(self) -> None:
-        if not (isinstance(self.num_points, int) and self.num_points >= 1):
-            raise ValueError(f"num_points must be an integer >= 1, got {self.num_points!r}")
-        if not isinstance(self.seed, int):
-            raise ValueError(f"seed must be an integer, got {self.seed!r}")
+        points, seed = self.num_points, self.seed
+        if isinstance(points, bool) or not (isinstance(points, int) and points >= 1):
+            raise ValueError(f"num_points must be an integer >= 1, got {points!r}")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ValueError(f"seed must be an integer, got {seed!r}")
+        for name in ("cold_start", "proximity_first_order"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
         fraction = self.group_fraction
         if fraction is not None and not (isinstance(fraction, float) and 0 < fraction < 1):
             raise ValueError(f"group_fraction must be in (0, 1) or None, got {fraction!r}")

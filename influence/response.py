@@ -267,11 +267,22 @@ class ResponseProblem:
         return 0.5 * strength * (theta - self.theta_s).pow(2).sum()
 
 
-def _positive(name: str, value: float | int | None, *, allow_none: bool = False) -> None:
+def _positive(
+    name: str, value: float | int | None, *, allow_none: bool = False, integer: bool = False
+) -> None:
+    """ValueError naming ``name`` unless ``value`` is a finite number > 0 (an int if
+    ``integer``; never a bool), or None with ``allow_none``."""
     if value is None and allow_none:
         return
-    if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    kinds = int if integer else int | float
+    if not (
+        isinstance(value, kinds)
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and value > 0
+    ):
+        kind = "an integer" if integer else "a finite number"
+        raise ValueError(f"{name} must be {kind} > 0, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -326,16 +337,23 @@ class ResponseArguments:
     )
 
     def __post_init__(self) -> None:
+        for name in ("epsilon", "damping"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float | None):
+                raise ValueError(f"{name} must be a number, got {value!r}")
         if self.epsilon is not None and not math.isfinite(self.epsilon):
             raise ValueError(f"epsilon must be finite or None, got {self.epsilon!r}")
-        if not (math.isfinite(self.damping) and self.damping >= 0):
+        if not (self.damping is not None and math.isfinite(self.damping) and self.damping >= 0):
             raise ValueError(f"damping must be a finite number >= 0, got {self.damping!r}")
-        if self.epochs is not None and not (isinstance(self.epochs, int) and self.epochs >= 1):
-            raise ValueError(f"epochs must be an integer >= 1 or None, got {self.epochs!r}")
+        epochs = self.epochs
+        if epochs is not None and not (
+            isinstance(epochs, int) and not isinstance(epochs, bool) and epochs >= 1
+        ):
+            raise ValueError(f"epochs must be an integer >= 1 or None, got {epochs!r}")
         _positive("pbrf_lr_factor", self.pbrf_lr_factor)
         _positive("cg_tol", self.cg_tol)
         for name in ("cg_max_iter", "lissa_depth", "lissa_repeats", "lbfgs_steps"):
-            _positive(name, getattr(self, name))
+            _positive(name, getattr(self, name), integer=True)
         choices = {"hessian": ("gnh", "full"), "solver": ("exact", "cg", "lissa"),
                    "dtype": ("float64", "float32"), "optimizer": (None, "lbfgs")}  # fmt: skip
         for name, valid in choices.items():

@@ -5,7 +5,8 @@ and the settings of each experiment (``decomposition``, ``correlation``, ``misla
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field, fields, replace
+import math
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,17 @@ import torch
 
 from influence.decomposition import DecompositionArguments
 from influence.response import RETRAIN_METHODS, ResponseArguments
-from models import Dataset, Progress, Recipe, TrainRun, builtin_dataset, train
+from models import (
+    BUILTIN_DATASETS,
+    Dataset,
+    Progress,
+    Recipe,
+    TrainRun,
+    build,
+    builtin_dataset,
+    train,
+)
+from models.losses import get_loss
 
 __all__ = [
     "CorrelationArguments",
@@ -25,6 +36,17 @@ __all__ = [
 ]
 
 SWEEP_PARAMETERS = ("width", "depth", "epochs", "weight_decay", "damping", "removed_fraction")
+INTEGER_SWEEPS = ("width", "depth", "epochs")
+
+
+def _is_int(value: Any) -> bool:
+    """An int that is not a bool (JSON ``true`` would otherwise count as 1)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_real(value: Any) -> bool:
+    """A finite int or float that is not a bool."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def build_dataclass(cls: type, data: Any, where: str) -> Any:
@@ -54,11 +76,15 @@ class CorrelationArguments:
     )
 
     def __post_init__(self) -> None:
+        if isinstance(self.methods, str):
+            raise ValueError(f"methods must be a list of names, got {self.methods!r}")
         object.__setattr__(self, "methods", tuple(self.methods))
         for name in ("num_points", "num_test"):
             value = getattr(self, name)
-            if not (isinstance(value, int) and value >= 2):
+            if not (_is_int(value) and value >= 2):
                 raise ValueError(f"{name} must be an integer >= 2, got {value!r}")
+        if not _is_int(self.seed):
+            raise ValueError(f"seed must be an integer, got {self.seed!r}")
         bad = [m for m in self.methods if m not in RETRAIN_METHODS]
         if bad or not self.methods:
             raise ValueError(
@@ -84,11 +110,13 @@ class MislabelArguments:
     )
 
     def __post_init__(self) -> None:
-        if not (0 < self.fraction < 1):
+        if not (_is_real(self.fraction) and 0 < self.fraction < 1):
             raise ValueError(f"fraction must be in (0, 1), got {self.fraction!r}")
+        if not _is_int(self.seed):
+            raise ValueError(f"seed must be an integer, got {self.seed!r}")
         if self.solver not in ("exact", "lanczos"):
             raise ValueError(f"solver must be 'exact' or 'lanczos', got {self.solver!r}")
-        if not (isinstance(self.pbrf_points, int) and self.pbrf_points >= 0):
+        if not (_is_int(self.pbrf_points) and self.pbrf_points >= 0):
             raise ValueError(f"pbrf_points must be an integer >= 0, got {self.pbrf_points!r}")
 
 
@@ -100,11 +128,19 @@ class SweepArguments:
     values: tuple[float, ...] = field(default=(), metadata={"help": "Values of the factor."})
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "values", tuple(self.values))
         if self.parameter not in SWEEP_PARAMETERS:
             raise ValueError(f"parameter must be one of {list(SWEEP_PARAMETERS)}")
+        if not isinstance(self.values, list | tuple):
+            raise ValueError(f"values must be a list of numbers, got {self.values!r}")
+        object.__setattr__(self, "values", tuple(self.values))
         if not self.values:
             raise ValueError("values: at least one value is needed")
+        bad = [v for v in self.values if not _is_real(v)]
+        if self.parameter in INTEGER_SWEEPS:
+            bad += [v for v in self.values if _is_real(v) and v != int(v)]
+        if bad:
+            kind = "integers" if self.parameter in INTEGER_SWEEPS else "finite numbers"
+            raise ValueError(f"values of {self.parameter!r} must be {kind}, got {bad}")
 
 
 def train_base(
@@ -140,7 +176,10 @@ class ExperimentConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ExperimentConfig:
-        """Validate a parsed JSON config."""
+        """Validate a parsed JSON config: every field, that the model runs on the dataset
+        with the recipe's loss, and every sweep value, so mistakes fail before training."""
+        if not isinstance(data, dict):
+            raise ValueError(f"config must be a JSON object, got {type(data).__name__}")
         data = dict(data)
         valid = [f.name for f in fields(cls)]
         unknown = sorted(set(data) - set(valid))
@@ -149,6 +188,17 @@ class ExperimentConfig:
         missing = [k for k in ("name", "dataset", "model", "recipe") if k not in data]
         if missing:
             raise ValueError(f"config: missing key(s) {missing}")
+        if not isinstance(data["name"], str):
+            raise ValueError(f"config 'name' must be a string, got {data['name']!r}")
+        if data["dataset"] not in BUILTIN_DATASETS:
+            raise ValueError(
+                f"config 'dataset' must be one of {sorted(BUILTIN_DATASETS)}, "
+                f"got {data['dataset']!r}"
+            )
+        if not isinstance(data["model"], dict):
+            raise ValueError(f"config 'model' must be a JSON object, got {data['model']!r}")
+        if not isinstance(data["recipe"], dict):
+            raise ValueError(f"config 'recipe' must be a JSON object, got {data['recipe']!r}")
         data["recipe"] = Recipe.from_dict(data["recipe"])
         parts = {
             "response": ResponseArguments,
@@ -161,9 +211,86 @@ class ExperimentConfig:
             if key in data:
                 data[key] = build_dataclass(kind, data[key], f"config {key!r}")
         size = data.get("train_size")
-        if size is not None and not (isinstance(size, int) and size >= 2):
+        if size is not None and not (_is_int(size) and size >= 2):
             raise ValueError(f"config 'train_size' must be an integer >= 2, got {size!r}")
-        return cls(**data)
+        config = cls(**data)
+        config._check_model()
+        if config.sweep is not None:
+            for value in config.sweep.values:
+                try:
+                    config.with_value(config.sweep.parameter, value)._check_model()
+                except ValueError as exc:
+                    raise ValueError(f"config 'sweep': value {value!r}: {exc}") from None
+        return config
+
+    def _check_model(self) -> None:
+        """Build the model and run it and the recipe's loss on two training examples
+        (cheap), so a model that does not fit the data or the loss fails before training."""
+        data = builtin_dataset(self.dataset)
+        dtype = getattr(torch, self.response.dtype)
+        try:
+            with torch.random.fork_rng(devices=[]):
+                model = build(self.model).to(dtype)
+        except Exception as exc:
+            raise ValueError(f"config 'model': {type(exc).__name__}: {exc}") from None
+        x, t = data.inputs[:2], data.targets[:2]
+        x = x.to(dtype) if x.is_floating_point() else x
+        where = f"config 'model' and 'recipe.loss' ({self.recipe.loss!r}) on {self.dataset!r}"
+        try:
+            with torch.no_grad():
+                outputs = model(x)
+                get_loss(self.recipe.loss).mean(outputs, t)
+        except Exception as exc:
+            raise ValueError(f"{where}: {type(exc).__name__}: {exc}") from None
+        classes = data.metadata.get("num_classes")
+        if self.recipe.loss == "cross_entropy" and classes and outputs.shape[-1] < classes:
+            raise ValueError(
+                f"{where}: the model has {outputs.shape[-1]} outputs for {classes} classes"
+            )
+        if self.recipe.loss == "bce" and classes and classes != 2:
+            raise ValueError(f"{where}: 'bce' needs 2 classes, the dataset has {classes}")
+
+    def check(self, command: str) -> None:
+        """Fail before any training if ``command`` (decomposition, correlation, mislabel or
+        sweep) cannot run on this config: counts larger than the data, no sweep section,
+        mislabel detection on regression data."""
+        train_set, test_set = self.datasets()
+        n = len(train_set)
+        if command == "sweep":
+            if self.sweep is None:
+                raise ValueError(
+                    "config has no 'sweep' section ({'parameter': ..., 'values': [...]})"
+                )
+            steps = [self.with_value(self.sweep.parameter, v) for v in self.sweep.values]
+        else:
+            steps = [self]
+        if command in ("decomposition", "sweep"):
+            for step in steps:
+                args = step.decomposition
+                if args.group_fraction is None and args.num_points > n:
+                    raise ValueError(
+                        f"config 'decomposition': num_points = {args.num_points} exceeds the "
+                        f"{n} training examples"
+                    )
+        elif command == "correlation":
+            args = self.correlation
+            if args.num_points > n or args.num_test > len(test_set):
+                raise ValueError(
+                    f"config 'correlation': num_points/num_test ({args.num_points}/"
+                    f"{args.num_test}) exceed the {n} training / {len(test_set)} test examples"
+                )
+        elif command == "mislabel" and train_set.metadata.get("task") != "classification":
+            raise ValueError(
+                f"config 'dataset': mislabel detection needs a classification dataset, "
+                f"{self.dataset!r} is {train_set.metadata.get('task')!r}"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        """The validated config with every default filled in (JSON-able), as recorded in
+        each result."""
+        data = asdict(self)
+        data["recipe"] = self.recipe.to_dict()
+        return data
 
     @classmethod
     def load(cls, path: str | Path, *, device: str | None = None) -> ExperimentConfig:
@@ -189,12 +316,16 @@ class ExperimentConfig:
             train_set = train_set.subset(keep.sort().values)
         return train_set, test_set
 
-    def train_base(self, train_set: Dataset) -> TrainRun:
-        """The base run (θ⁰ → θˢ, K epochs) in the response dtype, on the response device."""
-        return train_base(self.model, train_set, self.recipe, self.response)
+    def train_base(self, train_set: Dataset, progress: Progress | None = None) -> TrainRun:
+        """The base run (θ⁰ → θˢ, K epochs) in the response dtype, on the response device;
+        ``progress`` as for ``models.train``."""
+        return train_base(self.model, train_set, self.recipe, self.response, progress)
 
     def with_value(self, parameter: str, value: float) -> ExperimentConfig:
-        """This config with one sweep factor set (width/depth edit ``model['hidden']``)."""
+        """This config with one sweep factor set (width/depth edit ``model['hidden']``);
+        width, depth and epochs must be whole numbers."""
+        if parameter in INTEGER_SWEEPS and not (_is_real(value) and value == int(value)):
+            raise ValueError(f"{parameter} must be an integer, got {value!r}")
         if parameter in ("width", "depth"):
             hidden = list(self.model.get("hidden", [32, 32]))
             if parameter == "width":

@@ -9,19 +9,24 @@ from typing import Any
 from influence.decomposition import DecompositionResult, decompose
 from influence.experiments.config import ExperimentConfig
 from influence.response import Responder
+from influence.solvers import phase_progress
 from models import Progress
 
-__all__ = ["SweepResult", "run_decomposition", "sweep"]
+__all__ = ["BASE_SHARE", "SweepResult", "run_decomposition", "sweep"]
+
+BASE_SHARE = 0.2
+"""Share of an experiment's progress bar given to the base training."""
 
 
 def run_decomposition(
     config: ExperimentConfig, progress: Progress | None = None
 ) -> DecompositionResult:
-    """Train the config's base run, then decompose (config.decomposition)."""
+    """Train the config's base run (the first ``BASE_SHARE`` of the progress, phase
+    "train"), then decompose (config.decomposition)."""
     train_set, _ = config.datasets()
-    run = config.train_base(train_set)
+    run = config.train_base(train_set, phase_progress(progress, 0.0, BASE_SHARE, "train"))
     responder = Responder.from_run(run, train_set, config.response)
-    return decompose(responder, config.decomposition, progress)
+    return decompose(responder, config.decomposition, phase_progress(progress, BASE_SHARE, 1.0))
 
 
 @dataclass

@@ -47,6 +47,59 @@ def test_config_validation_names_the_problem() -> None:
         ExperimentConfig.from_dict({**TINY, "sweep": {"parameter": "colour", "values": [1]}})
 
 
+@pytest.mark.parametrize(
+    ("section", "values", "field"),
+    [
+        ("decomposition", {"cold_start": "false"}, "cold_start"),
+        ("decomposition", {"proximity_first_order": 1}, "proximity_first_order"),
+        ("decomposition", {"num_points": True}, "num_points"),
+        ("decomposition", {"seed": False}, "seed"),
+        ("correlation", {"num_test": True}, "num_test"),
+        ("correlation", {"seed": "0"}, "seed"),
+        ("mislabel", {"seed": "0"}, "seed"),
+        ("mislabel", {"fraction": "0.1"}, "fraction"),
+        ("mislabel", {"pbrf_points": True}, "pbrf_points"),
+        ("response", {"damping": "1e-3"}, "damping"),
+        ("response", {"epsilon": "x"}, "epsilon"),
+        ("response", {"epochs": True}, "epochs"),
+        ("response", {"lbfgs_steps": 2.5}, "lbfgs_steps"),
+        ("response", {"cg_max_iter": 2.5}, "cg_max_iter"),
+        ("response", {"lissa_depth": 2.5}, "lissa_depth"),
+        ("response", {"lissa_repeats": True}, "lissa_repeats"),
+        ("sweep", {"parameter": "epochs", "values": [2.9]}, "epochs"),
+        ("sweep", {"parameter": "damping", "values": "0.1"}, "values"),
+        ("sweep", {"parameter": "damping", "values": [0.1, -1]}, "damping"),
+    ],
+)
+def test_config_rejects_wrong_types_naming_the_field(
+    section: str, values: dict, field: str
+) -> None:
+    # Booleans, strings and fractions that used to run as something else (true as 1,
+    # "false" as true, 2.5 L-BFGS steps, epochs 2.9 as 2) are errors naming the field.
+    with pytest.raises(ValueError, match=rf"config '{section}'.*{field}"):
+        ExperimentConfig.from_dict({**TINY, section: values})
+
+
+def test_config_rejects_sweep_values_it_would_truncate() -> None:
+    mlp = {"architecture": "mlp", "in_features": 30, "out_features": 1, "hidden": [8, 8]}
+    sweep = {"parameter": "width", "values": [4, 4.7]}
+    with pytest.raises(ValueError, match=r"config 'sweep'.*width.*4\.7"):
+        ExperimentConfig.from_dict({**TINY, "model": mlp, "sweep": sweep})
+    config = ExperimentConfig.from_dict({**TINY, "model": mlp})
+    with pytest.raises(ValueError, match=r"width must be an integer, got 4\.7"):
+        config.with_value("width", 4.7)
+    assert config.with_value("depth", 3.0).model["hidden"] == [8, 8, 8]
+
+
+def test_base_training_reports_progress() -> None:
+    calls: list[tuple[float, str]] = []
+    run_decomposition(ExperimentConfig.from_dict(TINY), lambda f, phase: calls.append((f, phase)))
+    training = [f for f, phase in calls if phase == "train"]
+    assert len(training) > 1 and max(training) <= 0.2
+    assert min(f for f, phase in calls if phase != "train") >= 0.2
+    assert calls[-1][0] == pytest.approx(1.0)
+
+
 def test_sweep_values_edit_the_right_field() -> None:
     mlp = {"architecture": "mlp", "in_features": 30, "out_features": 1, "hidden": [8, 8]}
     config = ExperimentConfig.from_dict({**TINY, "model": mlp})
