@@ -11,6 +11,7 @@ from starlette.concurrency import run_in_threadpool
 
 import models
 from app.deps import Caller, Svc, dataset_record
+from app.routes import multipart_upload
 from app.schemas import BuiltinDatasetRequest
 from app.thumbnails import NotAnImageError, render_png
 from app.views import DatasetItem, DatasetRecord
@@ -21,20 +22,9 @@ router = APIRouter(prefix="/datasets", tags=["datasets"])
 _UPLOAD_BODY = {
     "required": True,
     "content": {
-        "multipart/form-data": {
-            "schema": {
-                "type": "object",
-                "required": ["file"],
-                "properties": {
-                    "file": {
-                        "type": "string",
-                        "format": "binary",
-                        "description": "safetensors with tensors 'inputs' and 'targets'",
-                    },
-                    "name": {"type": "string", "maxLength": MAX_NAME_LENGTH},
-                },
-            }
-        },
+        "multipart/form-data": multipart_upload(
+            "file", "safetensors with tensors 'inputs' and 'targets'"
+        ),
         "application/json": {"schema": BuiltinDatasetRequest.model_json_schema()},
     },
 }

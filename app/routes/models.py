@@ -9,6 +9,7 @@ from starlette.concurrency import run_in_threadpool
 
 import models
 from app.deps import Caller, Svc, model_record
+from app.routes import multipart_upload
 from app.schemas import ModelRecord
 from models.safetensors_io import parse_json
 from worker.store import MAX_NAME_LENGTH
@@ -37,29 +38,15 @@ def _parse_config(text: str | None) -> dict[str, Any] | None:
 _UPLOAD_BODY = {
     "required": True,
     "content": {
-        "multipart/form-data": {
-            "schema": {
-                "type": "object",
-                "required": ["weights"],
-                "properties": {
-                    "weights": {
-                        "type": "string",
-                        "format": "binary",
-                        "description": "safetensors checkpoint",
-                    },
-                    "config": {
-                        "type": "string",
-                        "description": 'JSON config, e.g. {"architecture": "mlp", ...}; '
-                        "optional when the file embeds it",
-                    },
-                    "name": {
-                        "type": "string",
-                        "maxLength": MAX_NAME_LENGTH,
-                        "description": "label",
-                    },
-                },
-            }
-        }
+        "multipart/form-data": multipart_upload(
+            "weights",
+            "safetensors checkpoint",
+            config={
+                "type": "string",
+                "description": 'JSON config, e.g. {"architecture": "mlp", ...}; optional when '
+                "the file embeds it",
+            },
+        )
     },
 }
 
