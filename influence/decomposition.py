@@ -29,6 +29,7 @@ from influence.operators import DampedCurvature
 from influence.response import Responder, output_distance
 from influence.solvers import phase_progress
 from models import Progress
+from models.datasets import is_int
 from models.precision import ieee_float32
 
 __all__ = [
@@ -74,9 +75,9 @@ class DecompositionArguments:
 
     def __post_init__(self) -> None:
         points, seed = self.num_points, self.seed
-        if isinstance(points, bool) or not (isinstance(points, int) and points >= 1):
+        if not (is_int(points) and points >= 1):
             raise ValueError(f"num_points must be an integer >= 1, got {points!r}")
-        if isinstance(seed, bool) or not isinstance(seed, int):
+        if not is_int(seed):
             raise ValueError(f"seed must be an integer, got {seed!r}")
         for name in ("cold_start", "proximity_first_order"):
             if not isinstance(getattr(self, name), bool):

@@ -60,6 +60,7 @@ from models import (
     validate_dataset,
 )
 from models.checkpoints import check_state_dict
+from models.datasets import is_int
 from models.losses import Loss, get_loss
 from models.precision import ieee_float32
 from models.training import resolve_device
@@ -346,9 +347,7 @@ class ResponseArguments:
         if not (self.damping is not None and math.isfinite(self.damping) and self.damping >= 0):
             raise ValueError(f"damping must be a finite number >= 0, got {self.damping!r}")
         epochs = self.epochs
-        if epochs is not None and not (
-            isinstance(epochs, int) and not isinstance(epochs, bool) and epochs >= 1
-        ):
+        if epochs is not None and not (is_int(epochs) and epochs >= 1):
             raise ValueError(f"epochs must be an integer >= 1 or None, got {epochs!r}")
         _positive("pbrf_lr_factor", self.pbrf_lr_factor)
         _positive("cg_tol", self.cg_tol)

@@ -177,7 +177,8 @@ def _validate_metadata(ds: Dataset, what: str) -> None:
         )
 
 
-def _is_int(value: Any) -> bool:
+def is_int(value: Any) -> bool:
+    """An ``int`` that is not a ``bool`` (JSON ``true`` would otherwise count as 1)."""
     return isinstance(value, int) and not isinstance(value, bool)
 
 
@@ -187,7 +188,7 @@ def _check_metadata_types(meta: dict[str, Any], what: str) -> None:
     if name is not None and not isinstance(name, str):
         raise DatasetError(f"{what}: metadata 'name' must be a string, got {name!r:.60}")
     num_classes = meta.get("num_classes")
-    if num_classes is not None and not (_is_int(num_classes) and num_classes >= 1):
+    if num_classes is not None and not (is_int(num_classes) and num_classes >= 1):
         raise DatasetError(
             f"{what}: metadata 'num_classes' must be a positive integer, got {num_classes!r:.60}"
         )
@@ -200,7 +201,7 @@ def _check_metadata_types(meta: dict[str, Any], what: str) -> None:
         )
     shape = meta.get("input_shape")
     if shape is not None and not (
-        isinstance(shape, list) and all(_is_int(d) and d >= 1 for d in shape)
+        isinstance(shape, list) and all(is_int(d) and d >= 1 for d in shape)
     ):
         raise DatasetError(
             f"{what}: metadata 'input_shape' must be a list of positive integers, got {shape!r:.60}"

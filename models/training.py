@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from models.architectures import build
 from models.checkpoints import build_skeleton, check_state_dict, nonfinite
-from models.datasets import Dataset, first_outside, validate_dataset
+from models.datasets import Dataset, first_outside, is_int, validate_dataset
 from models.errors import CheckpointError, DatasetError, TrainingError
 from models.losses import LOSSES, get_loss
 from models.precision import ieee_float32
@@ -112,15 +112,15 @@ class Recipe:
             raise TrainingError(f"recipe lr must be > 0, got {self.lr!r}")
         for name in ("epochs", "seed", "lbfgs_max_iter", "lbfgs_history"):
             value = getattr(self, name)
-            if not (_is_int(value) and value >= 0):
+            if not (is_int(value) and value >= 0):
                 raise TrainingError(f"recipe {name} must be an integer >= 0, got {value!r}")
-        if self.batch_size is not None and not (_is_int(self.batch_size) and self.batch_size >= 1):
+        if self.batch_size is not None and not (is_int(self.batch_size) and self.batch_size >= 1):
             raise TrainingError(
                 f"recipe batch_size must be None or an integer >= 1, got {self.batch_size!r}"
             )
         if self.optimizer == "lbfgs" and self.batch_size is not None:
             raise TrainingError("recipe optimizer 'lbfgs' is full-batch: batch_size must be None")
-        if not all(_is_int(m) and m >= 0 for m in self.milestones):
+        if not all(is_int(m) and m >= 0 for m in self.milestones):
             raise TrainingError(
                 f"recipe milestones must be epoch indices >= 0, got {self.milestones!r}"
             )
@@ -152,10 +152,6 @@ class Recipe:
         if self.schedule == "cosine":
             return self.lr * 0.5 * (1 + math.cos(math.pi * epoch / max(total_epochs, 1)))
         return self.lr
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _is_number(value: Any) -> bool:
@@ -324,7 +320,7 @@ def _check_token_ids(config: Mapping[str, Any], dataset: Dataset) -> None:
     embedding raises an IndexError on the CPU, a device-side assert on CUDA)."""
     vocabulary = config.get("vocab_size")
     inputs = dataset.inputs
-    if not _is_int(vocabulary) or inputs.is_floating_point():
+    if not is_int(vocabulary) or inputs.is_floating_point():
         return
     found = first_outside(inputs, 0, vocabulary)
     if found is not None:
@@ -399,9 +395,9 @@ def train(
     _check_token_ids(config, dataset)
     n = len(dataset)
     total = recipe.epochs if epochs is None else epochs
-    if not (_is_int(total) and total >= 0):
+    if not (is_int(total) and total >= 0):
         raise TrainingError(f"epochs must be an integer >= 0, got {total!r}")
-    if schedule_epochs is not None and not (_is_int(schedule_epochs) and schedule_epochs >= 1):
+    if schedule_epochs is not None and not (is_int(schedule_epochs) and schedule_epochs >= 1):
         raise TrainingError(f"schedule_epochs must be an integer >= 1, got {schedule_epochs!r}")
     horizon = total if schedule_epochs is None else schedule_epochs
     if objective is not None and example_weights is not None:

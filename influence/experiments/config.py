@@ -24,6 +24,7 @@ from models import (
     builtin_dataset,
     train,
 )
+from models.datasets import is_int
 from models.losses import get_loss
 
 __all__ = [
@@ -37,11 +38,6 @@ __all__ = [
 
 SWEEP_PARAMETERS = ("width", "depth", "epochs", "weight_decay", "damping", "removed_fraction")
 INTEGER_SWEEPS = ("width", "depth", "epochs")
-
-
-def _is_int(value: Any) -> bool:
-    """An int that is not a bool (JSON ``true`` would otherwise count as 1)."""
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _is_real(value: Any) -> bool:
@@ -81,9 +77,9 @@ class CorrelationArguments:
         object.__setattr__(self, "methods", tuple(self.methods))
         for name in ("num_points", "num_test"):
             value = getattr(self, name)
-            if not (_is_int(value) and value >= 2):
+            if not (is_int(value) and value >= 2):
                 raise ValueError(f"{name} must be an integer >= 2, got {value!r}")
-        if not _is_int(self.seed):
+        if not is_int(self.seed):
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
         bad = [m for m in self.methods if m not in RETRAIN_METHODS]
         if bad or not self.methods:
@@ -112,11 +108,11 @@ class MislabelArguments:
     def __post_init__(self) -> None:
         if not (_is_real(self.fraction) and 0 < self.fraction < 1):
             raise ValueError(f"fraction must be in (0, 1), got {self.fraction!r}")
-        if not _is_int(self.seed):
+        if not is_int(self.seed):
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
         if self.solver not in ("exact", "lanczos"):
             raise ValueError(f"solver must be 'exact' or 'lanczos', got {self.solver!r}")
-        if not (_is_int(self.pbrf_points) and self.pbrf_points >= 0):
+        if not (is_int(self.pbrf_points) and self.pbrf_points >= 0):
             raise ValueError(f"pbrf_points must be an integer >= 0, got {self.pbrf_points!r}")
 
 
@@ -211,7 +207,7 @@ class ExperimentConfig:
             if key in data:
                 data[key] = build_dataclass(kind, data[key], f"config {key!r}")
         size = data.get("train_size")
-        if size is not None and not (_is_int(size) and size >= 2):
+        if size is not None and not (is_int(size) and size >= 2):
             raise ValueError(f"config 'train_size' must be an integer >= 2, got {size!r}")
         config = cls(**data)
         config._check_model()
